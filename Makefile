@@ -1,0 +1,28 @@
+# trustrl: two commands on a fresh machine -- `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; pin it first so the
+# project's range (torch>=2.4,<3) is already satisfied and pip fetches nothing big.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test,lora]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/trustrl demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models and tokenizers built in code and saved to disk, so every test
+goes through the real ``from_pretrained`` loading path (there is no model hub here)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRUSTRL_NO_PROGRESS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer Llama with a character tokenizer (special tokens <answer>, </answer>)."""
+    from trustrl.tasks.arithmetic import CHARS, SPECIAL_TOKENS
+    from trustrl.tiny import create_tiny_model_dir
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    return create_tiny_model_dir(path, chars=CHARS + "abc\n", special_tokens=SPECIAL_TOKENS, seed=0,
+                                 hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def addition_data(tmp_path_factory):
+    from trustrl.tasks.arithmetic import AdditionTask, write_task_data
+
+    path = tmp_path_factory.mktemp("addition_data")
+    return write_task_data(path, AdditionTask(digits=1, holdout_every=5), seed=0, n_pretrain_docs=50, n_sft=64, n_eval=8)

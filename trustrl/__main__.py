@@ -1,0 +1,3 @@
+from trustrl.cli import main
+
+raise SystemExit(main())

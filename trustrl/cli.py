@@ -1,0 +1,146 @@
+"""The command line: `trustrl demo | train {pretrain,sft,grpo,...} | classic | report | config-help`.
+
+This is the only place that turns strings into objects; everything below takes typed configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TRAINERS = {
+    "pretrain": ("trustrl.trainers.sft", "PretrainTrainer"),
+    "sft": ("trustrl.trainers.sft", "SFTTrainer"),
+    "grpo": ("trustrl.trainers.grpo", "GRPOTrainer"),
+    "rm": ("trustrl.trainers.reward_model", "RewardTrainer"),
+    "ppo": ("trustrl.trainers.ppo", "PPOTrainer"),
+    "trpo": ("trustrl.trainers.trpo", "TRPOTrainer"),
+}
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _config_class(algo: str):
+    import importlib
+
+    from trustrl.config import CONFIG_CLASSES
+
+    importlib.import_module(TRAINERS[algo][0])  # later trainers register their config class
+    if algo not in CONFIG_CLASSES:
+        raise SystemExit(f"trustrl: no config class for {algo!r}")
+    return CONFIG_CLASSES[algo]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    from trustrl.config import ConfigError, load_config
+
+    _quiet_transformers()
+    cls = _config_class(args.algo)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("resume=auto")
+    try:
+        config = load_config(cls, args.config, overrides)
+    except ConfigError as err:
+        print(f"trustrl: {err}", file=sys.stderr)
+        return 2
+    module, name = TRAINERS[args.algo]
+    trainer = getattr(importlib.import_module(module), name)(config)
+    result = trainer.train()
+    print({k: v for k, v in result.items() if k != "eval_history"})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trustrl.tasks.demo import DemoSettings, format_table, run_demo, summary_json
+
+    _quiet_transformers()
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    settings.output_dir = args.output_dir
+    settings.seed = args.seed
+    summary = run_demo(settings)
+    print()
+    print(format_table(summary))
+    print()
+    print(f"summary: {Path(args.output_dir) / 'summary.json'}")
+    print(f"report:  {Path(args.output_dir) / 'grpo' / 'report.html'}")
+    if args.verbose:
+        print(summary_json(summary))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from trustrl.report import write_report
+
+    path = write_report(args.run_dir)
+    print(path)
+    return 0
+
+
+def cmd_classic(argv: list[str]) -> int:
+    from trustrl.classic.cli import main as classic_main
+
+    return int(classic_main(argv) or 0)
+
+
+def cmd_config_help(args: argparse.Namespace) -> int:
+    from trustrl.config import describe
+
+    print(describe(_config_class(args.algo)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trustrl", description="RL post-training of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="pre-train, SFT and GRPO on a built-in arithmetic task")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    demo.add_argument("--verbose", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train with a YAML config and key=value overrides")
+    train.add_argument("algo", choices=sorted(TRAINERS))
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0 lora.r=8")
+    train.set_defaults(func=cmd_train)
+
+    report = sub.add_parser("report", help="(re)generate report.html and plots for a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    helpc = sub.add_parser("config-help", help="list a trainer's config keys with defaults and docs")
+    helpc.add_argument("algo", choices=sorted(TRAINERS))
+    helpc.set_defaults(func=cmd_config_help)
+
+    sub.add_parser("classic", help="classic RL: maze, TD, Q-learning, REINFORCE, PPO, TRPO (see trustrl classic -h)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "classic":
+        return cmd_classic(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,338 @@
+"""Validated configuration for every trainer, loadable from YAML with ``key=value`` overrides.
+
+Each field carries a docstring (it becomes the field's description, shown by
+``trustrl config-help``). Unknown keys and out-of-range values fail at load time with a
+message naming the key and the allowed values, before any model is loaded.
+Derived values (e.g. the rollout batch size) are properties computed in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trustrl.rewards.registry import RewardSpec
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapters through peft. With LoRA the reference model is the base model with
+    the adapters disabled, so no second copy of the weights is held in memory."""
+
+    r: int = Field(16, ge=1)
+    """Rank of the adapter matrices."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input (0 keeps RL log-probs deterministic)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+
+
+class TrainConfig(_Strict):
+    """Fields shared by every trainer."""
+
+    model: str
+    """Path to a Hugging Face causal-LM directory (config.json + weights + tokenizer)."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from ``model``."""
+    dataset: str
+    """Training data: a .jsonl/.json/.csv/.parquet file or a saved `datasets` directory."""
+    eval_dataset: str | None = None
+    """Held-out data, evaluated every ``eval_every`` steps (greedy decoding for RL trainers)."""
+    output_dir: str = "runs/latest"
+    """Run directory: metrics.jsonl, TensorBoard, checkpoints, report, summary.json."""
+    seed: int = 0
+    """Seed of python, numpy and torch RNGs and of the data order."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype. bfloat16 on GPUs; float32 on CPUs."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (bitwise-reproducible resume on CPU)."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay of AdamW."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to the peak learning rate over this many optimizer steps."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalized over the whole batch so
+    1 x N equals N x 1."""
+    max_steps: int = Field(100, ge=1)
+    """Number of training steps (optimizer steps for SFT/pretrain; rollout steps for RL)."""
+    log_every: int = Field(1, ge=1)
+    """Write metrics every N steps."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on ``eval_dataset`` every N steps (0: only at the start and the end)."""
+    save_every: int = Field(0, ge=0)
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_last_checkpoints: int = Field(2, ge=1)
+    """How many complete checkpoints to keep."""
+    resume: str = "never"
+    """"never", "auto" (the newest complete checkpoint in output_dir), or a checkpoint path."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars to output_dir/tb."""
+    progress: bool = True
+    """Show progress bars."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed dataset rows instead of stopping with an error."""
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    """Stop the run after this many consecutive non-finite losses or gradients (each one
+    skips its update)."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of all weights (needs peft)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+class PretrainConfig(TrainConfig):
+    """Next-token prediction on raw text (stage 1)."""
+
+    text_column: str = "text"
+    """Column holding raw text."""
+    block_size: int = Field(128, ge=2)
+    """Tokens per training sequence; documents are concatenated with EOS and cut into blocks."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per optimizer step (split across gradient_accumulation_steps)."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of AdamW."""
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion or chat rows, loss on completion tokens only."""
+
+    prompt_column: str = "prompt"
+    """Column with the prompt (a string, or a list of chat messages)."""
+    completion_column: str = "completion"
+    """Column with the target completion."""
+    messages_column: str = "messages"
+    """Column with full chat conversations (used when present instead of prompt/completion):
+    the last assistant message is the target."""
+    use_chat_template: bool | None = None
+    """Format prompts with the tokenizer's chat template (None: when it has one)."""
+    system_prompt: str | None = None
+    """Optional system message prepended in chat formatting."""
+    max_length: int = Field(512, ge=2)
+    """Truncate prompt + completion to this many tokens."""
+    batch_size: int = Field(16, ge=1)
+    """Rows per optimizer step (split across gradient_accumulation_steps)."""
+    epochs: float | None = Field(None, gt=0)
+    """If set, overrides max_steps with ceil(epochs * rows / batch_size)."""
+
+
+class RLConfig(TrainConfig):
+    """Fields shared by the RL trainers (GRPO, PPO, TRPO): sampling, rewards, evaluation."""
+
+    prompt_column: str = "prompt"
+    """Column with the prompt; every other column reaches the reward functions."""
+    use_chat_template: bool | None = None
+    """Format prompts with the tokenizer's chat template (None: when it has one)."""
+    system_prompt: str | None = None
+    """Optional system message prepended in chat formatting."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled per rollout step."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Prompts are left-truncated to this many tokens."""
+    max_completion_length: int = Field(128, ge=1)
+    """Completions stop at EOS or after this many tokens (then they count as truncated)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs are computed from logits / temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1.0: off)."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """Reward functions with weights: built-in names ("format", "numeric_answer",
+    "math_equivalence", "length_penalty", "soft_overlong", "code_tests") or "module:function"."""
+    reward_model: str | None = None
+    """Directory of a trained reward model (trustrl train rm) used as an extra reward."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    reward_timeout_s: float | None = Field(60.0, gt=0)
+    """Time limit for one call of one reward function."""
+    reward_on_error: Literal["raise", "default"] = "raise"
+    """On a failing reward function: stop with an error naming it, or use reward_default."""
+    reward_default: float = 0.0
+    """Score given to samples whose reward failed, when reward_on_error = "default"."""
+    eval_prompts: int = Field(200, ge=1)
+    """How many held-out prompts to evaluate (greedy decoding)."""
+    eval_reward: str | None = None
+    """Name of the reward whose mean over held-out prompts is reported as eval/accuracy
+    (default: the first reward)."""
+    logprob_chunk_size: int = Field(1024, ge=1)
+    """Tokens per chunk when computing log-probs from hidden states and the LM head."""
+    forward_batch_size: int = Field(64, ge=1)
+    """Sequences per no-grad forward pass (old and reference log-probs)."""
+
+
+class GRPOConfig(RLConfig):
+    """Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300) and its variants."""
+
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per prompt."""
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std ("group"), the batch std ("batch", Dr.GRPO/LitePPO
+    style), or not at all ("none", Dr. GRPO)."""
+    loss_aggregation: Literal["seq_mean", "token_mean", "seq_sum_constant"] = "token_mean"
+    """seq_mean: GRPO paper; token_mean: DAPO; seq_sum_constant: Dr. GRPO (sum / (B * max_len))."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Token-level ratios (GRPO) or the GSPO sequence ratio exp(mean_t log r_t)."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """epsilon_low: the ratio is clipped below at 1 - clip_low."""
+    clip_high: float | None = Field(None, ge=0)
+    """epsilon_high (DAPO clip-higher, e.g. 0.28); None means clip_low."""
+    beta: float = Field(0.04, ge=0)
+    """KL coefficient to the reference model; 0 loads no reference model at all."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator in the loss (k3 as in DeepSeekMath)."""
+    num_iterations: int = Field(1, ge=1)
+    """mu: optimizer updates per rollout batch, with importance ratios against the old policy."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length without EOS from the loss (DAPO)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill."""
+    max_resample_rounds: int = Field(3, ge=0)
+    """Extra generation rounds allowed per step to refill the batch under dynamic_sampling."""
+    overlong_cache_length: int | None = Field(None, ge=1)
+    """DAPO soft overlong penalty buffer L_cache (None: off); added to the reward."""
+    learning_rate: float = Field(1e-6, gt=0)
+    """Peak learning rate of AdamW (DeepSeekMath uses 1e-6 on 7B models)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOConfig":
+        if self.overlong_cache_length is not None and self.overlong_cache_length >= self.max_completion_length:
+            raise ValueError(
+                f"overlong_cache_length ({self.overlong_cache_length}) must be smaller than "
+                f"max_completion_length ({self.max_completion_length})"
+            )
+        return self
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions per step: prompts_per_step * group_size."""
+        return self.prompts_per_step * self.group_size
+
+
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "grpo": GRPOConfig,
+}
+
+
+def register_config(name: str, cls: type[TrainConfig]) -> None:
+    """Let later trainers (ppo, trpo, rm) add their config class."""
+    CONFIG_CLASSES[name] = cls
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["a=1", "lora.r=8"] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = [f"invalid {cls.__name__} in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(cls.model_fields))
+            msg = f"unknown key; allowed keys: {allowed}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif "input" in e and e["type"] != "missing":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[TrainConfig], data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a dict into ``cls``; raise ConfigError naming each bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(cls, err, source)) from None
+
+
+def load_config(
+    cls: type[TrainConfig], path: str | Path | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Load ``cls`` from a YAML file (optional) with ``key=value`` overrides applied on top."""
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+        source = str(path)
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(cls, data, source)
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (part of every run directory)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def describe(cls: type[BaseModel]) -> str:
+    """One line per field: name, type, default, description."""
+    lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
+    for name, field in cls.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"  {name} = {default}\n      {field.description or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""A synthetic task family with verifiable answers: multi-digit addition.
+
+Three kinds of data come from one generator, the way the three stages of LLM training
+use data:
+- pre-training text: lines of solved sums ("47+38=85"), i.e. raw text with no format;
+- SFT rows: prompt "47+38=" and the worked completion "<answer>85</answer>";
+- RL prompts: the same prompts with an ``answer`` column for the verifiable reward.
+
+A fixed, seed-independent subset of problems is held out of every training split, so the
+held-out accuracy measures generalization to problems never seen in any stage.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustrl.data import write_jsonl
+
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+SPECIAL_TOKENS = (ANSWER_OPEN, ANSWER_CLOSE)
+CHARS = "0123456789+="
+FORMAT_PATTERN = r"^<answer>\d+</answer>$"
+
+
+@dataclass(frozen=True)
+class AdditionTask:
+    """Sums of two numbers with up to ``digits`` digits; 1 in ``holdout_every`` pairs is held out."""
+
+    digits: int = 2
+    holdout_every: int = 10
+
+    def is_held_out(self, a: int, b: int) -> bool:
+        # a fixed hash of the pair, independent of any seed, so every stage agrees
+        return (a * 7919 + b * 104729) % self.holdout_every == 0
+
+    def all_pairs(self) -> list[tuple[int, int]]:
+        top = 10 ** self.digits
+        return [(a, b) for a in range(top) for b in range(top)]
+
+    def split(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        pairs = self.all_pairs()
+        train = [p for p in pairs if not self.is_held_out(*p)]
+        held = [p for p in pairs if self.is_held_out(*p)]
+        return train, held
+
+    @staticmethod
+    def prompt(a: int, b: int) -> str:
+        return f"{a}+{b}="
+
+    @staticmethod
+    def completion(a: int, b: int) -> str:
+        return f"{ANSWER_OPEN}{a + b}{ANSWER_CLOSE}"
+
+
+def write_task_data(directory: str | Path, task: AdditionTask, *, seed: int, n_pretrain_docs: int = 2000,
+                    lines_per_doc: int = 8, n_sft: int = 2000, n_eval: int = 200) -> dict[str, Path]:
+    """Write pretrain.jsonl, sft.jsonl, rl.jsonl and eval.jsonl into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train, held = task.split()
+    docs = []
+    for _ in range(n_pretrain_docs):
+        lines = [f"{a}+{b}={a + b}" for a, b in (rng.choice(train) for _ in range(lines_per_doc))]
+        docs.append({"text": "\n".join(lines)})
+    sft = [{"prompt": task.prompt(a, b), "completion": task.completion(a, b)}
+           for a, b in (rng.choice(train) for _ in range(n_sft))]
+    rl = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in train]
+    rng.shuffle(rl)
+    held_rows = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in held]
+    random.Random(12345).shuffle(held_rows)  # the same held-out sample for every seed
+    paths = {
+        "pretrain": directory / "pretrain.jsonl",
+        "sft": directory / "sft.jsonl",
+        "rl": directory / "rl.jsonl",
+        "eval": directory / "eval.jsonl",
+    }
+    write_jsonl(paths["pretrain"], docs)
+    write_jsonl(paths["sft"], sft)
+    write_jsonl(paths["rl"], rl)
+    write_jsonl(paths["eval"], held_rows[:n_eval])
+    return paths

@@ -1,0 +1,147 @@
+"""What every RL loop (GRPO, PPO, TRPO) shares: the prompt set, sampling a batch of
+completions for it, scoring them with the configured rewards, and greedy held-out evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trustrl.config import RLConfig
+from trustrl.data import format_prompt, load_rows
+from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
+from trustrl.rollout import Rollout, generate, left_pad
+from trustrl.trainers.common import warn_skipped
+
+
+class PromptSet:
+    """Prompts of one dataset, formatted (chat template when configured) and tokenized once.
+    Every column other than the prompt travels with it to the reward functions."""
+
+    def __init__(self, path: str, config: RLConfig, tokenizer, limit: int | None = None):
+        loaded = load_rows(path, required=(config.prompt_column,), skip_bad=config.skip_bad_rows, limit=limit)
+        warn_skipped(loaded.skipped, path)
+        self.path = path
+        self.rows = loaded.rows
+        self.texts: list[str] = []
+        self.token_ids: list[list[int]] = []
+        for row in self.rows:
+            raw = row[config.prompt_column]
+            text = format_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
+                                 system_prompt=config.system_prompt)
+            templated = text != raw
+            self.texts.append(text)
+            self.token_ids.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        self.prompt_column = config.prompt_column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self, indices: list[int]) -> dict[str, list[Any]]:
+        """Extra columns (everything except the prompt) for the given rows, aligned with them."""
+        names = {k for i in indices for k in self.rows[i] if k != self.prompt_column}
+        return {name: [self.rows[i].get(name) for i in indices] for name in sorted(names)}
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout with everything the reward step produced, aligned row by row."""
+
+    rollout: Rollout
+    row_indices: list[int]  # dataset row of every completion
+    prompts: list[str]
+    completions: list[str]
+    scores: ScoreResult
+
+
+class RewardSuite:
+    """The configured reward functions (and optional reward model), weighted and checked."""
+
+    def __init__(self, config: RLConfig, extra: list[Callable | NamedReward] | None = None, device=None):
+        self.config = config
+        self.rewards: list[NamedReward] = [resolve_reward(spec) for spec in config.rewards]
+        for fn in extra or []:
+            self.rewards.append(fn if isinstance(fn, NamedReward) else resolve_reward(fn))
+        if config.reward_model:
+            from trustrl.rewards.reward_model import reward_model_reward
+
+            self.rewards.append(NamedReward("reward_model", reward_model_reward(config.reward_model, device=device),
+                                            config.reward_model_weight))
+        if not self.rewards:
+            raise ValueError("no reward: set `rewards:` (e.g. [{name: numeric_answer}]) or `reward_model:`")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique (use alias): {names}")
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], lengths: list[int]) -> ScoreResult:
+        cfg = self.config
+        return score_completions(
+            self.rewards, prompts, completions, {**columns, "completion_lengths": lengths},
+            timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error, default_score=cfg.reward_default,
+        )
+
+    def by_name(self, name: str | None) -> NamedReward:
+        if name is None:
+            return self.rewards[0]
+        for r in self.rewards:
+            if r.name == name:
+                return r
+        raise ValueError(f"eval_reward {name!r} is not one of the rewards: {[r.name for r in self.rewards]}")
+
+
+def sample_and_score(
+    policy: nn.Module,
+    tokenizer,
+    prompts: PromptSet,
+    indices: list[int],
+    repeats: int,
+    config: RLConfig,
+    rewards: RewardSuite,
+    generator: torch.Generator | None,
+    device: torch.device,
+    *,
+    greedy: bool = False,
+) -> ScoredBatch:
+    """Generate ``repeats`` completions for each prompt row (consecutive per prompt) and score them."""
+    rows = [i for i in indices for _ in range(repeats)]
+    ids, mask = left_pad([prompts.token_ids[i] for i in rows], tokenizer.pad_token_id, config.max_prompt_length)
+    rollout = generate(
+        policy, ids.to(device), mask.to(device), max_new_tokens=config.max_completion_length,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        temperature=0.0 if greedy else config.temperature, top_p=config.top_p, generator=generator,
+    )
+    completions = decode_completions(tokenizer, rollout)
+    texts = [prompts.texts[i] for i in rows]
+    scores = rewards.score(texts, completions, prompts.columns(rows), rollout.completion_lengths.tolist())
+    return ScoredBatch(rollout, rows, texts, completions, scores)
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    out = []
+    for ids, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+        out.append(tokenizer.decode([t for t, v in zip(ids, valid) if v], skip_special_tokens=True))
+    return out
+
+
+@torch.no_grad()
+def evaluate_greedy(
+    policy: nn.Module, tokenizer, prompts: PromptSet, config: RLConfig, rewards: RewardSuite, device: torch.device,
+) -> dict[str, float]:
+    """Greedy completions for the first ``eval_prompts`` held-out prompts; eval/accuracy is the
+    mean of ``eval_reward`` (the first reward by default), plus every reward's mean."""
+    n = min(config.eval_prompts, len(prompts))
+    target = rewards.by_name(config.eval_reward).name
+    totals: dict[str, float] = {}
+    lengths = 0.0
+    for start in range(0, n, config.forward_batch_size):
+        idx = list(range(start, min(n, start + config.forward_batch_size)))
+        batch = sample_and_score(policy, tokenizer, prompts, idx, 1, config, rewards, None, device, greedy=True)
+        for name, values in batch.scores.per_function.items():
+            totals[name] = totals.get(name, 0.0) + float(values.sum())
+        lengths += float(batch.rollout.completion_lengths.float().sum())
+    metrics = {f"eval/{name}": value / n for name, value in totals.items()}
+    metrics["eval/accuracy"] = totals[target] / n
+    metrics["eval/mean_length"] = lengths / n
+    return metrics
