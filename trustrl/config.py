@@ -336,3 +336,20 @@ def describe(cls: type[BaseModel]) -> str:
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         lines.append(f"  {name} = {default}\n      {field.description or ''}")
     return "\n".join(lines)
+
+
+# Config classes of the trainers that register themselves (rm, ppo, trpo) live beside their
+# loops; ``from trustrl.config import PPOConfig`` (and ``trustrl.PPOConfig``) import them lazily.
+_TRAINER_CONFIGS = {
+    "RewardConfig": "trustrl.trainers.reward_model",
+    "PPOConfig": "trustrl.trainers.ppo",
+    "TRPOConfig": "trustrl.trainers.trpo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_CONFIGS:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINER_CONFIGS[name]), name)
+    raise AttributeError(f"module 'trustrl.config' has no attribute {name!r}")

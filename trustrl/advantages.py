@@ -1,0 +1,209 @@
+"""Advantage estimators and reward shaping: GRPO group baselines, GAE, whitening, DAPO overlong.
+
+References
+----------
+* GRPO outcome supervision: Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, sec. 4.1.2.
+* Dr. GRPO (no std scaling): Liu et al. 2025, arXiv 2503.20783.
+* GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+  Advantage Estimation", arXiv 1506.02438.
+* Whitening: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
+* Soft overlong punishment: Yu et al. 2025, "DAPO", arXiv 2503.14476, eq. 13.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "GROUP_SCALES",
+    "group_advantages",
+    "gae",
+    "gae_time_major",
+    "whiten",
+    "soft_overlong_penalty",
+]
+
+GROUP_SCALES: tuple[str, ...] = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO group-relative advantages (one scalar per completion).
+
+    Shapes: ``rewards [N]`` where consecutive blocks of ``group_size`` completions share a
+    prompt -> ``[N]``, same dtype (float).
+
+    Formulas (``mu_g``, ``sigma_g`` = mean and *population* std of the group of ``r_i``)::
+
+        "group": A_i = (r_i - mu_g) / (sigma_g + eps)        (GRPO, Shao et al. 2024)
+        "batch": A_i = (r_i - mu_g) / (sigma_batch + eps)    (population std of all N rewards)
+        "none":  A_i =  r_i - mu_g                           (Dr. GRPO, Liu et al. 2025)
+
+    Example: ``[1.0, 0.8, 0.4, 0.2]`` -> mean 0.6, std sqrt(0.1) = 0.3162 ->
+    ``[+1.265, +0.632, -0.632, -1.265]``. A group of equal rewards gives exact zeros.
+    Raises ``ValueError`` if ``N % group_size != 0`` or ``scale`` is unknown.
+    """
+    fn = "group_advantages"
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"{fn}: unknown scale {scale!r}; allowed: {GROUP_SCALES}")
+    if rewards.dim() != 1:
+        raise ValueError(f"{fn}: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1:
+        raise ValueError(f"{fn}: group_size must be >= 1, got {group_size}")
+    n = rewards.shape[0]
+    if n % group_size != 0:
+        raise ValueError(f"{fn}: number of rewards {n} is not a multiple of group_size {group_size}")
+    r = rewards if rewards.dtype.is_floating_point else rewards.float()
+    grouped = r.view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centered.reshape(n)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True, correction=0)
+    else:
+        std = r.std(correction=0) if n > 0 else r.new_zeros(())
+    return (centered / (std + eps)).reshape(n)
+
+
+def gae_time_major(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(gamma, lambda) for vectorised environments, time-major.
+
+    Shapes: all inputs ``[T, N]`` (``terminated``, ``done`` bool) -> ``(advantages, returns)``
+    each ``[T, N]``.
+
+    * ``next_values[t] = V(s_{t+1})`` of the true next observation (for a time-limit
+      truncation the caller passes the value of the final observation, so we bootstrap);
+    * ``terminated[t]``: the episode really ended -> next value counts 0;
+    * ``done[t]`` (= terminated or truncated): the GAE recursion is cut after ``t``.
+
+    Formula (Schulman et al. 2016, eq. 16 with episode boundaries)::
+
+        delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
+        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1},      A_T = 0
+        returns = A + V
+
+    Python loop over T only (vectorised over N). Run under ``torch.no_grad()`` for targets.
+    """
+    fn = "gae_time_major"
+    shape = rewards.shape
+    for name, t in (("values", values), ("next_values", next_values), ("terminated", terminated), ("done", done)):
+        if t.shape != shape:
+            raise ValueError(f"{fn}: {name} shape {tuple(t.shape)} != rewards shape {tuple(shape)}")
+    if terminated.dtype != torch.bool or done.dtype != torch.bool:
+        raise ValueError(f"{fn}: terminated and done must be torch.bool")
+    not_term = (~terminated).to(values.dtype)
+    not_done = (~done).to(values.dtype)
+    deltas = rewards + gamma * not_term * next_values - values
+    carry = torch.zeros_like(deltas[0]) if shape[0] > 0 else deltas.new_zeros(shape[1:])
+    out: list[torch.Tensor] = []
+    for t in range(shape[0] - 1, -1, -1):
+        carry = deltas[t] + gamma * lam * not_done[t] * carry
+        out.append(carry)
+    advantages = torch.stack(out[::-1]) if out else torch.zeros_like(deltas)
+    return advantages, advantages + values
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over right-padded LM completions (PPO-RLHF).
+
+    Shapes: ``rewards, values [B, T]``, ``mask [B, T]`` bool (True = valid completion token,
+    valid tokens form a prefix of each row) -> ``(advantages, returns)`` each ``[B, T]``.
+
+    The value after the last valid token is 0 (the episode terminates at EOS/truncation)::
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,     V_{t+1} := 0 if t+1 is padding / past T
+        A_t     = sum_l (gamma lam)^l delta_{t+l}
+        returns = A + V
+
+    Outputs are 0 where ``mask`` is False. Implemented on :func:`gae_time_major` (loop over T,
+    vectorised over B). Schulman et al. 2016; Ziegler et al. 2019 (LM setting).
+    """
+    fn = "gae"
+    if rewards.dim() != 2 or values.shape != rewards.shape or mask.shape != rewards.shape:
+        raise ValueError(
+            f"{fn}: rewards, values, mask must share shape [B, T]; got {tuple(rewards.shape)}, "
+            f"{tuple(values.shape)}, {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{fn}: mask must be torch.bool (True = valid token), got {mask.dtype}")
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    r = torch.where(mask, rewards, zero)
+    v = torch.where(mask, values, zero)
+    next_valid = torch.zeros_like(mask)
+    next_valid[:, :-1] = mask[:, 1:]
+    next_v = torch.where(next_valid, torch.roll(v, -1, dims=1), zero)
+    end = ~next_valid  # no bootstrap and no recursion across the end of the valid prefix
+    adv_tm, _ = gae_time_major(r.T, v.T, next_v.T, end.T, end.T, gamma, lam)
+    advantages = torch.where(mask, adv_tm.T, zero)
+    returns = torch.where(mask, advantages + v, zero)
+    return advantages, returns
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Whiten ``x`` with statistics over the valid elements.
+
+    Shapes: ``x [...]``, ``mask`` bool broadcastable to ``x`` (or None = all) -> ``[...]``.
+    Formula (population variance; Huang et al. 2024)::
+
+        mu = mean(x[m]);  var = mean((x[m] - mu)^2)
+        y  = (x - mu) / sqrt(var + eps);   if not shift_mean: y = y + mu
+
+    Positions with ``mask`` False are returned as 0. An empty mask returns all zeros.
+    """
+    if mask is None:
+        mu = x.mean()
+        var = (x - mu).square().mean()
+        y = (x - mu) * torch.rsqrt(var + eps)
+        return y if shift_mean else y + mu
+    if mask.dtype != torch.bool:
+        raise ValueError(f"whiten: mask must be torch.bool, got {mask.dtype}")
+    m = torch.broadcast_to(mask, x.shape)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = m.sum().clamp_min(1).to(x.dtype)
+    mu = torch.where(m, x, zero).sum() / n
+    var = torch.where(m, (x - mu).square(), zero).sum() / n
+    y = (x - mu) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mu
+    return torch.where(m, y, zero)
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
+    """DAPO soft overlong punishment (Yu et al. 2025, eq. 13), added to the task reward.
+
+    Shapes: ``lengths [N]`` int -> float32 ``[N]``. With ``L_exp = max_len - cache_len``::
+
+        R(L) = 0                       if L <= L_exp
+             = (L_exp - L) / cache_len if L_exp < L <= max_len     (linear from 0 to -1)
+             = -1                      if L > max_len
+
+    ``cache_len = 0`` degenerates to a hard step (0 up to ``max_len``, -1 beyond).
+    """
+    fn = "soft_overlong_penalty"
+    if cache_len < 0 or cache_len > max_len:
+        raise ValueError(f"{fn}: need 0 <= cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+    lf = lengths.to(torch.float32)
+    expected = float(max_len - cache_len)
+    if cache_len > 0:
+        inside = (expected - lf) / float(cache_len)
+    else:
+        inside = torch.zeros_like(lf)
+    out = torch.where(lf <= expected, torch.zeros_like(lf), inside)
+    return torch.where(lf > max_len, torch.full_like(lf, -1.0), out)

@@ -1,0 +1,282 @@
+"""Per-token log-probabilities of chosen tokens, without materialising a full log-softmax.
+
+Every policy-gradient method in trustrl needs ``log pi(y_t | x, y_<t)`` for the sampled tokens
+only. The textbook route ``log_softmax(hidden @ W^T).gather(ids)`` builds (and, under autograd,
+keeps) several ``[B, T, V]`` tensors; with a 32k-152k vocabulary that dominates peak memory.
+
+* :func:`selective_log_softmax` -- logits already exist: ``logit[y] - logsumexp(logits)``,
+  processed row-chunk by row-chunk so that no extra ``[N, V]`` temporary is created.
+* :func:`chunked_token_logprobs` -- logits do not exist yet: a custom autograd function fuses
+  the LM head, the log-softmax and the gather, processing ``chunk_size`` rows at a time in
+  forward *and* backward (recomputing the chunk's logits), so peak extra memory is
+  ``O(chunk_size * V)`` instead of ``O(B * T * V)``.
+* :func:`naive_token_logprobs` -- the reference implementation, for tests and benchmarks.
+
+Temperature: as in sampling, logits are divided by ``temperature`` before the softmax
+(Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", detail on temperature).
+
+Log-softmax identity used throughout::
+
+    log p(y) = z_y - logsumexp_v z_v,        d log p(y) / d z_v = 1[v = y] - softmax(z)_v.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "selective_log_softmax",
+    "chunked_token_logprobs",
+    "naive_token_logprobs",
+]
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (float32, bf16, fp16) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_ids(fn: str, lead_shape: torch.Size, token_ids: torch.Tensor) -> None:
+    if tuple(token_ids.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"{fn}: token_ids shape {tuple(token_ids.shape)} must equal the leading shape "
+            f"{tuple(lead_shape)} of the scores"
+        )
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise ValueError(f"{fn}: token_ids must be an integer tensor, got {token_ids.dtype}")
+
+
+def _rows_apply(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Apply ``fn(rows [C, V], ids [C]) -> [C]`` over all rows, never copying ``logits``.
+
+    ``logits[..., V]`` is viewed as ``[N, V]`` when its strides allow it; otherwise (e.g. a
+    ``logits[:, :-1]`` slice) it is walked along dim 0, recursively, so no full-size copy is
+    ever made by ``reshape``.
+    """
+    if logits.dim() == 2:
+        outs = [fn(c, i) for c, i in zip(logits.split(chunk_size), ids.split(chunk_size))]
+        return torch.cat(outs) if outs else logits.new_zeros(0, dtype=torch.float32)
+    try:
+        flat = logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        parts = [_rows_apply(fn, lg, ii, chunk_size) for lg, ii in zip(logits.unbind(0), ids.unbind(0))]
+        return torch.stack(parts) if parts else logits.new_zeros(ids.shape, dtype=torch.float32)
+    return _rows_apply(fn, flat, ids.reshape(-1), chunk_size).view(ids.shape)
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, token_ids: torch.Tensor, *, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Log-probability of the chosen tokens, ``log_softmax(logits)[..., token_ids]``.
+
+    Shapes: ``logits [..., V]``, ``token_ids [...]`` (int) -> ``[...]``.
+
+    Formula: ``log p(y) = z_y - logsumexp(z)``. For float32/float64 logits the chosen logit is
+    gathered and the logsumexp is taken ``chunk_size`` rows at a time (the only ``[C, V]``
+    temporaries are inside one chunk; autograd keeps views of ``logits`` only). For
+    bfloat16/float16 logits, subtracting two large low-precision numbers loses the answer,
+    so each row chunk is upcast to float32 and log-softmaxed in float32 (loop-safe path).
+
+    Returns the logits' dtype for float32/float64 input and **float32** for half-precision
+    input (log-ratios ``exp(logp - old_logp)`` are meaningless at bf16 resolution).
+    Differentiable w.r.t. ``logits``. Callers divide by the sampling temperature first.
+    """
+    _check_ids("selective_log_softmax", logits.shape[:-1], token_ids)
+    if chunk_size < 1:
+        raise ValueError(f"selective_log_softmax: chunk_size must be >= 1, got {chunk_size}")
+    if logits.dim() == 1:
+        return selective_log_softmax(logits[None], token_ids[None], chunk_size=chunk_size)[0]
+    ids = token_ids.long()
+
+    if logits.dtype in _FULL_PRECISION:
+
+        def fn(rows: torch.Tensor, ii: torch.Tensor) -> torch.Tensor:
+            return rows.gather(-1, ii[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+
+    else:
+
+        def fn(rows: torch.Tensor, ii: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(rows.float(), dim=-1).gather(-1, ii[:, None]).squeeze(-1)
+
+    return _rows_apply(fn, logits, ids, chunk_size)
+
+
+def naive_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Reference: full logits, float32 ``log_softmax``, gather. Memory ``O(B * T * V)``.
+
+    Shapes: ``hidden [B, T, H]`` or ``[N, H]``, ``lm_head_weight [V, H]``, ``bias [V]``,
+    ``token_ids [B, T]`` or ``[N]`` -> ``[B, T]`` or ``[N]``, float32 (float64 for float64
+    weights).
+    Formula: ``log_softmax((hidden @ W^T + b) / temperature)[..., token_ids]``.
+    """
+    _check_ids("naive_token_logprobs", hidden.shape[:-1], token_ids)
+    logits = F.linear(hidden, lm_head_weight, bias)
+    logits = logits.to(_acc_dtype(logits.dtype)) / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+class _ChunkedLMHeadLogProbs(torch.autograd.Function):
+    """Fused ``linear -> /temperature -> log_softmax -> gather``, chunked over rows.
+
+    Forward saves only ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``, ``ids [N]`` and the
+    per-row ``logsumexp [N]``; backward recomputes each chunk's logits ``z`` and forms
+    ``dL/dz = (onehot(y) - softmax(z)) * g / temperature`` (``g`` = incoming grad of log p),
+    then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T @ h``, ``dL/db += sum_rows dL/dz``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ids: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        return_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        odt = _acc_dtype(weight.dtype)
+        logp = torch.empty(n, dtype=odt, device=hidden.device)
+        lse = torch.empty(n, dtype=odt, device=hidden.device)
+        entropy = torch.empty(n if return_entropy else 0, dtype=odt, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            z = F.linear(hidden[sl].to(weight.dtype), weight, bias).to(odt)
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[sl] = lse_c
+            logp[sl] = z.gather(1, ids[sl, None]).squeeze(1) - lse_c
+            if return_entropy:
+                # H = lse - sum_v p_v z_v  (z finite: it comes out of a matmul)
+                p = torch.exp(z - lse_c[:, None])
+                entropy[sl] = lse_c - (p * z).sum(-1)
+                del p
+            del z
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        if grad_logp is None or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None
+        cdt = weight.dtype
+        acc_dt = _acc_dtype(cdt)
+        g = grad_logp.to(acc_dt)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dt, device=weight.device) if need_w else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=acc_dt, device=weight.device)
+            if (need_b and bias is not None)
+            else None
+        )
+        inv_t = 1.0 / ctx.temperature
+        for start in range(0, n, ctx.chunk_size):
+            sl = slice(start, min(start + ctx.chunk_size, n))
+            h_c = hidden[sl].to(cdt)
+            z = F.linear(h_c, weight, bias).to(acc_dt)
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
+            # z <- softmax(z), in place
+            z.sub_(lse[sl, None]).exp_()
+            g_c = g[sl]
+            # dL/dz = (onehot - p) * g / T
+            z.mul_(g_c[:, None].neg())
+            rows = torch.arange(z.shape[0], device=z.device)
+            z[rows, ids[sl]] += g_c
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            gz = z.to(cdt)
+            del z
+            if grad_h is not None:
+                grad_h[sl] = (gz @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                if acc_dt == cdt:
+                    grad_w.addmm_(gz.t(), h_c)
+                else:
+                    grad_w.add_(gz.t() @ h_c)
+            if grad_b is not None:
+                grad_b.add_(gz.sum(0).to(acc_dt))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Memory-lean ``log_softmax((hidden @ W^T + b) / temperature)[..., token_ids]``.
+
+    Shapes: ``hidden [B, T, H]`` (or ``[N, H]``), ``lm_head_weight [V, H]``, ``bias [V]``,
+    ``token_ids [B, T]`` (or ``[N]``) -> ``logp`` ``[B, T]`` (or ``[N]``), float32 (float64 for
+    float64 weights, bf16/fp16 weights are upcast); with ``return_entropy=True`` also the
+    (detached) per-token entropy of the tempered distribution, same shape and dtype:
+    ``(logp, entropy)``.
+
+    Differentiable w.r.t. ``hidden``, ``lm_head_weight`` and ``bias`` through a custom
+    :class:`torch.autograd.Function`: forward keeps only the inputs and a per-row
+    logsumexp, backward recomputes logits chunk by chunk, so the extra peak memory is
+    ``O(chunk_size * V)`` (about three float32 ``[chunk_size, V]`` buffers) rather than the
+    ``O(B * T * V)`` of :func:`naive_token_logprobs`. Not twice differentiable.
+
+    Gradient (per row, logits ``z = (h W^T + b) / T``, incoming grad ``g``)::
+
+        dL/dz = g * (onehot(y) - softmax(z)) / T;  dL/dh = dL/dz W;  dL/dW = sum_rows dL/dz^T h.
+    """
+    fn = "chunked_token_logprobs"
+    _check_ids(fn, hidden.shape[:-1], token_ids)
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{fn}: lm_head_weight must be [V, H={hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (lm_head_weight.shape[0],):
+        raise ValueError(f"{fn}: bias must be [V={lm_head_weight.shape[0]}], got {tuple(bias.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be >= 1, got {chunk_size}")
+    lead = token_ids.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    ids = token_ids.reshape(-1).long()
+    logp, entropy = _ChunkedLMHeadLogProbs.apply(
+        h2, lm_head_weight, bias, ids, float(temperature), int(chunk_size), bool(return_entropy)
+    )
+    logp = logp.view(lead)
+    if return_entropy:
+        return logp, entropy.view(lead)
+    return logp

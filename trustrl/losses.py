@@ -1,0 +1,417 @@
+"""Losses and masked reductions for PPO / GRPO / GSPO / TRPO critics and reward models.
+
+Conventions: masks are ``torch.bool`` with True = the position counts; every loss returns
+``(loss, metrics)`` with ``metrics: dict[str, float]`` (except :func:`bradley_terry_loss`, which
+returns the scalar loss only). Metric keys here are un-namespaced (``clip_fraction``,
+``approx_kl``, ...); trainers prefix them (``policy/clip_fraction``) when logging.
+
+References
+----------
+* PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv 1707.06347.
+* GRPO: Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300 (sequence-mean aggregation).
+* DAPO: Yu et al. 2025, arXiv 2503.14476 (token-mean aggregation, clip-higher).
+* Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783
+  (token sum divided by a constant ``B * L_max``).
+* GSPO: Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071.
+* KL estimators: J. Schulman, "Approximating KL Divergence" (2020 blog note).
+* Value clipping / explained variance: Huang et al. 2024, "The N+ Implementation Details of
+  RLHF with PPO"; Ziegler et al. 2019, arXiv 1909.08593.
+* Bradley-Terry reward model: Bradley & Terry 1952; Ouyang et al. 2022, arXiv 2203.02155.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "masked_sum",
+    "masked_mean",
+    "aggregate",
+    "kl_penalty",
+    "policy_loss",
+    "sequence_policy_loss",
+    "value_loss",
+    "huber_value_loss",
+    "entropy_from_logits",
+    "bradley_terry_loss",
+    "explained_variance",
+]
+
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_constant")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+def _check_mask(fn: str, mask: torch.Tensor, x: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{fn}: mask must be torch.bool (True = position counts), got {mask.dtype}")
+    try:
+        torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{fn}: mask shape {tuple(mask.shape)} does not broadcast to {tuple(x.shape)}"
+        ) from err
+
+
+def masked_sum(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Sum of ``x`` over positions where ``mask`` is True.
+
+    Shapes: ``x [...]``, ``mask`` bool broadcastable to ``x`` -> scalar (``dim=None``) or ``x``
+    reduced over ``dim``. Masked-out entries are replaced by 0 with ``torch.where`` (not
+    multiplied), so inf/NaN in padding cannot leak into the result.
+    """
+    _check_mask("masked_sum", mask, x)
+    zeroed = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return zeroed.sum() if dim is None else zeroed.sum(dim)
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is True: ``sum(x * m) / max(sum(m), 1)``.
+
+    Shapes as :func:`masked_sum`. An all-False mask (or slice) gives 0, never NaN.
+    """
+    total = masked_sum(x, mask, dim)
+    count = torch.broadcast_to(mask, x.shape)
+    count = count.sum() if dim is None else count.sum(dim)
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values [B, T]`` under ``mask [B, T]`` (bool) to a scalar.
+
+    * ``"token_mean"`` (DAPO): ``sum_{i,t} m_it x_it / sum_{i,t} m_it``.
+    * ``"seq_mean"`` (GRPO paper): ``(1/G') sum_i (1/|o_i|) sum_t m_it x_it`` where ``G'`` is
+      the number of sequences with at least one valid token (empty sequences are skipped).
+    * ``"seq_sum_constant"`` (Dr. GRPO): ``sum_{i,t} m_it x_it / (B * max_len)``,
+      ``max_len`` defaulting to ``T``; unbiased in length, constant denominator.
+
+    Raises ``ValueError`` for an unknown ``aggregation`` (the message lists the allowed ones).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregate: unknown aggregation {aggregation!r}; allowed: {AGGREGATIONS}")
+    if values.dim() != 2:
+        raise ValueError(f"aggregate: values must be [B, T], got {tuple(values.shape)}")
+    _check_mask("aggregate", mask, values)
+    mask = torch.broadcast_to(mask, values.shape)
+    if aggregation == "token_mean":
+        return masked_mean(values, mask)
+    if aggregation == "seq_mean":
+        per_seq = masked_mean(values, mask, dim=1)
+        nonempty = mask.any(dim=1)
+        return masked_mean(per_seq, nonempty)
+    if max_len is None:
+        max_len = values.shape[1]
+    if max_len < 1:
+        raise ValueError(f"aggregate: max_len must be >= 1, got {max_len}")
+    return masked_sum(values, mask) / (values.shape[0] * max_len)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` for tokens sampled from ``pi``.
+
+    Shapes: ``logp [...]``, ``ref_logp [...]`` -> ``[...]``. With ``log rho = ref_logp - logp``:
+
+    * ``k1 = -log rho = logp - ref_logp``      (unbiased, high variance, can be negative)
+    * ``k2 = 0.5 (log rho)^2``                 (biased, >= 0, low variance)
+    * ``k3 = (rho - 1) - log rho``             (unbiased, >= 0, low variance; GRPO's choice)
+
+    Reference: J. Schulman, "Approximating KL Divergence" (2020). ``k3`` is computed with
+    ``expm1`` so it is exactly 0 (not a rounding residue) when ``logp == ref_logp``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; allowed: {KL_ESTIMATORS}")
+    log_rho = ref_logp - logp
+    if estimator == "k1":
+        return -log_rho
+    if estimator == "k2":
+        return 0.5 * log_rho.square()
+    # (rho - 1) - log rho, clamped at 0 against rounding when rho ~ 1
+    return (torch.expm1(log_rho) - log_rho).clamp_min(0.0)
+
+
+def _as_token_adv(fn: str, advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if advantages.dim() == 1:
+        if advantages.shape[0] != shape[0]:
+            raise ValueError(f"{fn}: advantages [B] has B={advantages.shape[0]}, logp has B={shape[0]}")
+        return advantages[:, None]
+    if tuple(advantages.shape) != tuple(shape):
+        raise ValueError(f"{fn}: advantages must be [B] or [B, T]={tuple(shape)}, got {tuple(advantages.shape)}")
+    return advantages
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    aggregation: str = "token_mean",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate loss (token-level importance ratios), GRPO/DAPO/Dr. GRPO variants.
+
+    Shapes: ``logp, old_logp [B, T]``, ``advantages [B]`` (broadcast over tokens) or ``[B, T]``,
+    ``mask [B, T]`` bool -> scalar loss.
+
+    Formula (Schulman et al. 2017; DAPO clip-higher when ``clip_high`` is set)::
+
+        r_t = exp(logp_t - old_logp_t)
+        J_t = min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)
+        loss = -aggregate(J, mask, aggregation, max_len)     # see :func:`aggregate`
+
+    ``clip_high=None`` means ``clip_high = clip_low``. The log-ratio is zeroed at masked
+    positions before ``exp`` so garbage padding can't produce inf/NaN gradients.
+
+    Metrics (python floats, over valid tokens):
+    ``clip_fraction`` -- fraction where the clipped term is the binding one, i.e. the gradient
+    is zero (``A > 0 and r > 1 + clip_high`` or ``A < 0 and r < 1 - clip_low``);
+    ``approx_kl`` -- mean of the k3 estimator of ``KL(pi_old || pi_theta)`` on tokens sampled
+    from ``pi_old``: ``(r - 1) - log r``; ``ratio_mean``, ``ratio_max``.
+    """
+    fn = "policy_loss"
+    if logp.shape != old_logp.shape or logp.dim() != 2:
+        raise ValueError(f"{fn}: logp and old_logp must both be [B, T], got {tuple(logp.shape)} and {tuple(old_logp.shape)}")
+    _check_mask(fn, mask, logp)
+    if clip_high is None:
+        clip_high = clip_low
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"{fn}: clip_low/clip_high must be >= 0, got {clip_low}/{clip_high}")
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    adv = torch.where(mask, _as_token_adv(fn, advantages, logp.shape).to(logp.dtype), zero)
+    log_ratio = torch.where(mask, logp - old_logp, zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    objective = torch.minimum(unclipped, clipped)
+    loss = -aggregate(objective, mask, aggregation, max_len)
+
+    with torch.no_grad():
+        m = torch.broadcast_to(mask, logp.shape)
+        adv_b = torch.broadcast_to(adv, logp.shape)
+        binding = ((adv_b > 0) & (ratio > 1.0 + clip_high)) | ((adv_b < 0) & (ratio < 1.0 - clip_low))
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, m)
+        any_valid = bool(m.any())
+        metrics = {
+            "clip_fraction": float(masked_mean(binding.to(logp.dtype), m)),
+            "approx_kl": float(approx_kl),
+            "ratio_mean": float(masked_mean(ratio, m)),
+            "ratio_max": float(ratio[m].max()) if any_valid else 1.0,
+        }
+    return loss, metrics
+
+
+def sequence_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float | None = 4e-4,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO: clipped surrogate with a length-normalised *sequence* importance ratio.
+
+    Shapes: ``logp, old_logp [B, T]``, ``advantages [B]``, ``mask [B, T]`` bool -> scalar.
+
+    Formula (Zheng et al. 2025, arXiv 2507.18071, eq. 5-7)::
+
+        s_i = exp( (1/|o_i|) sum_t m_it (logp_it - old_logp_it) )
+        J   = (1/B') sum_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)
+        loss = -J
+
+    ``B'`` counts sequences with at least one valid token. Defaults ``clip_low=3e-4`` and
+    ``clip_high=4e-4`` are the paper's ranges (sequence ratios sit much closer to 1 than token
+    ratios); ``clip_high=None`` means ``clip_high = clip_low``.
+
+    Metrics: ``clip_fraction`` (fraction of sequences where the clipped term binds),
+    ``approx_kl`` (token-mean k3 of ``KL(pi_old || pi_theta)``, as in :func:`policy_loss`),
+    ``ratio_mean``, ``ratio_max`` (of the sequence ratios ``s_i``).
+    """
+    fn = "sequence_policy_loss"
+    if logp.shape != old_logp.shape or logp.dim() != 2:
+        raise ValueError(f"{fn}: logp and old_logp must both be [B, T], got {tuple(logp.shape)} and {tuple(old_logp.shape)}")
+    _check_mask(fn, mask, logp)
+    if advantages.shape != (logp.shape[0],):
+        raise ValueError(f"{fn}: advantages must be [B={logp.shape[0]}], got {tuple(advantages.shape)}")
+    if clip_high is None:
+        clip_high = clip_low
+    m = torch.broadcast_to(mask, logp.shape)
+    log_ratio = torch.where(m, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    seq_log_ratio = masked_mean(log_ratio, m, dim=1)
+    s = torch.exp(seq_log_ratio)
+    adv = advantages.to(logp.dtype)
+    objective = torch.minimum(s * adv, s.clamp(1.0 - clip_low, 1.0 + clip_high) * adv)
+    nonempty = m.any(dim=1)
+    loss = -masked_mean(objective, nonempty)
+    with torch.no_grad():
+        binding = ((adv > 0) & (s > 1.0 + clip_high)) | ((adv < 0) & (s < 1.0 - clip_low))
+        any_valid = bool(nonempty.any())
+        metrics = {
+            "clip_fraction": float(masked_mean(binding.to(logp.dtype), nonempty)),
+            "approx_kl": float(masked_mean(torch.expm1(log_ratio) - log_ratio, m)),
+            "ratio_mean": float(masked_mean(s, nonempty)),
+            "ratio_max": float(s[nonempty].max()) if any_valid else 1.0,
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(Clipped) squared-error value loss.
+
+    Shapes: ``values, old_values, returns [B, T]`` (or any equal shape), ``mask`` bool -> scalar.
+
+    Formula (PPO value clipping, Huang et al. 2024 "N+ details", Ziegler et al. 2019)::
+
+        V_clip = V_old + clip(V - V_old, -c, c)
+        loss   = 0.5 * masked_mean( max((V - R)^2, (V_clip - R)^2) )
+
+    With ``clip=None``: ``0.5 * masked_mean((V - R)^2)``.
+    Metrics: ``value_clip_fraction`` -- fraction of valid positions where the clipped error is
+    strictly larger (the clipped branch binds; 0 when ``clip`` is None).
+    """
+    _check_mask("value_loss", mask, values)
+    err = (values - returns).square()
+    if clip is None:
+        loss = 0.5 * masked_mean(err, mask)
+        return loss, {"value_clip_fraction": 0.0}
+    if clip < 0:
+        raise ValueError(f"value_loss: clip must be >= 0 or None, got {clip}")
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    err_clip = (v_clip - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    with torch.no_grad():
+        m = torch.broadcast_to(mask, values.shape)
+        frac = float(masked_mean((err_clip > err).to(values.dtype), m))
+    return loss, {"value_clip_fraction": frac}
+
+
+def huber_value_loss(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, delta: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Huber (smooth-L1) value loss, masked mean.
+
+    Shapes: ``values, returns [...]``, ``mask`` bool -> scalar. Per element, ``e = V - R``::
+
+        h(e) = 0.5 e^2                    if |e| <= delta
+             = delta (|e| - 0.5 delta)    otherwise
+
+    (Huber 1964; used as the DQN/critic loss in Mnih et al. 2015.) Equals ``0.5 e^2`` for small
+    errors, i.e. the unclipped :func:`value_loss`.
+    Metrics: ``value_huber_linear_fraction`` -- fraction of valid positions with ``|e| > delta``.
+    """
+    if not delta > 0:
+        raise ValueError(f"huber_value_loss: delta must be > 0, got {delta}")
+    _check_mask("huber_value_loss", mask, values)
+    per = F.huber_loss(values, returns, reduction="none", delta=delta)
+    loss = masked_mean(per, mask)
+    with torch.no_grad():
+        m = torch.broadcast_to(mask, values.shape)
+        frac = float(masked_mean(((values - returns).abs() > delta).to(values.dtype), m))
+    return loss, {"value_huber_linear_fraction": frac}
+
+
+def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim.
+
+    Shapes: ``logits [..., V]`` -> ``[...]`` (float32 for half-precision input).
+    Formula: ``H = logsumexp(z) - sum_v p_v z_v`` with ``p = exp(z - logsumexp(z))``;
+    ``-inf`` logits (masked vocabulary entries) contribute exactly 0 (``p_v z_v`` is taken
+    as 0 where ``p_v == 0``), and a row that is entirely ``-inf`` gets entropy 0.
+    Rows are processed ``chunk_size`` at a time so the ``[N, V]`` temporaries stay small, and a
+    non-contiguous slice such as ``logits[:, :-1]`` is walked without copying it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"entropy_from_logits: chunk_size must be >= 1, got {chunk_size}")
+    lead = logits.shape[:-1]
+    if logits.dim() > 2:
+        try:
+            flat = logits.view(-1, logits.shape[-1])
+        except RuntimeError:  # e.g. logits[:, :-1]: walk dim 0 instead of copying everything
+            parts = [entropy_from_logits(x, chunk_size=chunk_size) for x in logits.unbind(0)]
+            return torch.stack(parts) if parts else logits.new_zeros(lead, dtype=torch.float32)
+    else:
+        flat = logits.reshape(-1, logits.shape[-1])
+
+    def rows_entropy(z: torch.Tensor) -> torch.Tensor:
+        if z.dtype not in (torch.float32, torch.float64):
+            z = z.float()
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        finite_row = torch.isfinite(lse)
+        safe_lse = torch.where(finite_row, lse, torch.zeros_like(lse))
+        p = torch.exp(z - safe_lse)
+        pz = torch.where(p > 0, p * z, torch.zeros_like(p))
+        h = safe_lse.squeeze(-1) - pz.sum(-1)
+        return torch.where(finite_row.squeeze(-1), h, torch.zeros_like(h))
+
+    outs = [rows_entropy(c) for c in flat.split(chunk_size)]
+    if not outs:
+        return flat.new_zeros(lead, dtype=torch.float32)
+    return torch.cat(outs).view(lead)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry pairwise reward-model loss; returns the scalar loss tensor only.
+
+    Shapes: ``chosen_rewards [N]``, ``rejected_rewards [N]``, ``margin`` scalar or ``[N]``.
+    Formula: ``P(c > r) = sigmoid(r_c - r_r)``;
+    ``loss = mean_i -log sigmoid(r_c,i - r_r,i - margin_i)`` computed with ``logsigmoid``
+    (stable for large differences). Bradley & Terry 1952; Ouyang et al. 2022; the margin as in
+    Llama 2 (Touvron et al. 2023).
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"bradley_terry_loss: chosen {tuple(chosen_rewards.shape)} and rejected "
+            f"{tuple(rejected_rewards.shape)} shapes differ"
+        )
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Explained variance of the critic: ``1 - Var[R - V] / Var[R]`` over valid positions.
+
+    Shapes: ``values, returns [...]``, ``mask`` bool or None (all valid) -> python float.
+    Population variances. 1 = perfect, 0 = no better than the mean, < 0 = worse than the mean.
+    Returns ``nan`` when ``Var[R] == 0`` or nothing is valid (undefined), as is customary.
+    """
+    with torch.no_grad():
+        if mask is None:
+            mask = torch.ones_like(values, dtype=torch.bool)
+        _check_mask("explained_variance", mask, values)
+        m = torch.broadcast_to(mask, values.shape)
+        v = values.double()
+        r = returns.double()
+        if not bool(m.any()):
+            return float("nan")
+
+        def pvar(x: torch.Tensor) -> torch.Tensor:
+            mu = masked_mean(x, m)
+            return masked_mean((x - mu).square(), m)
+
+        var_r = pvar(r)
+        if float(var_r) == 0.0:
+            return float("nan")
+        return float(1.0 - pvar(r - v) / var_r)
