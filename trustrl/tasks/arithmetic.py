@@ -50,13 +50,27 @@ class AdditionTask:
         return f"{a}+{b}="
 
     @staticmethod
-    def completion(a: int, b: int) -> str:
-        return f"{ANSWER_OPEN}{a + b}{ANSWER_CLOSE}"
+    def completion(a: int, b: int, answer: int | None = None) -> str:
+        return f"{ANSWER_OPEN}{a + b if answer is None else answer}{ANSWER_CLOSE}"
+
+
+def sum_without_carry(a: int, b: int) -> int:
+    """The classic slip: add digit by digit and drop every carry (47+38 -> 75, 87+45 -> 22)."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
 
 
 def write_task_data(directory: str | Path, task: AdditionTask, *, seed: int, n_pretrain_docs: int = 2000,
-                    lines_per_doc: int = 8, n_sft: int = 2000, n_eval: int = 200) -> dict[str, Path]:
-    """Write pretrain.jsonl, sft.jsonl, rl.jsonl and eval.jsonl into ``directory``."""
+                    lines_per_doc: int = 8, n_sft: int = 2000, n_eval: int = 200,
+                    sft_carry_slip_rate: float = 0.0) -> dict[str, Path]:
+    """Write pretrain.jsonl, sft.jsonl, rl.jsonl and eval.jsonl into ``directory``.
+
+    ``sft_carry_slip_rate``: the share of SFT demonstrations whose answer drops the carries
+    (a sloppy teacher, as imperfect demonstration data is); rows whose sum has no carry are
+    unaffected since both answers agree."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -65,8 +79,10 @@ def write_task_data(directory: str | Path, task: AdditionTask, *, seed: int, n_p
     for _ in range(n_pretrain_docs):
         lines = [f"{a}+{b}={a + b}" for a, b in (rng.choice(train) for _ in range(lines_per_doc))]
         docs.append({"text": "\n".join(lines)})
-    sft = [{"prompt": task.prompt(a, b), "completion": task.completion(a, b)}
-           for a, b in (rng.choice(train) for _ in range(n_sft))]
+    sft = []
+    for a, b in (rng.choice(train) for _ in range(n_sft)):
+        slip = rng.random() < sft_carry_slip_rate
+        sft.append({"prompt": task.prompt(a, b), "completion": task.completion(a, b, sum_without_carry(a, b) if slip else None)})
     rl = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in train]
     rng.shuffle(rl)
     held_rows = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in held]

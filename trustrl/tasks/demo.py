@@ -1,13 +1,15 @@
 """`make demo`: the three stages of LLM training on a CPU in minutes.
 
 1. pre-train a tiny Llama-style transformer from scratch on generated text ("47+38=85" lines);
-2. SFT it briefly on worked examples in the answer format ("47+38=" -> "<answer>85</answer>");
+2. SFT it on worked examples in the answer format ("47+38=" -> "<answer>85</answer>") written by
+   a sloppy teacher who drops the carries in a share of them ("47+38=" -> "<answer>75</answer>"),
+   as imperfect demonstration data does;
 3. GRPO with rule-based rewards (exact numeric answer + format), then compare greedy accuracy
    on held-out sums never seen in any stage: ``accuracy_before_rl`` (the SFT model) and
    ``accuracy_after_rl``.
 
-The budgets are chosen so that SFT leaves the model good at the format but unreliable on the
-sums; GRPO turns its pass@G into pass@1.
+Imitation copies the teacher's slips; the verifiable reward does not reward them, so GRPO
+moves the model toward the sums it can already sample correctly (pass@G into pass@1).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ class DemoSettings:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    pretrain_steps: int = 300
+    sft_carry_slip_rate: float = 0.6
+    pretrain_steps: int = 600
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    sft_steps: int = 60
+    sft_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 1e-3
     grpo_steps: int = 60
@@ -68,7 +71,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(digits=s.digits)
-    data = write_task_data(out / "data", task, seed=s.seed, n_eval=s.eval_prompts)
+    data = write_task_data(out / "data", task, seed=s.seed, n_eval=s.eval_prompts,
+                           sft_carry_slip_rate=s.sft_carry_slip_rate)
     init_dir = create_tiny_model_dir(out / "init", chars=CHARS + "\n", special_tokens=SPECIAL_TOKENS, seed=s.seed,
                                      hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
                                      max_position_embeddings=64)

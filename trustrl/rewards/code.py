@@ -1,0 +1,681 @@
+"""Sandboxed execution of model-written Python, and a unit-test reward built on it.
+
+The reward follows the rule-based "run the tests" rewards of code RL (DeepSeek-R1,
+arXiv:2501.12948, section 2.2.2: "for LeetCode problems, a compiler can be used to generate
+feedback based on predefined test cases"): the completion's code is run against the row's test
+cases and the reward is the fraction that pass.
+
+Isolation, strongest first (probed once, see :func:`sandbox_capabilities`):
+
+``mode="root"`` (we are root with CAP_SYS_ADMIN, the case on the training boxes):
+    new network namespace (no interface up: nothing is reachable, not even 127.0.0.1); new
+    mount + IPC + pid namespaces in which *every* mount is read-only and nosuid, ``/root`` and
+    ``/home`` are covered by empty tmpfs (only the interpreter's own prefix re-exposed), procfs
+    shows only the sandbox's processes and the working directory is a private size/inode-capped
+    tmpfs that vanishes with the namespace. The program runs as a fresh unprivileged uid/gid
+    (random, unused, no supplementary groups, no_new_privs), so ``RLIMIT_NPROC`` is enforced
+    (it is not for root) and counts only this sandbox's processes. When the program ends, the
+    kernel kills and reaps everything left in its pid namespace (``setsid()`` does not escape
+    that); the parent then also kills anything still running under the sandbox uid and checks
+    that nothing is left.
+``mode="userns"`` (not root, unprivileged user namespaces allowed): the same namespaces and
+    mounts, entered through a user namespace that maps only our own uid; no uid change, so
+    ``RLIMIT_NPROC`` is shared with our other processes (the cap is set to their count plus
+    ``max_processes``).
+``mode="plain"``: no namespaces. Network is blocked by a Python prelude replacing the socket
+    constructors (bypassable through ``ctypes``); only file permissions stop writes outside the
+    temporary directory; clean-up is by session / process group, which ``setsid()`` escapes.
+    A uid drop still applies if we are root; if that cannot run the interpreter, the probe
+    fails instead of running untrusted code as root.
+
+Common to all modes: a fresh ``python -I -S -B`` interpreter (isolated mode, no site, no
+user site, no bytecode files) in a new session, with a scrubbed environment (``PATH``,
+``LANG``, ``HOME`` and ``TMPDIR`` only; nothing inherited), rlimits on CPU time, address space,
+file size, processes, open files and core dumps (0), a wall-clock watchdog, stdout/stderr read
+through a bounded buffer (the process is killed as soon as either stream passes the cap), and
+afterwards every process of the sandbox killed and the temporary directory deleted.
+
+What this is *not*: a defence against kernel exploits (there is no seccomp filter), and the
+code can still *read* world-readable files (``/etc``, ``/usr``, the repository). In-process
+test harnesses can always be introspected by the code under test, see
+:func:`code_tests_reward`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "SandboxResult",
+    "run_in_sandbox",
+    "sandbox_capabilities",
+    "code_tests_reward",
+    "extract_code",
+]
+
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+_SETUP_FAILED = 121
+_SETUP_MARK = b"trustrl-sandbox-setup-error:"
+# Fresh uids for sandboxes are drawn from here: far above any real account and above the
+# usual /etc/subuid ranges (100000 + 65536*k), below 2**31.
+_UID_LOW, _UID_HIGH = 1_800_000_000, 1_900_000_000
+_READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one :func:`run_in_sandbox` call.
+
+    ``returncode`` follows :mod:`subprocess` (negative = killed by that signal; 121 = the
+    sandbox could not be set up and the code did not run). ``stdout``/``stderr`` are decoded
+    as UTF-8 (invalid bytes replaced) and hold at most ``max_output_bytes`` bytes each.
+    ``killed_reason`` is ``"wall_time"``, ``"cpu_time"``, ``"memory"`` (the program died of a
+    ``MemoryError`` under the address-space cap), ``"output_limit"``, ``"sandbox_error"`` or
+    ``None``. ``leftover_processes`` counts sandbox processes still alive after clean-up
+    (0 unless something is badly wrong).
+    """
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    killed_reason: str | None
+    network_isolation: str
+    wall_seconds: float
+    cpu_seconds: float = 0.0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    leftover_processes: int = 0
+    uid: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# interpreter and hidden paths
+
+
+def _interpreter() -> tuple[str, str]:
+    """(real path of the base interpreter, real path of its prefix). Not the venv's python:
+    with ``-S`` the venv adds nothing, and the base one resolves without ``pyvenv.cfg``."""
+    exe = getattr(sys, "_base_executable", None) or sys.executable
+    return os.path.realpath(exe), os.path.realpath(sys.base_prefix)
+
+
+def _untraversable_ancestors(path: str) -> list[str]:
+    """Ancestors of ``path`` that other users cannot enter (no o+x), outermost first."""
+    out, cur = [], "/"
+    for part in path.strip("/").split("/")[:-1]:
+        cur = os.path.join(cur, part)
+        try:
+            if not os.stat(cur).st_mode & stat.S_IXOTH:
+                out.append(cur)
+        except OSError:
+            break
+    return out
+
+
+def _hide_and_expose() -> tuple[list[str], list[str]]:
+    exe, prefix = _interpreter()
+    expose = [prefix] if exe.startswith(prefix.rstrip("/") + "/") else [prefix, os.path.dirname(exe)]
+    hide = ["/root", "/home"]
+    for p in expose:
+        hide += _untraversable_ancestors(p + "/x")[:1]
+    return sorted(set(hide)), expose
+
+
+# --------------------------------------------------------------------------------------------
+# process table
+
+
+def _proc_table() -> list[tuple[int, int, int, int, str]]:
+    """``(pid, uid, session, pgrp, state)`` for every process we can read in /proc."""
+    rows = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                st = f.read()
+            uid = os.stat(f"/proc/{name}").st_uid
+        except OSError:
+            continue
+        fields = st[st.rfind(b")") + 2:].split()
+        # fields: state ppid pgrp session ...
+        rows.append((int(name), uid, int(fields[3]), int(fields[2]), fields[0].decode()))
+    return rows
+
+
+def _sandbox_pids(uid: int | None, sid: int, *, by_session: bool) -> list[int]:
+    """Live (non-zombie) processes of a sandbox: those running as its uid (when it has its
+    own), plus - if ``by_session`` - those in its session or process group ``sid``.
+
+    Only scan by session while the session leader is still unreaped: until then its pid (the
+    session and group id) cannot be recycled by an unrelated process.
+    """
+    out = []
+    for pid, puid, psid, pgrp, state in _proc_table():
+        if state in ("Z", "X"):
+            continue
+        if (uid is not None and puid == uid) or (by_session and sid in (psid, pgrp)):
+            out.append(pid)
+    return out
+
+
+def _kill_sandbox(uid: int | None, sid: int, *, by_session: bool, settle_s: float = 2.0) -> int:
+    """SIGKILL every process of the sandbox until none is left; returns how many remain.
+
+    Signals go through pidfds, re-checked against /proc after opening, so a recycled pid is
+    never hit. The loop converges: killed processes cannot fork, and RLIMIT_NPROC bounds how
+    many there are at once.
+    """
+    if by_session:
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + settle_s
+    while True:
+        pids = _sandbox_pids(uid, sid, by_session=by_session)
+        if not pids or time.monotonic() > deadline:
+            return len(pids)
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if pid in _sandbox_pids(uid, sid, by_session=by_session):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------------------------
+# uid pool
+
+_uid_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+
+
+def _take_uid() -> int:
+    with _uid_lock:
+        busy = {row[1] for row in _proc_table()} | _uids_in_use
+        while True:
+            uid = _UID_LOW + secrets.randbelow(_UID_HIGH - _UID_LOW)
+            if uid not in busy:
+                _uids_in_use.add(uid)
+                return uid
+
+
+def _give_uid(uid: int) -> None:
+    with _uid_lock:
+        _uids_in_use.discard(uid)
+
+
+# --------------------------------------------------------------------------------------------
+# the prelude used when no network namespace is available
+
+_SOCKET_PRELUDE = '''\
+def _trustrl_no_network():
+    import socket, _socket
+    def _denied(*args, **kwargs):
+        raise PermissionError(13, "network access is disabled in the trustrl sandbox")
+    class _DeniedSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            _denied()
+    for mod in (socket, _socket):
+        for name in ("socket", "SocketType"):
+            if hasattr(mod, name):
+                setattr(mod, name, _DeniedSocket)
+        for name in ("socketpair", "fromfd", "create_connection", "create_server",
+                     "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+            if hasattr(mod, name):
+                setattr(mod, name, _denied)
+_trustrl_no_network()
+del _trustrl_no_network
+import sys as _sys
+_sys.argv[0] = {main!r}
+with open({main!r}, "rb") as _f:
+    _code = compile(_f.read(), {main!r}, "exec")
+del _f, _sys
+exec(_code, {{"__name__": "__main__", "__builtins__": __builtins__, "__file__": {main!r}}})
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+
+
+def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory_mb: int,
+         max_output_bytes: int, max_processes: int, mode: str, netns: bool, disk_mb: int,
+         extra_files: dict[str, str] | None = None) -> SandboxResult:
+    t0 = time.monotonic()
+    net_kind = "netns" if netns else "socket_disabled"
+    python, _ = _interpreter()
+    root = os.geteuid() == 0
+    uid = _take_uid() if root and mode != "userns" else None
+    workdir = tempfile.mkdtemp(prefix="trustrl-sbx-")
+    proc = None
+    out = {1: bytearray(), 2: bytearray()}
+    truncated = {1: False, 2: False}
+    killed_reason = None
+    cpu = 0.0
+    leftover = 0
+    stdin_file = None
+    try:
+        files = {"main.py": code, **(extra_files or {})}
+        if not netns:
+            files["_trustrl_boot.py"] = _SOCKET_PRELUDE.format(main="main.py")
+        for name, text in files.items():
+            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        if mode == "plain" and uid is not None:
+            for p in [workdir] + [os.path.join(workdir, n) for n in files]:
+                os.chown(p, uid, uid)
+        nproc = max_processes
+        if uid is None:  # RLIMIT_NPROC counts all processes of our uid: leave room for them
+            me = os.getuid()
+            nproc += sum(1 for row in _proc_table() if row[1] == me) + 2  # + waiter, init
+        hide, expose = _hide_and_expose()
+        cfg = {
+            "mode": mode, "netns": netns, "workdir": workdir, "files": sorted(files),
+            "uid": uid, "hide": hide, "expose": expose, "python": python,
+            "parent_pid": os.getpid(), "backstop_s": math.ceil(wall_time_s) + 30,
+            "main": "main.py" if netns else "_trustrl_boot.py",
+            "disk_bytes": disk_mb << 20, "max_inodes": 4096,
+            "rlimits": {"cpu": max(1, math.ceil(cpu_time_s)), "as": memory_mb << 20,
+                        "fsize": disk_mb << 20, "nofile": 64, "nproc": nproc},
+        }
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+               "HOME": workdir, "TMPDIR": workdir}
+        stdin_file = tempfile.TemporaryFile()  # anonymous: invisible to the sandboxed code
+        stdin_file.write(stdin.encode("utf-8"))
+        stdin_file.seek(0)
+        import subprocess  # local: keeps `import trustrl.rewards.code` light
+
+        proc = subprocess.Popen(
+            [python, "-I", "-S", "-B", _HELPER, json.dumps(cfg)],
+            stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=workdir, env=env, start_new_session=True, close_fds=True,
+        )
+        stdin_file.close()
+        stdin_file = None
+        sel = selectors.DefaultSelector()
+        for fd_no, pipe in ((1, proc.stdout), (2, proc.stderr)):
+            os.set_blocking(pipe.fileno(), False)
+            sel.register(pipe, selectors.EVENT_READ, fd_no)
+        deadline = t0 + wall_time_s
+        drain_until = None
+        exited = False
+        while True:
+            now = time.monotonic()
+            if not exited and now >= deadline:
+                killed_reason = "wall_time"
+                break
+            if exited and (not sel.get_map() or now >= drain_until):
+                break
+            timeout = min(0.02 if not sel.get_map() else 0.05,
+                          max(0.0, (drain_until or deadline) - now))
+            ready = sel.select(timeout) if sel.get_map() else time.sleep(timeout) or []
+            for key, _ in ready:
+                try:
+                    data = os.read(key.fileobj.fileno(), _READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = out[key.data]
+                room = max_output_bytes - len(buf)
+                buf += data[:room]
+                if len(data) > room:
+                    truncated[key.data] = True
+            if any(truncated.values()):
+                killed_reason = "output_limit"
+                break
+            if not exited and os.waitid(os.P_PID, proc.pid,
+                                        os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                # The program is over when its main process is (exited, not yet reaped):
+                # stragglers that still hold the pipes are killed, then the pipes drained.
+                exited = True
+                _kill_sandbox(uid, proc.pid, by_session=True)
+                drain_until = time.monotonic() + 0.5
+        sel.close()
+    finally:
+        if stdin_file is not None:
+            stdin_file.close()
+        if proc is not None:
+            _kill_sandbox(uid, proc.pid, by_session=True)  # leader not reaped yet: sid valid
+            _, st, ru = os.wait4(proc.pid, 0)
+            cpu = ru.ru_utime + ru.ru_stime
+            proc.returncode = os.waitstatus_to_exitcode(st)
+            for pipe in (proc.stdout, proc.stderr):
+                pipe.close()
+            if uid is not None:
+                leftover = _kill_sandbox(uid, proc.pid, by_session=False, settle_s=0.5)
+            else:  # count only: after the reap, the session id may name someone else
+                leftover = len(_sandbox_pids(None, proc.pid, by_session=True))
+        shutil.rmtree(workdir, ignore_errors=True)
+        if uid is not None and not leftover:
+            _give_uid(uid)  # a uid with survivors stays retired for this process's lifetime
+    rc = proc.returncode if proc is not None else None
+    if killed_reason is None:
+        if rc == _SETUP_FAILED and out[2].startswith(_SETUP_MARK):
+            killed_reason = "sandbox_error"
+        elif rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and cpu >= cpu_time_s - 0.05):
+            killed_reason = "cpu_time"
+        elif rc not in (0, None) and b"MemoryError" in out[2]:
+            killed_reason = "memory"
+    return SandboxResult(
+        returncode=rc,
+        stdout=out[1].decode("utf-8", errors="replace"),
+        stderr=out[2].decode("utf-8", errors="replace"),
+        timed_out=killed_reason in ("wall_time", "cpu_time"),
+        killed_reason=killed_reason,
+        network_isolation=net_kind,
+        wall_seconds=time.monotonic() - t0,
+        cpu_seconds=cpu,
+        stdout_truncated=truncated[1],
+        stderr_truncated=truncated[2],
+        leftover_processes=leftover,
+        uid=uid,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# capability probe
+
+_caps_lock = threading.Lock()
+_caps: dict[str, Any] | None = None
+
+
+def _probe(mode: str, netns: bool) -> bool:
+    token = secrets.token_hex(8)
+    try:
+        res = _run(f"print({token!r})", stdin="", wall_time_s=10.0, cpu_time_s=5.0,
+                   memory_mb=512, max_output_bytes=4096, max_processes=16, mode=mode,
+                   netns=netns, disk_mb=1)
+    except OSError:
+        return False
+    return res.returncode == 0 and res.stdout.strip() == token
+
+
+def sandbox_capabilities() -> dict[str, Any]:
+    """What isolation :func:`run_in_sandbox` applies on this machine (probed once, cached).
+
+    Keys: ``mode`` (``"root"``, ``"userns"`` or ``"plain"``, see the module docstring),
+    ``network`` (``"netns"`` or ``"socket_disabled"``: what ``network="auto"`` gives),
+    ``netns_available``, ``uid_drop`` (runs as a fresh unprivileged uid), ``filesystem``
+    (``"readonly_mounts"``: every mount read-only except the private tmpfs work dir, or
+    ``"permissions_only"``), ``pid_hiding`` (other users' processes invisible in /proc) and
+    ``process_cleanup`` (``"pid_namespace"``: the kernel kills and reaps everything in the
+    sandbox's pid namespace when the program ends; ``"uid"``: the parent kills every process
+    of the sandbox uid; both escape-proof; ``"session"``: the session / process group, which
+    ``setsid()`` escapes).
+    """
+    global _caps
+    with _caps_lock:
+        if _caps is None:
+            root = os.geteuid() == 0
+            chosen = None
+            for mode in (["root"] if root else []) + ["userns"]:
+                for netns in (True, False):
+                    if _probe(mode, netns):
+                        chosen = (mode, netns)
+                        break
+                if chosen:
+                    break
+            if chosen is None:
+                chosen = ("plain", False)
+                if not _probe("plain", False):
+                    # Never fall back to running untrusted code as root.
+                    raise RuntimeError(
+                        "trustrl.rewards.code.sandbox_capabilities: no sandbox mode works here "
+                        "(namespaces unavailable, and the interpreter "
+                        f"{_interpreter()[0]} cannot be run"
+                        + (" by an unprivileged uid; install Python in a world-readable "
+                           "location or allow namespaces)" if root else ")"))
+            mode, netns = chosen
+            _caps = {
+                "mode": mode,
+                "network": "netns" if netns else "socket_disabled",
+                "netns_available": netns,
+                "uid_drop": root and mode != "userns",
+                "filesystem": "readonly_mounts" if mode != "plain" else "permissions_only",
+                "pid_hiding": mode != "plain",
+                "process_cleanup": ("pid_namespace+uid" if mode == "root" else
+                                    "pid_namespace" if mode == "userns" else
+                                    "uid" if root else "session"),
+            }
+        return dict(_caps)
+
+
+def run_in_sandbox(code: str, *, stdin: str = "", wall_time_s: float = 5.0,
+                   cpu_time_s: float = 5.0, memory_mb: int = 512,
+                   max_output_bytes: int = 65536, max_processes: int = 16,
+                   network: str = "auto", disk_mb: int = 32) -> SandboxResult:
+    """Run untrusted Python ``code`` as a script in the sandbox and return what happened.
+
+    Never raises because of what the code does. ``network`` is ``"auto"`` (a network
+    namespace where possible, else the socket prelude), ``"netns"`` (required; ValueError if
+    unavailable) or ``"socket_disabled"`` (the prelude, no namespace). ``disk_mb`` caps the
+    private work-dir tmpfs and each written file. ``memory_mb`` caps the address space of each
+    process (``RLIMIT_AS``: virtual memory, so keep it >= ~64 MiB for the interpreter).
+    """
+    if network not in ("auto", "netns", "socket_disabled"):
+        raise ValueError(f"run_in_sandbox: network must be 'auto', 'netns' or "
+                         f"'socket_disabled', got {network!r}")
+    if wall_time_s <= 0 or cpu_time_s <= 0 or memory_mb <= 0 or max_output_bytes < 0 \
+            or max_processes < 1 or disk_mb < 1:
+        raise ValueError("run_in_sandbox: limits must be positive (wall_time_s, cpu_time_s, "
+                         "memory_mb, max_processes, disk_mb) and max_output_bytes >= 0")
+    caps = sandbox_capabilities()
+    if network == "netns" and not caps["netns_available"]:
+        raise ValueError("run_in_sandbox: network='netns' but network namespaces are not "
+                         "available here (sandbox_capabilities()['netns_available'] is False)")
+    netns = caps["netns_available"] and network != "socket_disabled"
+    return _run(code, stdin=stdin, wall_time_s=wall_time_s, cpu_time_s=cpu_time_s,
+                memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                max_processes=max_processes, mode=caps["mode"], netns=netns, disk_mb=disk_mb)
+
+
+# --------------------------------------------------------------------------------------------
+# the reward
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_PY_TAGS = {"python", "py", "python3"}
+
+_HARNESS = '''\
+def _trustrl_harness():
+    import os, sys, json
+    write = os.write
+    spec = sys.stdin.buffer.read()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    nonce, _, body = spec.decode("utf-8").partition("\\n")
+    del spec
+    steps = json.loads(body)
+    del body
+    def report(text):
+        try:
+            write(1, ("\\n" + nonce + " " + text + "\\n").encode())
+        except BaseException:
+            pass
+    try:
+        with open("solution.py", encoding="utf-8") as f:
+            code = compile(f.read(), "solution.py", "exec")
+    except BaseException:
+        report("syntax_error")
+        return
+    g = {"__name__": "solution", "__builtins__": __builtins__}
+    try:
+        exec(code, g)
+    except BaseException:
+        pass
+    for i, (source, counted) in enumerate(steps):
+        try:
+            exec(compile(source, "<test %d>" % i, "exec"), g)
+            ok = True
+        except BaseException:
+            ok = False
+        if counted:
+            report("%d %s" % (i, "pass" if ok else "fail"))
+    report("done")
+_trustrl_harness()
+'''
+
+
+def extract_code(completion: Any) -> str:
+    """The code in a completion: the last ```python (or ```py / ```python3) fenced block, else
+    the last untagged fenced block, else the whole text. Chat-format completions (a list of
+    ``{"role", "content"}`` dicts) use the last assistant message."""
+    if isinstance(completion, (list, tuple)):
+        texts = [m.get("content", "") for m in completion
+                 if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+        completion = texts[-1] if texts else ""
+    if isinstance(completion, dict):
+        completion = completion.get("content", "")
+    text = completion if isinstance(completion, str) else str(completion)
+    blocks = _FENCE.findall(text)
+    for wanted in (lambda tag: tag.lower() in _PY_TAGS, lambda tag: tag == ""):
+        chosen = [body for tag, body in blocks if wanted(tag)]
+        if chosen:
+            return chosen[-1]
+    return text
+
+
+def _test_steps(tests: Any, row: int, column: str) -> list[tuple[str, bool]]:
+    """(source, counted) steps for one row. A list: each element is one test case. A string:
+    each top-level ``assert`` is a test case; other top-level statements run as set-up, in
+    order, uncounted (a string with no assert at all is one test case)."""
+    where = f"code_tests_reward: row {row} of column {column!r}"
+    if isinstance(tests, str):
+        try:
+            tree = ast.parse(tests)
+        except SyntaxError as e:
+            raise ValueError(f"{where} is not valid Python: {e}") from None
+        steps = [(ast.get_source_segment(tests, node) or ast.unparse(node),
+                  isinstance(node, ast.Assert)) for node in tree.body]
+        if not any(counted for _, counted in steps):
+            steps = [(tests, True)]
+        return steps
+    if isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
+        if not tests:
+            raise ValueError(f"{where} is an empty list of test cases")
+        return [(t, True) for t in tests]
+    raise ValueError(f"{where} must be a string of asserts or a list of strings, "
+                     f"got {type(tests).__name__}")
+
+
+def _score_one(code: str, steps: list[tuple[str, bool]], timeout_s: float,
+               memory_mb: int) -> float:
+    n = sum(1 for _, counted in steps if counted)
+    # Not even compiled here: untrusted text is only ever parsed inside the sandbox (the
+    # harness reports a syntax error as "syntax_error", which scores 0).
+    nonce = secrets.token_hex(16)
+    spec = nonce + "\n" + json.dumps(steps)
+    try:
+        res = _run(_HARNESS, stdin=spec, wall_time_s=timeout_s, cpu_time_s=timeout_s,
+                   memory_mb=memory_mb, max_output_bytes=65536, max_processes=16,
+                   mode=sandbox_capabilities()["mode"],
+                   netns=sandbox_capabilities()["netns_available"], disk_mb=32,
+                   extra_files={"solution.py": code})
+    except Exception:  # noqa: BLE001 - a reward must not take the trainer down
+        return 0.0
+    passed = set()
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == nonce and parts[2] == "pass" and parts[1].isdigit():
+            passed.add(int(parts[1]))
+    counted_idx = {i for i, (_, counted) in enumerate(steps) if counted}
+    return len(passed & counted_idx) / n if n else 0.0
+
+
+def _map_daemon(fn: Callable[[Any], float], items: Sequence[Any], workers: int) -> list[float]:
+    """``[fn(x) for x in items]`` on up to ``workers`` *daemon* threads; a raising item scores
+    0.0. Daemon threads (not a ``concurrent.futures`` pool, whose exit hook joins its workers)
+    so that a call abandoned by :func:`trustrl.rewards.registry.score_completions` never holds
+    up interpreter exit; the sandboxes die with the process (parent-death signals)."""
+    results = [0.0] * len(items)
+    lock = threading.Lock()
+    todo = iter(range(len(items)))
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = float(fn(items[i]))
+            except Exception:  # noqa: BLE001 - a reward must not take the trainer down
+                results[i] = 0.0
+
+    threads = [threading.Thread(target=work, name=f"trustrl-code-tests-{k}", daemon=True)
+               for k in range(min(workers, len(items)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def code_tests_reward(timeout_s: float = 5.0, memory_mb: int = 512, tests_column: str = "tests",
+                      language: str = "python", max_workers: int = 2) -> Callable[..., list[float]]:
+    """Reward = fraction of the row's test cases the completion's code passes, in [0, 1].
+
+    Returns ``fn(prompts, completions, **columns) -> list[float]``; ``columns[tests_column]``
+    holds, per row, a string of Python asserts or a list of test-case strings (see
+    :func:`_test_steps`). The code (:func:`extract_code`) is run once per completion in
+    :func:`run_in_sandbox` (``timeout_s`` of wall and CPU time, ``memory_mb``), followed by
+    the test cases, each in its own ``try``; each result is printed on its own line with a
+    per-run random nonce that the parent checks. The nonce and the tests reach the harness
+    through an anonymous stdin file that is swapped for ``/dev/null`` before the solution runs,
+    so they are not in any file, argument or environment variable the solution can read; a
+    solution that introspects the harness's memory (``gc``, frames) could still forge results.
+    The solution module is named ``"solution"`` (its ``if __name__ == "__main__"`` block does
+    not run). A solution that prints more than 64 KiB is stopped there and keeps only the test
+    cases reported before; a timeout likewise keeps the test cases that passed before it. A syntax error, a crash, a timeout or any hostile behaviour scores 0 for the
+    tests not passed; nothing a completion does makes ``fn`` raise. Completions run on
+    ``max_workers`` daemon threads.
+    """
+    if language != "python":
+        raise ValueError(f"code_tests_reward: language={language!r} is not supported "
+                         "(only 'python')")
+    if timeout_s <= 0 or memory_mb <= 0 or max_workers < 1:
+        raise ValueError("code_tests_reward: timeout_s, memory_mb and max_workers must be > 0")
+
+    def code_tests(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        if tests_column not in columns:
+            raise ValueError(f"code_tests_reward: column {tests_column!r} missing from the "
+                             f"batch (have {sorted(columns)})")
+        tests = columns[tests_column]
+        if len(tests) != len(completions):
+            raise ValueError(f"code_tests_reward: column {tests_column!r} has {len(tests)} "
+                             f"rows but there are {len(completions)} completions")
+        jobs = [(extract_code(c), _test_steps(t, i, tests_column))
+                for i, (c, t) in enumerate(zip(completions, tests))]
+        code_tests.last_isolation = sandbox_capabilities()
+        return _map_daemon(lambda job: _score_one(job[0], job[1], timeout_s, memory_mb),
+                           jobs, max_workers)
+
+    code_tests.last_isolation = None
+    return code_tests
