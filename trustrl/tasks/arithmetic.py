@@ -1,9 +1,11 @@
-"""A synthetic task family with verifiable answers: multi-digit addition.
+"""A synthetic task family with verifiable answers: multi-digit addition, worked digit by digit.
 
 Three kinds of data come from one generator, the way the three stages of LLM training
 use data:
-- pre-training text: lines of solved sums ("47+38=85"), i.e. raw text with no format;
-- SFT rows: prompt "47+38=" and the worked completion "<answer>85</answer>";
+- pre-training text: solved sums written out ("47+38=7+8=15 4+3+1=8 => 85"), raw text with
+  no tags;
+- SFT rows: prompt "47+38=" and an R1-style worked completion
+  "<think>7+8=15 4+3+1=8</think><answer>85</answer>" (units first, carries written "+1");
 - RL prompts: the same prompts with an ``answer`` column for the verifiable reward.
 
 A fixed, seed-independent subset of problems is held out of every training split, so the
@@ -13,15 +15,17 @@ held-out accuracy measures generalization to problems never seen in any stage.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from trustrl.data import write_jsonl
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-SPECIAL_TOKENS = (ANSWER_OPEN, ANSWER_CLOSE)
-CHARS = "0123456789+="
-FORMAT_PATTERN = r"^<answer>\d+</answer>$"
+SPECIAL_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+CHARS = "0123456789+= >"
+FORMAT_PATTERN = r"^<think>[0-9+= ]+</think><answer>\d+</answer>$"
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,9 @@ class AdditionTask:
     holdout_every: int = 10
 
     def is_held_out(self, a: int, b: int) -> bool:
-        # a fixed hash of the pair, independent of any seed, so every stage agrees
-        return (a * 7919 + b * 104729) % self.holdout_every == 0
+        # a fixed hash of the pair, independent of any seed, so every stage agrees. (A linear
+        # hash such as (7919a + 104729b) mod 10 would hold out exactly the sums ending in 0.)
+        return zlib.crc32(f"{a}+{b}".encode()) % self.holdout_every == 0
 
     def all_pairs(self) -> list[tuple[int, int]]:
         top = 10 ** self.digits
@@ -45,13 +50,31 @@ class AdditionTask:
         held = [p for p in pairs if self.is_held_out(*p)]
         return train, held
 
-    @staticmethod
-    def prompt(a: int, b: int) -> str:
-        return f"{a}+{b}="
+    def prompt(self, a: int, b: int) -> str:
+        # operands zero-padded to a fixed width: digit i of every operand sits at the same
+        # position in every prompt, which is what lets a tiny transformer learn the carries
+        return f"{a:0{self.digits}d}+{b:0{self.digits}d}="
 
-    @staticmethod
-    def completion(a: int, b: int, answer: int | None = None) -> str:
-        return f"{ANSWER_OPEN}{a + b if answer is None else answer}{ANSWER_CLOSE}"
+    def worked(self, a: int, b: int, drop_carries: bool = False) -> tuple[str, int]:
+        """Column addition from the units up: ("7+8=15 4+3+1=8", 85). With ``drop_carries``
+        the carries are forgotten, the classic slip ("7+8=15 4+3=7", 75)."""
+        steps, answer, carry = [], 0, 0
+        for place in range(self.digits):
+            x, y = (a // 10 ** place) % 10, (b // 10 ** place) % 10
+            total = x + y + carry
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            answer += (total % 10) * 10 ** place
+            carry = 0 if drop_carries else total // 10
+        answer += carry * 10 ** self.digits
+        return " ".join(steps), answer
+
+    def completion(self, a: int, b: int, drop_carries: bool = False) -> str:
+        steps, answer = self.worked(a, b, drop_carries)
+        return f"{THINK_OPEN}{steps}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+    def text_line(self, a: int, b: int) -> str:
+        steps, answer = self.worked(a, b)
+        return f"{self.prompt(a, b)}{steps} => {answer}"
 
 
 def sum_without_carry(a: int, b: int) -> int:
@@ -77,12 +100,12 @@ def write_task_data(directory: str | Path, task: AdditionTask, *, seed: int, n_p
     train, held = task.split()
     docs = []
     for _ in range(n_pretrain_docs):
-        lines = [f"{a}+{b}={a + b}" for a, b in (rng.choice(train) for _ in range(lines_per_doc))]
+        lines = [task.text_line(a, b) for a, b in (rng.choice(train) for _ in range(lines_per_doc))]
         docs.append({"text": "\n".join(lines)})
     sft = []
     for a, b in (rng.choice(train) for _ in range(n_sft)):
         slip = rng.random() < sft_carry_slip_rate
-        sft.append({"prompt": task.prompt(a, b), "completion": task.completion(a, b, sum_without_carry(a, b) if slip else None)})
+        sft.append({"prompt": task.prompt(a, b), "completion": task.completion(a, b, drop_carries=slip)})
     rl = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in train]
     rng.shuffle(rl)
     held_rows = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in held]

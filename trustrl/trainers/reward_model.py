@@ -1,0 +1,295 @@
+"""Reward-model training on preference pairs with the Bradley-Terry loss.
+
+Model: an LM trunk with a scalar head (:class:`trustrl.value_model.ScalarHeadModel`); the
+score of a prompt + response is the head at its last token (an EOS appended to every text).
+Data: rows ``(prompt, chosen, rejected)`` and an optional ``margin`` column.
+
+Loss (Bradley & Terry 1952; Ouyang et al. 2022, arXiv 2203.02155; margin as in Llama 2,
+Touvron et al. 2023; centering as in Eisenstein et al. 2023)::
+
+    P(chosen > rejected) = sigmoid(r_c - r_r)
+    L = mean_i -log sigmoid(r_c,i - r_r,i - margin_i)  +  coef * mean_i (r_c,i + r_r,i)^2
+
+One optimizer step:
+  1. take the next ``batch_size`` pairs (resumable, shuffled);
+  2. per micro-batch (``gradient_accumulation_steps``), score chosen and rejected texts in one
+     forward pass, compute the loss, scale it by the micro-batch's share of pairs (so
+     1 x N == N x 1), backward;
+  3. guarded optimizer step; log ``loss/bt``, ``rm/train_accuracy``;
+  4. every ``eval_every`` steps (and at the start and the end) the held-out pairwise accuracy
+     ``rm/accuracy`` (share of pairs with r_c > r_r) and mean margin ``rm/margin`` (mean r_c - r_r).
+
+The final model is saved to ``output_dir/final`` (trunk + tokenizer + ``value_head.safetensors``
++ ``trustrl_head.json``) and loads with :func:`trustrl.value_model.load_scalar_model`, or as a
+reward with ``reward_model: output_dir/final`` in an RL config.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from trustrl.config import TrainConfig, register_config
+from trustrl.data import format_prompt, load_rows
+from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.losses import bradley_terry_loss
+from trustrl.models import check_vocab, load_tokenizer, resolve_device
+from trustrl.rollout import left_pad
+from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler, warn_skipped)
+from trustrl.utils import seed_everything
+from trustrl.value_model import ScalarHeadModel, encode_scored_text, scalar_model_from_lm
+
+
+class RewardConfig(TrainConfig):
+    """Bradley-Terry reward model on (prompt, chosen, rejected) pairs."""
+
+    prompt_column: str = "prompt"
+    """Column with the prompt (a string, or a list of chat messages)."""
+    chosen_column: str = "chosen"
+    """Column with the preferred response."""
+    rejected_column: str = "rejected"
+    """Column with the dispreferred response."""
+    margin_column: str | None = "margin"
+    """Optional column with a per-pair margin m (loss -log sigmoid(r_c - r_r - m)); rows without it use 0."""
+    use_chat_template: bool | None = None
+    """Format prompts with the tokenizer's chat template (None: when it has one)."""
+    system_prompt: str | None = None
+    """Optional system message prepended in chat formatting."""
+    max_length: int = Field(512, ge=2)
+    """Tokens per prompt + response (+ EOS); longer texts keep their last max_length tokens."""
+    batch_size: int = Field(16, ge=1)
+    """Pairs per optimizer step (split across gradient_accumulation_steps)."""
+    epochs: float | None = Field(None, gt=0)
+    """If set, overrides max_steps with ceil(epochs * pairs / batch_size)."""
+    center_rewards_coef: float | None = Field(None, ge=0)
+    """Coefficient of the centering term coef * mean((r_c + r_r)^2) (e.g. 0.01; None: off)."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Without eval_dataset: hold out this share of the training pairs for rm/accuracy."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Pairs per forward pass in evaluation."""
+    max_eval_pairs: int = Field(1000, ge=1)
+    """Evaluate on at most this many held-out pairs."""
+
+
+register_config("rm", RewardConfig)
+
+
+@dataclass
+class PairSet:
+    """Tokenized preference pairs: ids of prompt+chosen+EOS and prompt+rejected+EOS, margins."""
+
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    margins: list[float]
+    skipped: int = 0  # malformed rows left out (skip_bad_rows=true)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def subset(self, indices: list[int]) -> "PairSet":
+        return PairSet([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
+                       [self.margins[i] for i in indices])
+
+
+def load_pairs(path: str, config: RewardConfig, tokenizer, limit: int | None = None) -> PairSet:
+    """Read, validate and tokenize the pairs of one file (errors name the file and the row)."""
+    cols = (config.prompt_column, config.chosen_column, config.rejected_column)
+    loaded = load_rows(path, required=cols, skip_bad=config.skip_bad_rows, limit=limit,
+                       types={config.margin_column: (int, float)} if config.margin_column else None)
+    warn_skipped(loaded.skipped, path)
+    chosen, rejected, margins = [], [], []
+    for row_no, row in enumerate(loaded.rows, start=1):
+        prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
+                               system_prompt=config.system_prompt)
+        for key in (config.chosen_column, config.rejected_column):
+            if not isinstance(row[key], str):
+                raise ValueError(f"{path} row {row_no}: column {key!r} must be a string response, "
+                                 f"got {type(row[key]).__name__}")
+        chosen.append(encode_scored_text(tokenizer, prompt, row[config.chosen_column], config.max_length))
+        rejected.append(encode_scored_text(tokenizer, prompt, row[config.rejected_column], config.max_length))
+        margin = row.get(config.margin_column) if config.margin_column else None
+        margins.append(0.0 if margin is None else float(margin))
+    return PairSet(chosen, rejected, margins, loaded.skipped)
+
+
+def pair_scores(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [N], r_rejected [N]) in one forward pass over the 2N texts."""
+    ids, mask = left_pad(pairs.chosen + pairs.rejected, pad_id)
+    scores = model.score(ids.to(device), mask.to(device))
+    n = len(pairs)
+    return scores[:n], scores[n:]
+
+
+def reward_model_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
+                      center_coef: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss plus the optional centering term; metrics are un-namespaced floats."""
+    bt = bradley_terry_loss(r_chosen, r_rejected, margins)
+    loss = bt
+    metrics = {"bt": float(bt.detach())}
+    if center_coef:
+        center = center_coef * (r_chosen + r_rejected).square().mean()
+        loss = loss + center
+        metrics["center"] = float(center.detach())
+    with torch.no_grad():
+        metrics["accuracy"] = float((r_chosen > r_rejected).float().mean())
+        metrics["margin"] = float((r_chosen - r_rejected).mean())
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device, batch_size: int) -> dict[str, float]:
+    """Held-out ``rm/accuracy`` (share of pairs with r_c > r_r; ties count as wrong), ``rm/margin``
+    (mean r_c - r_r), ``rm/loss`` (Bradley-Terry with the margins), score mean and std."""
+    was_training = model.training
+    model.eval()
+    rc, rr = [], []
+    for start in range(0, len(pairs), batch_size):
+        c, r = pair_scores(model, pairs.subset(list(range(start, min(len(pairs), start + batch_size)))), pad_id, device)
+        rc.append(c.float().cpu())
+        rr.append(r.float().cpu())
+    model.train(was_training)
+    r_c, r_r = torch.cat(rc), torch.cat(rr)
+    margins = torch.tensor(pairs.margins, dtype=torch.float32)
+    both = torch.cat([r_c, r_r])
+    return {
+        "rm/accuracy": float((r_c > r_r).float().mean()),
+        "rm/margin": float((r_c - r_r).mean()),
+        "rm/loss": float(bradley_terry_loss(r_c, r_r, margins)),
+        "rm/score_mean": float(both.mean()),
+        "rm/score_std": float(both.std(unbiased=False)),
+    }
+
+
+class RewardTrainer:
+    """``RewardTrainer(config).train()`` -> summary dict (``model_dir``, accuracies, history)."""
+
+    def __init__(self, config: RewardConfig, model: ScalarHeadModel | None = None, tokenizer=None):
+        self.config = config
+        check_resume_setting(config)
+        seed_everything(config.seed, deterministic=config.deterministic)
+        self.device = resolve_device(config.device)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+        if model is not None:
+            check_vocab(model.trunk, self.tokenizer, "the model passed to RewardTrainer")
+        if config.lora is not None:
+            raise ValueError("rm: lora is not supported for reward models yet; remove the `lora:` section")
+        self.model = model if model is not None else scalar_model_from_lm(
+            config.model, kind="reward", zero_head=False, dtype=config.dtype, device=self.device,
+            tokenizer=self.tokenizer, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
+        )
+        self.model.kind = "reward"
+        self.model.extra["max_length"] = config.max_length
+        pairs = load_pairs(config.dataset, config, self.tokenizer)
+        self.skipped_rows = pairs.skipped
+        if config.eval_dataset:
+            self.eval_pairs: PairSet | None = load_pairs(config.eval_dataset, config, self.tokenizer,
+                                                         limit=config.max_eval_pairs)
+            self.skipped_rows += self.eval_pairs.skipped
+        elif config.eval_fraction > 0:
+            order = list(range(len(pairs)))
+            random.Random(config.seed).shuffle(order)
+            n_eval = max(1, int(round(config.eval_fraction * len(pairs))))
+            if n_eval >= len(pairs):
+                raise ValueError(f"rm: eval_fraction={config.eval_fraction} leaves no training pairs in {config.dataset}")
+            self.eval_pairs = pairs.subset(order[:n_eval][: config.max_eval_pairs])
+            pairs = pairs.subset(order[n_eval:])
+        else:
+            self.eval_pairs = None
+        self.pairs = pairs
+        self.max_steps = config.max_steps
+        if config.epochs is not None:
+            self.max_steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval_pairs is not None
+        return evaluate_pairs(self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.device,
+                              self.config.eval_batch_size)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        run = Run.open(cfg)
+        model = self.model
+        model.train()
+        optimizer = make_optimizer(model.parameters(), cfg)
+        scheduler = make_scheduler(optimizer, cfg, self.max_steps)
+        sampler = PromptSampler(len(self.pairs), cfg.seed)
+        state = run.restore({"reward_model": model}, {"reward_model": optimizer}, {"reward_model": scheduler}, {})
+        if state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        faults = FaultCounter(cfg.max_consecutive_nonfinite)
+        faults.load_state_dict(state.get("faults"))
+        run.set_skipped_rows(self.skipped_rows)
+        history: list[dict[str, float]] = list(state.get("eval_history", []))
+        pad = self.tokenizer.pad_token_id
+        started = time.time()
+        if run.start_step == 0 and self.eval_pairs is not None:
+            first = self.evaluate()
+            history.append({"step": 0, **first})
+            run.logger.log(0, first)
+        bar = progress(total=self.max_steps, initial=run.start_step, desc="rm", disable=not cfg.progress or None)
+        step = run.start_step
+        last_loss = float("nan")
+        while step < self.max_steps:
+            t0 = time.time()
+            # 1. the next pairs
+            batch = self.pairs.subset(sampler.take(cfg.batch_size))
+            n = len(batch)
+            # 2. micro-batches, each weighted by its share of the pairs
+            sums: dict[str, float] = {}
+            total = 0.0
+            for rows in torch.arange(n).chunk(cfg.gradient_accumulation_steps):
+                micro = batch.subset(rows.tolist())
+                r_c, r_r = pair_scores(model, micro, pad, self.device)
+                margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
+                loss, m = reward_model_loss(r_c, r_r, margins, cfg.center_rewards_coef)
+                weight = len(micro) / n
+                (loss * weight).backward()
+                total += float(loss.detach()) * weight
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+            # 3. guarded update
+            grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"rm step {step + 1}",
+                                              loss=total)
+            step += 1
+            last_loss = total
+            metrics = {
+                "loss/total": total, "loss/bt": sums["bt"], "rm/train_accuracy": sums["accuracy"],
+                "rm/train_margin": sums["margin"], "optim/grad_norm": grad_norm,
+                "optim/lr": scheduler.get_last_lr()[0], "optim/skipped": float(not applied),
+                "perf/step_seconds": time.time() - t0,
+            }
+            if "center" in sums:
+                metrics["loss/center"] = sums["center"]
+            # 4. held-out evaluation
+            if self.eval_pairs is not None and (
+                    step == self.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                ev = self.evaluate()
+                history.append({"step": step, **ev})
+                metrics.update(ev)
+            run.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix(format_postfix(metrics, ["loss/bt", "rm/accuracy"]))
+            if run.should_save(step, self.max_steps, faults):
+                run.save(step, {"reward_model": model}, {"reward_model": optimizer}, {"reward_model": scheduler},
+                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
+                         {}, tokenizer=self.tokenizer)
+        bar.close()
+        final_dir = model.save_pretrained(Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
+        summary = {
+            "steps": step, "final_loss": last_loss, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+            "accuracy_first": history[0]["rm/accuracy"] if history else None,
+            "accuracy_last": history[-1]["rm/accuracy"] if history else None,
+            "eval_history": history, "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
+            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        }
+        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        run.close()
+        return summary

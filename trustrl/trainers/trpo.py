@@ -1,0 +1,468 @@
+"""TRPO for language models (Schulman et al. 2015, "Trust Region Policy Optimization",
+arXiv 1502.05477), with group advantages (GRPO-style, Shao et al. 2024) or GAE with a critic.
+
+One training step:
+  1. sample ``group_size`` completions for each of ``prompts_per_step`` prompts with the policy
+     as it stands (pi_old), score them;
+  2. advantages: ``advantage: group`` -> one per completion, (r - mean_group) / std_group
+     (the reward minus beta * its KL to the reference when beta > 0); ``advantage: gae`` -> per
+     token, GAE on the PPO-RLHF per-token reward (score at the last token, -beta * k1 KL) with
+     the critic's values, as in :mod:`trustrl.trainers.ppo`;
+  3. the natural-gradient step on the chosen parameter subset (:mod:`trustrl.trpo`):
+     surrogate ``L(theta) = token_mean(r_t(theta) A_t)`` with ``r_t = pi_theta / pi_old`` of the
+     sampled token; ``g = grad L``; conjugate gradient on ``(F + damping I) s = g`` where ``F v``
+     is the Hessian-vector product of the mean token KL(pi_old || pi_theta) (computed over the
+     whole vocabulary at every valid position, so its Hessian at theta_old is the Fisher);
+     ``step = s sqrt(2 max_kl / s^T F s)``; backtracking line search (``max_backtracks``
+     fractions ``backtrack_shrink^k``) accepting only a step that improves the surrogate (by at
+     least ``accept_ratio`` of the linear prediction) with KL <= max_kl; if none is accepted
+     the parameters are restored bit for bit;
+  4. ``advantage: gae`` only: ``value_epochs`` passes of minibatch regression of the critic on
+     the returns (0.5 (V - R)^2, AdamW);
+  5. log, evaluate, checkpoint.
+
+Parameter subset (``trpo_params``). Every Fisher-vector product is a double backward pass
+through everything between the chosen parameters and the logits, and the conjugate gradient
+needs ``cg_iters`` of them per step, so TRPO through a whole LM is expensive. Choose:
+
+- ``all``: every parameter (the default; fine for tiny models; with LoRA: the adapters);
+- ``lm_head``: only the output projection. When it is not tied to the input embeddings the
+  trunk is run once per step without gradients and its hidden states reused by every
+  surrogate, KL and Fisher-vector evaluation, so a step costs little more than a forward pass;
+- ``last_layers:N``: the last N decoder blocks, the final norm and the LM head.
+
+Parameters outside the subset are frozen for the whole run. The full-vocabulary KL keeps
+``[B, C, V]`` float32 log-probabilities of pi_old in memory: on a large vocabulary keep
+``prompts_per_step * group_size * max_completion_length`` modest.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trustrl.advantages import gae, group_advantages, whiten
+from trustrl.config import register_config
+from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.losses import explained_variance, masked_mean, value_loss
+from trustrl.models import (
+    check_vocab,
+    is_peft,
+    lm_backbone_and_head,
+    load_policy,
+    load_tokenizer,
+    make_reference,
+    reference_context,
+    resolve_device,
+    save_model,
+)
+from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states
+from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler)
+from trustrl.trainers.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
+from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, reward_metrics, sample_and_score
+from trustrl.trpo import TRPOResult, trpo_update
+from trustrl.utils import seed_everything
+
+_PARAMS_RE = re.compile(r"^(all|lm_head|last_layers:[1-9]\d*)$")
+
+
+class TRPOConfig(ActorCriticConfig):
+    """TRPO: natural-gradient steps in a KL trust region, on group or GAE advantages."""
+
+    advantage: Literal["group", "gae"] = "group"
+    """group: (r - group mean) / group std per completion (needs group_size >= 2); gae: GAE with a critic."""
+    group_size: int = Field(4, ge=1)
+    """Completions sampled per prompt (rollout batch = prompts_per_step * group_size)."""
+    group_scale: Literal["group", "batch", "none"] = "group"
+    """advantage = group: divide centred rewards by the group std, the batch std, or nothing."""
+    beta: float = Field(0.0, ge=0)
+    """KL-to-reference coefficient in the reward (per token with gae, summed per completion with
+    group); 0 loads no reference model."""
+    max_kl: float = Field(0.01, gt=0)
+    """delta: the trust region, mean token KL(pi_old || pi_new) after the step."""
+    damping: float = Field(0.1, ge=0)
+    """Added to the Fisher: (F + damping I) s = g."""
+    cg_iters: int = Field(10, ge=1)
+    """Conjugate-gradient iterations."""
+    max_backtracks: int = Field(10, ge=1)
+    """Step fractions tried by the line search: backtrack_shrink^k, k = 0 .. max_backtracks - 1."""
+    backtrack_shrink: float = Field(0.5, gt=0, lt=1)
+    """Shrink factor of the line search."""
+    accept_ratio: float = Field(0.1, ge=0)
+    """A step is accepted only if the surrogate gain is >= accept_ratio x the linear prediction g . step."""
+    trpo_params: str = "all"
+    """Parameters the natural-gradient step moves: all | lm_head | last_layers:N (see the module docs)."""
+    value_epochs: int = Field(4, ge=1)
+    """advantage = gae: passes of critic regression per step."""
+    value_minibatch_size: int = Field(8, ge=1)
+    """advantage = gae: completions per critic update."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """AdamW learning rate of the critic (advantage = gae; critic_learning_rate overrides it). The
+    policy has no optimizer: it moves only by natural-gradient steps. (max_grad_norm and
+    gradient_checkpointing also apply to the critic only.)"""
+
+    @field_validator("trpo_params")
+    @classmethod
+    def _check_params(cls, v: str) -> str:
+        v = v.strip()
+        if not _PARAMS_RE.match(v):
+            raise ValueError(f"trpo_params must be all, lm_head or last_layers:N (N >= 1), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_group(self) -> "TRPOConfig":
+        if self.advantage == "group" and self.group_size < 2:
+            raise ValueError("advantage: group needs group_size >= 2 (a group of one has no baseline)")
+        return self
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions per step: prompts_per_step * group_size."""
+        return self.prompts_per_step * self.group_size
+
+
+register_config("trpo", TRPOConfig)
+
+
+# -- the parameter subset --------------------------------------------------------------------------
+
+
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The trunk's list of decoder blocks (the longest ModuleList among its children)."""
+    lists = [m for _, m in backbone.named_children() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"trpo_params: cannot find the decoder layers of {type(backbone).__name__}")
+    return max(lists, key=len)
+
+
+def _final_norm(backbone: nn.Module) -> nn.Module | None:
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        module = getattr(backbone, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def select_trpo_parameters(model: nn.Module, spec: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs moved by the TRPO step for ``trpo_params = spec``."""
+    if not _PARAMS_RE.match(spec):
+        raise ValueError(f"trpo_params must be all, lm_head or last_layers:N, got {spec!r}")
+    if is_peft(model):
+        if spec != "all":
+            raise ValueError(f"trpo_params={spec!r} with lora: only 'all' (the adapter weights) is supported")
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec == "all":
+        return list(model.named_parameters())
+    backbone, head = lm_backbone_and_head(model)
+    chosen = {id(p) for p in head.parameters()}
+    if spec.startswith("last_layers:"):
+        n = int(spec.split(":", 1)[1])
+        layers = _decoder_layers(backbone)
+        if n > len(layers):
+            raise ValueError(f"trpo_params={spec!r}: the model has only {len(layers)} decoder layers")
+        for layer in list(layers)[-n:]:
+            chosen |= {id(p) for p in layer.parameters()}
+        norm = _final_norm(backbone)
+        if norm is not None:
+            chosen |= {id(p) for p in norm.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in chosen]
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    _, head = lm_backbone_and_head(model)
+    embed = model.get_input_embeddings()
+    return head.weight.data_ptr() == embed.weight.data_ptr()
+
+
+# -- surrogate and KL on one rollout ---------------------------------------------------------------
+
+
+@dataclass
+class TRPOProblem:
+    """Closures over one rollout for :func:`trustrl.trpo.trpo_update`."""
+
+    surrogate: Callable[[], torch.Tensor]
+    kl: Callable[[], torch.Tensor]
+    old_token_logp: torch.Tensor  # [B, C]
+
+
+def build_problem(model: nn.Module, rollout: Rollout, advantages: torch.Tensor, mask: torch.Tensor,
+                  temperature: float, reuse_trunk: bool) -> TRPOProblem:
+    """Surrogate ``token_mean(exp(logp - old_logp) A)`` and mean token KL(pi_old || pi_theta) over
+    the full vocabulary, both twice differentiable (plain log_softmax on [B, C, V] logits).
+
+    ``reuse_trunk``: the trunk is frozen and not tied to the head, so its hidden states are
+    computed once here and only the LM head runs in each evaluation."""
+    _, head = lm_backbone_and_head(model)
+    if reuse_trunk:
+        with torch.no_grad():
+            hidden = completion_hidden_states(model, rollout)
+
+        def log_probs() -> torch.Tensor:
+            return torch.log_softmax(F.linear(hidden, head.weight, head.bias).float() / temperature, dim=-1)
+    else:
+        def log_probs() -> torch.Tensor:
+            return torch.log_softmax(head(completion_hidden_states(model, rollout)).float() / temperature, dim=-1)
+
+    ids = rollout.completion_ids.unsqueeze(-1)
+    with torch.no_grad():
+        old_all = log_probs()  # [B, C, V]
+        old_tok = old_all.gather(-1, ids).squeeze(-1)
+        old_probs = old_all.exp()
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    zero = torch.zeros((), dtype=old_tok.dtype, device=old_tok.device)
+
+    def surrogate() -> torch.Tensor:
+        logp = log_probs().gather(-1, ids).squeeze(-1)
+        ratio = torch.exp(torch.where(mask, logp - old_tok, zero))
+        return masked_mean(ratio * adv, torch.broadcast_to(mask, ratio.shape))
+
+    def kl() -> torch.Tensor:
+        per_token = (old_probs * (old_all - log_probs())).sum(dim=-1)
+        return masked_mean(per_token, mask)
+
+    return TRPOProblem(surrogate, kl, old_tok)
+
+
+class TRPOTrainer:
+    """``TRPOTrainer(config).train()``; ``reward_funcs`` adds Python callables
+    ``fn(prompts, completions, **columns) -> list[float]`` to the configured rewards."""
+
+    def __init__(self, config: TRPOConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None,
+                 critic=None):
+        self.config = config
+        check_resume_setting(config)
+        seed_everything(config.seed, deterministic=config.deterministic)
+        self.device = resolve_device(config.device)
+        self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+        self.prompts = PromptSet(config.dataset, config, self.tokenizer)
+        self.eval_prompts = (PromptSet(config.eval_dataset, config, self.tokenizer, limit=config.eval_prompts)
+                             if config.eval_dataset else None)
+        self.policy = model if model is not None else load_policy(
+            config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
+            lora=config.lora, gradient_checkpointing=False,  # double backward needs the activations
+        )
+        if model is not None:
+            check_vocab(model, self.tokenizer, "the model passed to TRPOTrainer")
+        self.reference = make_reference(self.policy) if config.beta > 0 else None
+        # the subset the natural-gradient step moves; everything else is frozen
+        self.trpo_named_params = select_trpo_parameters(self.policy, config.trpo_params)
+        keep = {id(p) for _, p in self.trpo_named_params}
+        for p in self.policy.parameters():
+            p.requires_grad_(id(p) in keep)
+        self.trpo_params = [p for _, p in self.trpo_named_params]
+        self.reuse_trunk = (config.trpo_params == "lm_head" and not is_peft(self.policy)
+                            and not head_is_tied(self.policy))
+        self.critic = None
+        if config.advantage == "gae":
+            self.critic = critic if critic is not None else make_critic(config, self.tokenizer, self.device)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.shuffle_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self.last_metrics: dict[str, float] = {}
+
+    # -- the pieces of one step ------------------------------------------------------------
+
+    def collect(self, sampler: PromptSampler) -> ScoredBatch:
+        cfg = self.config
+        return sample_and_score(self.policy, self.tokenizer, self.prompts, sampler.take(cfg.prompts_per_step),
+                                cfg.group_size, cfg, self.rewards, self.generator, self.device)
+
+    @torch.no_grad()
+    def advantages(self, batch: ScoredBatch) -> dict[str, torch.Tensor]:
+        """Step 2: scores (missing-EOS penalty applied), KL to the reference, values, advantages."""
+        cfg = self.config
+        rollout = batch.rollout
+        mask = rollout.completion_mask
+        scores = apply_missing_eos_penalty(batch.scores.total.to(self.device), rollout.truncated, cfg.missing_eos_penalty)
+        out: dict[str, torch.Tensor] = {"scores": scores}
+        logp = ref_logp = None
+        if cfg.beta > 0:
+            logp = batched_completion_logprobs(self.policy, rollout, batch_size=cfg.forward_batch_size,
+                                               temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+            with reference_context(self.policy, self.reference) as ref_model:
+                ref_logp = batched_completion_logprobs(ref_model, rollout, batch_size=cfg.forward_batch_size,
+                                                       temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+        if cfg.advantage == "group":
+            kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            if logp is not None:
+                _, kl = token_rewards(scores, logp, ref_logp, mask, cfg.beta)
+            rewards = scores - cfg.beta * kl.sum(dim=1)
+            out.update(advantages=group_advantages(rewards, cfg.group_size, cfg.group_scale), kl=kl)
+            return out
+        values = batched_values(self.critic, rollout, cfg.forward_batch_size)
+        dummy = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+        rewards, kl = token_rewards(scores, logp if logp is not None else dummy, ref_logp, mask, cfg.beta)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        raw, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        adv = whiten(raw, mask) if cfg.whiten_advantages else raw
+        out.update(advantages=adv, raw_advantages=raw, returns=returns, values=values, kl=kl)
+        return out
+
+    def trpo_step(self, rollout: Rollout, advantages: torch.Tensor) -> TRPOResult:
+        """Step 3: one natural-gradient step with line search, in place on the parameter subset."""
+        cfg = self.config
+        was_training = self.policy.training
+        self.policy.eval()
+        # Fisher-vector products differentiate twice through attention: only the "math" SDPA
+        # backend (plain differentiable ops) supports that; flash / mem-efficient kernels do not.
+        with sdpa_kernel([SDPBackend.MATH]):
+            problem = build_problem(self.policy, rollout, advantages, rollout.completion_mask, cfg.temperature,
+                                    self.reuse_trunk)
+            result = trpo_update(self.trpo_params, problem.surrogate, problem.kl, max_kl=cfg.max_kl,
+                                 damping=cfg.damping, cg_iters=cfg.cg_iters, max_backtracks=cfg.max_backtracks,
+                                 shrink=cfg.backtrack_shrink, accept_ratio=cfg.accept_ratio)
+        for p in self.trpo_params:
+            p.grad = None
+        self.policy.train(was_training)
+        return result
+
+    def fit_critic(self, rollout: Rollout, values: torch.Tensor, returns: torch.Tensor, optimizer, scheduler,
+                   faults: FaultCounter, step: int) -> dict[str, float]:
+        """Step 4 (gae): regress the critic on the returns, 0.5 (V - R)^2 token mean."""
+        cfg = self.config
+        critic = self.critic
+        critic.train()
+        mask = rollout.completion_mask
+        n = mask.shape[0]
+        losses: list[float] = []
+        norm = 0.0
+        for _ in range(cfg.value_epochs):
+            for rows in torch.randperm(n, generator=self.shuffle_generator).split(cfg.value_minibatch_size):
+                rows = rows.to(self.device)
+                pred = critic.completion_values(rollout.select(rows)).float()
+                loss, _ = value_loss(pred, values[rows], returns[rows], mask[rows], clip=None)
+                loss.backward()
+                norm, _ = guarded_step(critic, optimizer, scheduler, cfg.max_grad_norm, faults, f"trpo step {step} (critic)",
+                                       loss=loss.detach())
+                losses.append(float(loss.detach()))
+        return {"loss/value": sum(losses) / max(len(losses), 1), "optim/critic_grad_norm": norm}
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        run = Run.open(cfg)
+        policy = self.policy
+        models: dict[str, nn.Module] = {"policy": policy}
+        optimizers: dict[str, Any] = {}
+        schedulers: dict[str, Any] = {}
+        critic_opt = critic_sched = None
+        if self.critic is not None:
+            n_updates = cfg.max_steps * cfg.value_epochs * -(-cfg.rollout_batch_size // cfg.value_minibatch_size)
+            critic_opt = make_optimizer(self.critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
+            critic_sched = make_scheduler(critic_opt, cfg, n_updates)
+            models["critic"], optimizers["critic"], schedulers["critic"] = self.critic, critic_opt, critic_sched
+        generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
+        sampler = PromptSampler(len(self.prompts), cfg.seed)
+        state = run.restore(models, optimizers, schedulers, generators)
+        if state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        faults = FaultCounter(cfg.max_consecutive_nonfinite)
+        faults.load_state_dict(state.get("faults"))
+        self.rewards.fault_totals.update(state.get("reward_faults", {}))
+        run.set_skipped_rows(self.prompts.skipped + (self.eval_prompts.skipped if self.eval_prompts else 0))
+        history: list[dict[str, float]] = list(state.get("eval_history", []))
+        started = time.time()
+        if run.start_step == 0 and self.eval_prompts is not None:
+            first = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+            history.append({"step": 0, **first})
+            run.logger.log(0, first)
+        bar = progress(total=cfg.max_steps, initial=run.start_step, desc="trpo", disable=not cfg.progress or None)
+        step = run.start_step
+        while step < cfg.max_steps:
+            t0 = time.time()
+            # 1. sample and score with pi_old
+            batch = self.collect(sampler)
+            gen_seconds = time.time() - t0
+            rollout = batch.rollout
+            mask = rollout.completion_mask
+            # 2. advantages
+            adv = self.advantages(batch)
+            # 3. natural-gradient step in the trust region, line search, restore on failure
+            result = self.trpo_step(rollout, adv["advantages"])
+            # a NaN/inf surrogate gradient leaves the policy untouched (nothing is accepted); it
+            # counts as a fault like a non-finite gradient in the other trainers
+            faults.record(math.isfinite(result.grad_norm), f"trpo step {step + 1} (policy)")
+            step += 1
+            metrics = self.step_metrics(batch, adv, result)
+            # 4. critic regression (gae)
+            if self.critic is not None:
+                metrics.update(self.fit_critic(rollout, adv["values"], adv["returns"], critic_opt, critic_sched,
+                                               faults, step))
+                metrics["optim/critic_lr"] = critic_sched.get_last_lr()[0]
+            # 5. log, evaluate, checkpoint
+            metrics.update({"perf/step_seconds": time.time() - t0, "perf/generation_seconds": gen_seconds,
+                            "perf/tokens_per_second": int(mask.sum()) / max(gen_seconds, 1e-9)})
+            if self.eval_prompts is not None and (
+                    step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                ev = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+                history.append({"step": step, **ev})
+                metrics.update(ev)
+            run.log(step, metrics)
+            self.last_metrics = metrics
+            bar.update(1)
+            bar.set_postfix(format_postfix(metrics, ["reward/mean", "trpo/kl", "eval/accuracy"]))
+            if run.should_save(step, cfg.max_steps, faults):
+                run.save(step, models, optimizers, schedulers,
+                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict(),
+                          "reward_faults": dict(self.rewards.fault_totals)},
+                         generators, tokenizer=self.tokenizer)
+        bar.close()
+        final_dir = save_model(policy, self.tokenizer, Path(cfg.output_dir) / "final")
+        summary = {
+            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+            "accuracy_first": history[0]["eval/accuracy"] if history else None,
+            "accuracy_last": history[-1]["eval/accuracy"] if history else None,
+            "eval_history": history, "nonfinite_skips": faults.total,
+            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
+            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        }
+        if self.critic is not None:
+            summary["critic_dir"] = str(self.critic.save_pretrained(Path(cfg.output_dir) / "final_critic",
+                                                                    tokenizer=self.tokenizer))
+        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        run.close()
+        return summary
+
+    def step_metrics(self, batch: ScoredBatch, adv: dict[str, torch.Tensor], result: TRPOResult) -> dict[str, float]:
+        mask = batch.rollout.completion_mask
+        lengths = mask.sum(dim=1).float()
+        raw = adv.get("raw_advantages", adv["advantages"])
+        metrics = {
+            **reward_metrics(batch.scores),
+            "reward/score": float(adv["scores"].mean()),
+            "trpo/kl": result.kl,
+            "trpo/surrogate_improvement": result.improvement,
+            "trpo/line_search_steps": float(result.steps),
+            "trpo/accepted": float(result.accepted),
+            "trpo/grad_norm": result.grad_norm,
+            "trpo/step_norm": result.step_norm,
+            "trpo/expected_improvement": result.expected_improve,
+            "adv/mean": float(raw.mean()) if raw.dim() == 1 else float(masked_mean(raw, mask)),
+            "adv/abs_mean": float(raw.abs().mean()) if raw.dim() == 1 else float(masked_mean(raw.abs(), mask)),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/max_length": float(lengths.max()),
+            "completion/truncated_fraction": float(batch.rollout.truncated.float().mean()),
+        }
+        if self.config.beta > 0:
+            metrics["kl/ref"] = float(masked_mean(adv["kl"], mask))
+            metrics["kl/ref_sequence"] = float(adv["kl"].sum(dim=1).mean())
+            metrics["kl/coef"] = self.config.beta
+        if "returns" in adv:
+            metrics["returns/mean"] = float(masked_mean(adv["returns"], mask))
+            metrics["value/mean"] = float(masked_mean(adv["values"], mask))
+            metrics["value/explained_variance"] = explained_variance(adv["values"], adv["returns"], mask)
+        return metrics

@@ -1,0 +1,276 @@
+"""Scalar-head models: an LM trunk with a ``Linear(H, 1)`` head, for reward models and critics.
+
+- A **reward model** (Ouyang et al. 2022, arXiv 2203.02155; Stiennon et al. 2020) reads a
+  whole prompt + response and returns one score: the head applied to the hidden state of the
+  last real (non-pad) token, see :meth:`ScalarHeadModel.score`.
+- A **critic** (value model, PPO-RLHF: Ziegler et al. 2019, arXiv 1909.08593; Huang et al.
+  2024 "The N+ Implementation Details of RLHF with PPO") returns one value per completion
+  token: ``V_t`` is the head applied to the hidden state that *predicts* completion token
+  ``t`` (the state before the token is chosen), the same positions whose LM-head outputs give
+  the policy's log-probs, see :meth:`ScalarHeadModel.completion_values`. Its head starts at
+  zero so every value is exactly 0 before training (or it starts from a reward model).
+
+The trunk is ``transformers.AutoModel`` loaded from a causal-LM directory (the LM head is
+dropped). A saved scalar model is a directory holding::
+
+    config.json, model.safetensors   the trunk (``save_pretrained``; ``AutoModel`` loads it)
+    tokenizer files                  when a tokenizer is given to ``save_pretrained``
+    value_head.safetensors           {"weight": [1, H], "bias": [1]} in float32
+    trustrl_head.json                {"format": "trustrl-scalar-head", "version": 1, ...}
+
+:func:`load_scalar_model` reads it back; :func:`scalar_model_from_lm` builds a fresh one from
+a causal-LM directory (the policy's, for a critic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustrl.models import DTYPES, ModelLoadError, check_vocab, disable_dropout
+from trustrl.rollout import Rollout, left_pad, positions_from_mask
+
+__all__ = [
+    "HEAD_FILE",
+    "META_FILE",
+    "ScalarHeadModel",
+    "last_token_index",
+    "load_scalar_model",
+    "scalar_model_from_lm",
+    "encode_scored_text",
+    "score_texts",
+]
+
+HEAD_FILE = "value_head.safetensors"
+META_FILE = "trustrl_head.json"
+FORMAT_NAME = "trustrl-scalar-head"
+FORMAT_VERSION = 1
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position of each row: ``[B, T]`` bool -> ``[B]`` long.
+
+    Works for left and right padding. A row with no True position gets index 0."""
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(f"last_token_index: attention_mask must be torch.bool, got {attention_mask.dtype}")
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask, positions, torch.zeros_like(positions)).max(dim=1).values
+
+
+class ScalarHeadModel(nn.Module):
+    """``trunk`` (a transformers base model returning ``last_hidden_state``) + ``head``
+    (``Linear(H, 1)``, kept in float32; hidden states are cast to float32 before it).
+
+    ``kind`` ("reward" or "value") and ``extra`` (e.g. the reward model's ``max_length``) are
+    written to ``trustrl_head.json`` by :meth:`save_pretrained`.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Linear | None = None, *, kind: str = "reward",
+                 extra: dict[str, Any] | None = None):
+        super().__init__()
+        hidden = getattr(getattr(trunk, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise ModelLoadError(f"{type(trunk).__name__}: the trunk's config has no hidden_size")
+        self.trunk = trunk
+        self.head = head if head is not None else nn.Linear(hidden, 1, dtype=torch.float32)
+        if tuple(self.head.weight.shape) != (1, hidden):
+            raise ModelLoadError(f"scalar head has shape {tuple(self.head.weight.shape)}, expected (1, {hidden})")
+        self.kind = kind
+        self.extra: dict[str, Any] = dict(extra or {})
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    # -- forward passes --------------------------------------------------------------------
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Trunk output ``[B, T, H]``; position ids restart at 0 on each row's first real token."""
+        positions = positions_from_mask(attention_mask)
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
+                         use_cache=False)
+        return out.last_hidden_state
+
+    def _apply_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-position scalars ``[B, T]`` (float32). Positions where the mask is False carry
+        whatever the head gives there; mask them yourself."""
+        return self._apply_head(self.hidden_states(input_ids, attention_mask))
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model score ``[B]``: the head at the last real token of each row."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._apply_head(hidden[rows, last])
+
+    def completion_values(self, rollout: Rollout) -> torch.Tensor:
+        """Critic values ``[B, C]`` for a rollout: ``V_t`` comes from the hidden state at the
+        position that predicts completion token ``t`` (prompt positions ``P - 1 + t``)."""
+        hidden = self.hidden_states(rollout.input_ids, rollout.attention_mask)
+        start = rollout.prompt_ids.shape[1]
+        return self._apply_head(hidden[:, start - 1: -1])
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None, **kwargs: Any) -> Path:
+        """Write the trunk (``save_pretrained``), the head and ``trustrl_head.json`` (and the
+        tokenizer when given) into ``directory``. Extra keyword arguments (e.g.
+        ``safe_serialization``) go to the trunk's ``save_pretrained``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("safe_serialization", True)
+        self.trunk.save_pretrained(str(directory), **kwargs)
+        head = {"weight": self.head.weight.detach().float().cpu().contiguous(),
+                "bias": (self.head.bias.detach().float().cpu().contiguous() if self.head.bias is not None
+                         else torch.zeros(1))}
+        save_file(head, str(directory / HEAD_FILE))
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": self.kind,
+                "hidden_size": int(self.head.weight.shape[1]), "trunk_class": type(self.trunk).__name__,
+                **self.extra}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        return directory
+
+
+def _load_trunk(path: Path, dtype: str, gradient_checkpointing: bool) -> nn.Module:
+    from transformers import AutoModel
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    try:
+        trunk = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype])
+    except Exception as err:  # transformers raises many types here
+        raise ModelLoadError(f"could not load a trunk (AutoModel) from {path}: {err}") from err
+    if not hasattr(trunk, "get_input_embeddings"):
+        raise ModelLoadError(f"{path}: AutoModel gave {type(trunk).__name__}, which has no input embeddings")
+    disable_dropout(trunk)
+    if gradient_checkpointing:
+        trunk.gradient_checkpointing_enable()
+    return trunk
+
+
+def scalar_model_from_lm(
+    path: str | Path,
+    *,
+    kind: str = "value",
+    zero_head: bool = True,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    tokenizer=None,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+) -> ScalarHeadModel:
+    """A new scalar model on the trunk of the causal LM in ``path`` (its LM head is dropped).
+
+    ``zero_head=True`` (critics): weight and bias 0, so every value is exactly 0 at the start.
+    Otherwise (reward models): weight ~ N(0, 1/(H + 1)), bias 0, drawn from a generator seeded
+    with ``seed`` so the global RNG is untouched."""
+    path = Path(path)
+    trunk = _load_trunk(path, dtype, gradient_checkpointing)
+    if tokenizer is not None:
+        check_vocab(trunk, tokenizer, str(path))
+    hidden = trunk.config.hidden_size
+    head = nn.Linear(hidden, 1, dtype=torch.float32)
+    with torch.no_grad():
+        if zero_head:
+            head.weight.zero_()
+        else:
+            g = torch.Generator().manual_seed(seed)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(hidden + 1))
+        head.bias.zero_()
+    return ScalarHeadModel(trunk, head, kind=kind).to(device)
+
+
+def read_head_meta(path: str | Path) -> dict[str, Any]:
+    """The ``trustrl_head.json`` of a saved scalar model (raises ModelLoadError if absent)."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise ModelLoadError(
+            f"{path} is not a trustrl scalar model: no {META_FILE} (train one with `trustrl train rm`, "
+            "or build a critic from a causal LM with scalar_model_from_lm)"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelLoadError(f"{meta_file}: not valid JSON: {err}") from err
+    if meta.get("format") != FORMAT_NAME or int(meta.get("version", -1)) != FORMAT_VERSION:
+        raise ModelLoadError(f"{meta_file}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+    return meta
+
+
+def load_scalar_model(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    tokenizer=None,
+    gradient_checkpointing: bool = False,
+) -> ScalarHeadModel:
+    """Load a directory written by :meth:`ScalarHeadModel.save_pretrained`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_head_meta(path)
+    trunk = _load_trunk(path, dtype, gradient_checkpointing)
+    if tokenizer is not None:
+        check_vocab(trunk, tokenizer, str(path))
+    head_file = path / HEAD_FILE
+    if not head_file.is_file():
+        raise ModelLoadError(f"{path}: {HEAD_FILE} is missing")
+    state = load_file(str(head_file))
+    hidden = trunk.config.hidden_size
+    if tuple(state.get("weight", torch.empty(0)).shape) != (1, hidden) or tuple(state.get("bias", torch.empty(0)).shape) != (1,):
+        raise ModelLoadError(f"{head_file}: expected weight [1, {hidden}] and bias [1], "
+                             f"got {[(k, tuple(v.shape)) for k, v in state.items()]}")
+    head = nn.Linear(hidden, 1, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.copy_(state["weight"])
+        head.bias.copy_(state["bias"])
+    reserved = {"format", "version", "kind", "hidden_size", "trunk_class"}
+    extra = {k: v for k, v in meta.items() if k not in reserved}
+    return ScalarHeadModel(trunk, head, kind=meta.get("kind", "reward"), extra=extra).to(device)
+
+
+# -- text scoring (shared by the reward-model trainer and the reward-model reward) -------------
+
+
+def encode_scored_text(tokenizer, prompt_text: str, response: str, max_length: int | None = None) -> list[int]:
+    """Token ids a reward model scores: ``tokenizer(prompt_text + response)`` followed by EOS
+    (so the score is always read at an EOS position), left-truncated to ``max_length`` so the
+    end of the response is kept."""
+    ids = list(tokenizer(prompt_text + response)["input_ids"]) + [tokenizer.eos_token_id]
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]
+    return ids
+
+
+@torch.no_grad()
+def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses: list[str], *,
+                batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Reward-model scores ``[N]`` (float32, on the CPU) of prompt + response texts, in
+    batches of ``batch_size``."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_texts: {len(prompts)} prompts for {len(responses)} responses")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [encode_scored_text(tokenizer, p, r, max_length)
+                for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        out.append(model.score(ids.to(device), mask.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
