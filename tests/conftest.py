@@ -28,3 +28,10 @@ def addition_data(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("addition_data")
     return write_task_data(path, AdditionTask(digits=1, holdout_every=5), seed=0, n_pretrain_docs=50, n_sft=64, n_eval=8)
+
+
+def pytest_configure(config):
+    # tiny models: one intra-op thread avoids oversubscribing the 2 cores of CI machines
+    import torch
+
+    torch.set_num_threads(1)

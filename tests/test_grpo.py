@@ -128,7 +128,9 @@ def test_variants_run_and_log(tiny_model_dir, addition_data, tmp_path, overrides
     for key in ("reward/mean", "completion/mean_length", "groups/zero_std_fraction", "perf/tokens_per_second"):
         assert key in m
     if cfg.beta > 0:
-        assert m["kl/ref"] >= 0
+        assert math.isfinite(m["kl/ref"])
+        if cfg.kl_estimator != "k1":  # k1 is unbiased but can be negative on a sample
+            assert m["kl/ref"] >= 0
 
 
 def test_dynamic_sampling_keeps_only_groups_with_spread(tiny_model_dir, addition_data, tmp_path):

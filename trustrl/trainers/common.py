@@ -1,10 +1,27 @@
 """Machinery every training loop shares: run directory, optimizer and schedule, a guarded
 optimizer step (non-finite faults skip the update), a resumable prompt sampler, and
-checkpoint save / resume. The loops themselves live one per algorithm beside this file."""
+checkpoint save / resume.
+
+What a trainer does to be resumable bit for bit (GRPO, SFT and pretrain do exactly this):
+
+1. build everything that holds training state (models, optimizers, LR schedulers, a KL
+   controller or anything else with ``state_dict`` / ``load_state_dict``, named
+   ``torch.Generator`` objects, a :class:`PromptSampler`, a :class:`FaultCounter`);
+2. ``state = run.restore(models, optimizers, schedulers, generators)``: with ``resume=auto``
+   the newest checkpoint that verifies is loaded (partial or corrupt ones are skipped with a
+   warning), the global RNGs (python, numpy, torch, CUDA) and the named generators are put
+   back, and ``metrics.jsonl`` is cut back to the checkpoint's step;
+3. put back what lives in ``state`` (``sampler``, ``faults``, ``eval_history``, ...);
+4. in the loop, ``run.should_save(step, last, faults)`` then ``run.save(...)`` with the same
+   dictionaries and the trainer state.
+
+The loops themselves live one per algorithm beside this file."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustrl.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from trustrl.config import TrainConfig, save_config
+from trustrl import distributed as dist
+from trustrl.checkpoint import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trustrl.config import ConfigError, TrainConfig, save_config
 from trustrl.logging import MetricsLogger
 from trustrl.utils import rng_state, set_rng_state
 
@@ -56,7 +74,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 @dataclass
 class FaultCounter:
-    """Counts consecutive non-finite steps; raises once the configured limit is reached."""
+    """Counts non-finite steps; raises :class:`NonFiniteError` once ``limit`` happen in a row.
+
+    ``consecutive`` is the length of the current streak (0 after a good step), ``total`` the
+    count over the run. Saved in checkpoints through :meth:`state_dict`."""
 
     limit: int
     consecutive: int = 0
@@ -71,8 +92,24 @@ class FaultCounter:
         if self.consecutive >= self.limit:
             raise NonFiniteError(
                 f"{self.consecutive} consecutive non-finite losses/gradients (last in {where}); "
-                "stopping. The last complete checkpoint is intact."
+                "stopping (max_consecutive_nonfinite). The last complete checkpoint is intact."
             )
+
+    @property
+    def in_streak(self) -> bool:
+        """The last recorded step was skipped."""
+        return self.consecutive > 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        if state:
+            self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+def _as_float(value: float | torch.Tensor) -> float:
+    return float(value.detach().float().sum()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def guarded_step(
@@ -82,21 +119,46 @@ def guarded_step(
     max_grad_norm: float | None,
     faults: FaultCounter,
     where: str,
+    loss: float | torch.Tensor | None = None,
 ) -> tuple[float, bool]:
-    """Clip and apply the accumulated gradients unless any is NaN/inf (then skip the update).
-    Returns (grad_norm before clipping, applied)."""
+    """Clip and apply the accumulated gradients of ``model``, unless the step is faulty: the
+    loss (when given) or any gradient is NaN/inf. A faulty step changes no parameter and no
+    optimizer moment; its gradients are dropped; the scheduler still advances (a skipped step
+    counts as a step) and ``faults`` records it, raising :class:`NonFiniteError` after
+    ``faults.limit`` faults in a row.
+
+    The loss is checked on its own because a NaN loss does not always reach the gradients
+    (a NaN added as a constant, a fully masked batch): a finite gradient norm is no proof.
+
+    Returns:
+        (global gradient norm before clipping, applied).
+    """
+    # data parallel: each rank holds its share of the global loss's gradient -> sum them; skip
+    # jointly (no-ops in one process)
+    dist.all_reduce_gradients(model)
     params = [p for p in model.parameters() if p.grad is not None]
+    loss_ok = dist.all_true(loss is None or math.isfinite(_as_float(loss)))
     if params:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
         grad_norm = float(norm)
     else:
         grad_norm = 0.0
-    ok = math.isfinite(grad_norm)
+    ok = loss_ok and math.isfinite(grad_norm)
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
+    if scheduler is not None and ok:
         scheduler.step()
+    elif scheduler is not None:
+        with warnings.catch_warnings():
+            # torch warns when the schedule moves before any optimizer.step(): on purpose here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
+    if not ok:
+        what = "loss" if not loss_ok else "gradient norm"
+        shown = None if loss is None else _as_float(loss)
+        warnings.warn(f"{where}: non-finite {what} (loss {shown!r}, grad norm {grad_norm!r}); update skipped",
+                      stacklevel=2)
     faults.record(ok, where)
     return grad_norm, ok
 
@@ -139,6 +201,20 @@ class PromptSampler:
         self._order = self._permutation()
 
 
+def check_resume_setting(config: TrainConfig) -> None:
+    """Fail fast (before any model loads) on a ``resume`` value that is neither "never",
+    "auto" nor an existing directory: a typo such as ``resume=atuo`` must not silently
+    start from scratch or fail only after the models are loaded."""
+    mode = config.resume
+    if mode in ("never", "auto"):
+        return
+    if not Path(mode).is_dir():
+        raise ConfigError(
+            f"resume: {mode!r} is not an existing checkpoint directory; allowed values: "
+            "'never', 'auto' (the newest complete checkpoint in output_dir) or a checkpoint path"
+        )
+
+
 @dataclass
 class Run:
     """A run directory with its logger; owns checkpoint save and resume for a trainer."""
@@ -149,12 +225,16 @@ class Run:
     start_step: int = 0
     resumed_from: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    skipped_rows: int = 0
+    _pending: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def open(cls, config: TrainConfig) -> "Run":
+        check_resume_setting(config)
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        if dist.is_main():  # data parallel: rank 0 writes the run directory
+            save_config(config, out / "config.yaml")
         return cls(config=config, output_dir=out)
 
     def resume_path(self) -> Path | None:
@@ -168,37 +248,87 @@ class Run:
             raise FileNotFoundError(f"resume: checkpoint directory not found: {path}")
         return path
 
+    def _set_aside_stale_checkpoints(self) -> None:
+        """A fresh run (resume=never) in a directory holding another run's checkpoints: move
+        them to ``checkpoints.previous/`` so that neither pruning nor a later resume=auto
+        mixes the two runs."""
+        if not list_checkpoints(self.output_dir):
+            return
+        root = self.output_dir / CHECKPOINTS_DIR
+        aside = self.output_dir / f"{CHECKPOINTS_DIR}.previous"
+        warnings.warn(
+            f"{self.output_dir}: resume=never but checkpoints of an earlier run exist; moving them to "
+            f"{aside} (pass resume=auto / --resume to continue that run instead)", stacklevel=3)
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(root, aside)
+
     def restore(self, models: dict[str, nn.Module], optimizers: dict, schedulers: dict, generators: dict) -> dict[str, Any]:
-        """Restore from the configured checkpoint if any; returns its trainer_state ({} if none)."""
-        path = self.resume_path()
+        """Restore from the configured checkpoint if any; returns its trainer_state ({} if none).
+
+        Models, optimizers and schedulers (anything with ``load_state_dict``: LR schedulers,
+        KL controllers) are loaded in place; the global RNGs and the named ``generators`` are
+        set to their state at save time; the metrics file keeps exactly the steps up to the
+        checkpoint (a fresh start keeps none). Call it once everything is built and before
+        anything consumes randomness."""
+        # data parallel: every rank loads the checkpoint rank 0 picked; only rank 0 writes
+        path = dist.broadcast_object(self.resume_path() if dist.is_main() else None)
         if path is None:
-            self.logger = MetricsLogger(self.output_dir, tensorboard=self.config.tensorboard,
-                                        resume_step=0 if self.config.resume == "never" else None)
+            if self.config.resume == "never" and dist.is_main():
+                self._set_aside_stale_checkpoints()
+            # a fresh start: drop the metrics of any earlier attempt (step 0 is logged again)
+            self.logger = self._logger(-1)
             return {}
         loaded = load_checkpoint(path, models=models, optimizers=optimizers, schedulers=schedulers)
         rng = loaded.pop("rng", None)
         state = loaded
         if rng is not None:
             set_rng_state(rng, generators=generators)
+        elif generators:
+            warnings.warn(f"resume: {path} holds no RNG states; sampling will not continue the "
+                          "interrupted run exactly", stacklevel=2)
         self.start_step = int(state.get("step", 0))
         self.resumed_from = path
-        self.logger = MetricsLogger(self.output_dir, tensorboard=self.config.tensorboard, resume_step=self.start_step)
+        self.logger = self._logger(self.start_step)
         return state
+
+    def _logger(self, resume_step: int):
+        if not dist.is_main():
+            return dist.NullLogger()
+        return MetricsLogger(self.output_dir, tensorboard=self.config.tensorboard, resume_step=resume_step)
 
     def save(self, step: int, models: dict[str, nn.Module], optimizers: dict, schedulers: dict,
              trainer_state: dict[str, Any], generators: dict, tokenizer=None) -> Path:
-        return save_checkpoint(
-            self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
+        return dist.on_main(  # data parallel: written once, by rank 0; every rank waits for it
+            save_checkpoint, self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
             trainer_state={"step": step, **trainer_state}, tokenizer=tokenizer,
             rng=rng_state(generators=generators), keep_last=self.config.keep_last_checkpoints,
         )
 
-    def should_save(self, step: int, last_step: int) -> bool:
+    def should_save(self, step: int, last_step: int, faults: FaultCounter | None = None) -> bool:
+        """Every ``save_every`` steps and at the last step; not while ``faults`` is in a
+        streak of skipped steps (so keep-last-K pruning never pushes out the last checkpoint
+        written before the faults), except at the last step."""
+        if step == last_step:
+            return True
+        if faults is not None and faults.in_streak:
+            return False
         every = self.config.save_every
-        return step == last_step or (every > 0 and step % every == 0)
+        return every > 0 and step % every == 0
+
+    def set_skipped_rows(self, n: int) -> None:
+        """Record how many malformed dataset rows were skipped (skip_bad_rows=true): logged as
+        ``data/skipped_rows`` with the first metrics record of the run (not again after a
+        resume: that record is kept) and kept for the run summary. Call after :meth:`restore`."""
+        self.skipped_rows = int(n)
+        if self.start_step == 0:
+            self._pending["data/skipped_rows"] = float(n)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None and (step % self.config.log_every == 0 or step == 1):
+            if self._pending:
+                metrics = {**metrics, **self._pending}
+                self._pending = {}
             self.logger.log(step, metrics)
 
     def close(self) -> None:

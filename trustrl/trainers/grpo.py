@@ -27,14 +27,16 @@ from typing import Any, Callable
 
 import torch
 
+from trustrl import distributed as dist
 from trustrl.advantages import group_advantages, soft_overlong_penalty
 from trustrl.config import GRPOConfig
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import aggregate, kl_penalty, policy_loss, sequence_policy_loss
-from trustrl.models import load_policy, load_tokenizer, make_reference, reference_context, resolve_device, save_model
+from trustrl.models import check_vocab, load_policy, load_tokenizer, make_reference, reference_context, save_model
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
-from trustrl.trainers.common import FaultCounter, PromptSampler, Run, guarded_step, make_optimizer, make_scheduler
-from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, sample_and_score
+from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler)
+from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, reward_metrics, sample_and_score
 from trustrl.utils import seed_everything
 
 
@@ -85,8 +87,9 @@ class GRPOTrainer:
 
     def __init__(self, config: GRPOConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None):
         self.config = config
+        check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
-        self.device = resolve_device(config.device)
+        self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         self.prompts = PromptSet(config.dataset, config, self.tokenizer)
@@ -96,6 +99,8 @@ class GRPOTrainer:
             config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
             lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
         )
+        if model is not None:
+            check_vocab(model, self.tokenizer, "the model passed to GRPOTrainer")
         # beta = 0 loads no reference model at all; with LoRA the reference is the base model
         self.reference = make_reference(self.policy) if config.beta > 0 else None
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -111,8 +116,7 @@ class GRPOTrainer:
         rounds = 0
         info: dict[str, float] = {}
         while True:
-            batch = sample_and_score(self.policy, self.tokenizer, self.prompts, sampler.take(cfg.prompts_per_step), G,
-                                     cfg, self.rewards, self.generator, self.device)
+            batch = self.sample_round(sampler)
             if cfg.overlong_cache_length is not None:
                 penalty = soft_overlong_penalty(batch.rollout.completion_lengths.cpu(), cfg.max_completion_length,
                                                 cfg.overlong_cache_length)
@@ -134,12 +138,39 @@ class GRPOTrainer:
         info["groups/kept"] = float(kept_groups)
         return (concat_batches(batches, self.tokenizer.pad_token_id) if batches else None), info
 
+    def sample_round(self, sampler: PromptSampler) -> ScoredBatch:
+        """``prompts_per_step`` prompts x G completions, scored. Counter-based sampling seeded by
+        (seed, sampler position, prompt index in the draw, completion index), so the completions
+        do not depend on how the draw is split: data parallel, each rank generates and scores its
+        contiguous share of the prompts and every rank gets the whole batch back, in draw order."""
+        cfg, G = self.config, self.config.group_size
+        draw = (sampler.epoch, sampler.cursor)
+        indices = sampler.take(cfg.prompts_per_step)
+        seeds = dist.sampling_row_seeds(cfg.seed, draw, len(indices), G)
+        lo, hi = dist.shard_range(len(indices))
+        local = None
+        if hi > lo:
+            local = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], G, cfg, self.rewards,
+                                     self.generator, self.device, row_seeds=seeds[lo * G:hi * G])
+        return dist.gather_scored_batches(local, concat_batches, self.tokenizer.pad_token_id, self.device)
+
+    def local_share(self, batch: ScoredBatch, advantages: torch.Tensor) -> tuple[ScoredBatch, torch.Tensor, float]:
+        """Data parallel: this rank's contiguous whole groups of the global batch, their
+        advantages, and its share of the loss (0.0 for the stand-in group of a rank left without
+        one, see :func:`trustrl.distributed.shard_groups`). One process: all of it, share 1."""
+        if not dist.is_distributed():
+            return batch, advantages, 1.0
+        G = self.config.group_size
+        groups, share = dist.shard_groups(advantages.shape[0] // G)
+        rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long, device=advantages.device)
+        return select_groups(batch, groups, G), advantages[rows], share
+
     def _rollout_metrics(self, batch: ScoredBatch) -> dict[str, float]:
         G = self.config.group_size
         lengths = batch.rollout.completion_lengths.float()
         zero_spread = batch.scores.total.view(-1, G).std(dim=1, unbiased=False) == 0
         return {
-            **batch.scores.metrics(),
+            **reward_metrics(batch.scores),
             "completion/mean_length": float(lengths.mean()),
             "completion/max_length": float(lengths.max()),
             "completion/truncated_fraction": float(batch.rollout.truncated.float().mean()),
@@ -175,15 +206,21 @@ class GRPOTrainer:
             metrics["kl/ref"] = float((kl.detach() * mask).sum() / valid)
         return loss, metrics
 
-    def micro_weight(self, mask: torch.Tensor, rows: torch.Tensor) -> float:
-        """Share of a micro-batch in the whole batch's normalizer, so accumulation is exact."""
+    def normalizer(self, mask: torch.Tensor) -> int:
+        """What the loss aggregation divides by: valid tokens (token_mean), non-empty sequences
+        (seq_mean), sequences (seq_sum_constant and the sequence-level ratio)."""
         cfg = self.config
         if cfg.importance_level == "token" and cfg.loss_aggregation == "token_mean":
-            return float(mask[rows].sum()) / max(float(mask.sum()), 1.0)
+            return int(mask.sum())
         if cfg.importance_level == "token" and cfg.loss_aggregation == "seq_mean":
-            nonempty = mask.any(dim=1)
-            return float(nonempty[rows].sum()) / max(float(nonempty.sum()), 1.0)
-        return len(rows) / mask.shape[0]
+            return int(mask.any(dim=1).sum())
+        return int(mask.shape[0])
+
+    def micro_weight(self, mask: torch.Tensor, rows: torch.Tensor, total: int | None = None) -> float:
+        """Share of a micro-batch in the whole batch's normalizer (``total``: the global one,
+        summed over data-parallel ranks; default this batch's), so accumulation is exact."""
+        whole = self.normalizer(mask) if total is None else total
+        return self.normalizer(mask[rows]) / max(float(whole), 1.0)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -198,10 +235,21 @@ class GRPOTrainer:
         if state.get("sampler"):
             sampler.load_state_dict(state["sampler"])
         faults = FaultCounter(cfg.max_consecutive_nonfinite)
+        faults.load_state_dict(state.get("faults"))
+        self.rewards.fault_totals.update(state.get("reward_faults", {}))
+        run.set_skipped_rows(self.prompts.skipped + (self.eval_prompts.skipped if self.eval_prompts else 0))
         history: list[dict[str, float]] = list(state.get("eval_history", []))
+
+        def checkpoint(step: int) -> None:
+            if run.should_save(step, cfg.max_steps, faults):
+                run.save(step, {"policy": policy}, {"policy": optimizer}, {"policy": scheduler},
+                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict(),
+                          "reward_faults": dict(self.rewards.fault_totals)},
+                         {"sampling": self.generator}, tokenizer=self.tokenizer)
         started = time.time()
         if run.start_step == 0 and self.eval_prompts is not None:
-            first = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+            first = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
+                                          self.device)
             history.append({"step": 0, **first})
             run.logger.log(0, first)
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="grpo", disable=not cfg.progress or None)
@@ -216,12 +264,18 @@ class GRPOTrainer:
                 metrics.update({"optim/skipped": 1.0, "perf/step_seconds": time.time() - t0})
                 run.log(step, metrics)
                 bar.update(1)
+                checkpoint(step)
                 continue
-            rollout = batch.rollout
-            n_generated = int(rollout.completion_mask.sum())
+            n_generated = int(batch.rollout.completion_mask.sum())
             # 4. group-normalized advantages, one per completion
             advantages = group_advantages(batch.scores.total.to(self.device), cfg.group_size, cfg.advantage_scale)
+            all_advantages = advantages
+            # data parallel: all above is global (equal on every rank); the update runs on this
+            # rank's groups with the global normalizer; guarded_step sums the gradients
+            batch, advantages, share = self.local_share(batch, advantages)
+            rollout = batch.rollout
             mask = self.loss_mask(rollout)
+            normalizer = dist.all_reduce_sum(self.normalizer(mask) if share else 0)
             # 5. old log-probs (needed only when mu > 1: at mu = 1 old == current, ratio exactly 1)
             # (computed over the same micro-batches as the update, so iteration 1's ratio is exactly 1)
             n_rows = rollout.prompt_ids.shape[0]
@@ -238,11 +292,12 @@ class GRPOTrainer:
             # 6. mu updates over the same rollouts
             policy.train()
             update_metrics: dict[str, float] = {}
+            skipped = 0
             for iteration in range(cfg.num_iterations):
                 sums: dict[str, float] = {}
                 total_loss = 0.0
                 for rows in torch.arange(n_rows).split(micro):
-                    weight = self.micro_weight(mask, rows)
+                    weight = self.micro_weight(mask, rows, normalizer) * share
                     loss, m = self.micro_loss(
                         rollout.select(rows.to(self.device)), advantages[rows],
                         None if old_logp is None else old_logp[rows], None if ref_logp is None else ref_logp[rows],
@@ -252,44 +307,47 @@ class GRPOTrainer:
                     total_loss += float(loss.detach()) * weight
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v * weight
+                total_loss, sums = dist.all_reduce_sum(total_loss), dist.sum_across_ranks(sums)
                 grad_norm, applied = guarded_step(policy, optimizer, scheduler, cfg.max_grad_norm, faults,
-                                                  f"grpo step {step + 1} iteration {iteration + 1}")
+                                                  f"grpo step {step + 1} iteration {iteration + 1}", loss=total_loss)
+                skipped += not applied
                 update_metrics = {**sums, "loss/total": total_loss, "optim/grad_norm": grad_norm,
-                                  "optim/skipped": float(not applied)}
+                                  "optim/skipped": float(skipped)}
             # 7. refresh, log, evaluate, checkpoint
             step += 1
             step_seconds = time.time() - t0
             metrics.update(update_metrics)
             metrics.update({
-                "adv/mean": float(advantages.mean()), "adv/std": float(advantages.std(unbiased=False)),
-                "adv/abs_mean": float(advantages.abs().mean()), "optim/lr": scheduler.get_last_lr()[0],
+                "adv/mean": float(all_advantages.mean()), "adv/std": float(all_advantages.std(unbiased=False)),
+                "adv/abs_mean": float(all_advantages.abs().mean()), "optim/lr": scheduler.get_last_lr()[0],
                 "perf/step_seconds": step_seconds, "perf/generation_seconds": gen_seconds,
                 "perf/tokens_per_second": n_generated / max(gen_seconds, 1e-9),
             })
             if self.eval_prompts is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                ev = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
+                                           self.device)
                 history.append({"step": step, **ev})
                 metrics.update(ev)
             if step == cfg.max_steps and self.eval_prompts is not None:
-                ev = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
+                                           self.device)
                 history.append({"step": step, **ev})
                 metrics.update(ev)
             run.log(step, metrics)
             self.last_metrics = metrics
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["reward/mean", "kl/ref", "eval/accuracy"]))
-            if run.should_save(step, cfg.max_steps):
-                run.save(step, {"policy": policy}, {"policy": optimizer}, {"policy": scheduler},
-                         {"sampler": sampler.state_dict(), "eval_history": history}, {"sampling": self.generator},
-                         tokenizer=self.tokenizer)
+            checkpoint(step)
         bar.close()
-        final_dir = save_model(policy, self.tokenizer, Path(cfg.output_dir) / "final")
+        final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
         summary = {
             "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
             "accuracy_first": history[0]["eval/accuracy"] if history else None,
             "accuracy_last": history[-1]["eval/accuracy"] if history else None,
             "eval_history": history, "nonfinite_skips": faults.total,
+            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
+            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         }
-        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary

@@ -3,6 +3,7 @@ completions for it, scoring them with the configured rewards, and greedy held-ou
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from trustrl.config import RLConfig
-from trustrl.data import format_prompt, load_rows
+from trustrl.data import DataError, format_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped
@@ -21,16 +22,24 @@ class PromptSet:
     Every column other than the prompt travels with it to the reward functions."""
 
     def __init__(self, path: str, config: RLConfig, tokenizer, limit: int | None = None):
-        loaded = load_rows(path, required=(config.prompt_column,), skip_bad=config.skip_bad_rows, limit=limit)
+        loaded = load_rows(path, required=(config.prompt_column,), types={config.prompt_column: (str, list)},
+                           skip_bad=config.skip_bad_rows, limit=limit)
         warn_skipped(loaded.skipped, path)
         self.path = path
+        self.skipped = loaded.skipped  # malformed rows left out (skip_bad_rows=true)
         self.rows = loaded.rows
         self.texts: list[str] = []
         self.token_ids: list[list[int]] = []
-        for row in self.rows:
+        for number, row in enumerate(self.rows, start=1):
             raw = row[config.prompt_column]
-            text = format_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
-                                 system_prompt=config.system_prompt)
+            try:  # load_rows checks the text of a column named "prompt"; any other name is checked here
+                if isinstance(raw, str) and not raw.strip():
+                    raise ValueError("empty or whitespace-only text")
+                text = format_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
+                                     system_prompt=config.system_prompt)
+            except (ValueError, TypeError, AttributeError) as err:
+                raise DataError(path, str(err), row_label=f"valid row {number}", row=number,
+                                column=config.prompt_column) from None
             templated = text != raw
             self.texts.append(text)
             self.token_ids.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
@@ -74,13 +83,20 @@ class RewardSuite:
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique (use alias): {names}")
+        self.fault_totals: dict[str, int] = {name: 0 for name in names}
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], lengths: list[int]) -> ScoreResult:
         cfg = self.config
-        return score_completions(
+        result = score_completions(
             self.rewards, prompts, completions, {**columns, "completion_lengths": lengths},
             timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error, default_score=cfg.reward_default,
         )
+        for name, n in result.n_faults.items():
+            if n:  # only with reward_on_error=default: "raise" stops at the first fault
+                self.fault_totals[name] = self.fault_totals.get(name, 0) + n
+                warnings.warn(f"reward function '{name}' failed on {n} of {len(completions)} samples; they got "
+                              f"reward_default={cfg.reward_default} ({self.fault_totals[name]} so far)", stacklevel=2)
+        return result
 
     def by_name(self, name: str | None) -> NamedReward:
         if name is None:
@@ -103,14 +119,17 @@ def sample_and_score(
     device: torch.device,
     *,
     greedy: bool = False,
+    row_seeds: torch.Tensor | None = None,
 ) -> ScoredBatch:
-    """Generate ``repeats`` completions for each prompt row (consecutive per prompt) and score them."""
+    """Generate ``repeats`` completions for each prompt row (consecutive per prompt) and score them.
+    ``row_seeds`` (int64, one per completion): counter-based sampling, see :func:`generate`."""
     rows = [i for i in indices for _ in range(repeats)]
     ids, mask = left_pad([prompts.token_ids[i] for i in rows], tokenizer.pad_token_id, config.max_prompt_length)
     rollout = generate(
         policy, ids.to(device), mask.to(device), max_new_tokens=config.max_completion_length,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         temperature=0.0 if greedy else config.temperature, top_p=config.top_p, generator=generator,
+        row_seeds=row_seeds,
     )
     completions = decode_completions(tokenizer, rollout)
     texts = [prompts.texts[i] for i in rows]
@@ -122,6 +141,15 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
     out = []
     for ids, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
         out.append(tokenizer.decode([t for t, v in zip(ids, valid) if v], skip_special_tokens=True))
+    return out
+
+
+def reward_metrics(scores: ScoreResult) -> dict[str, float]:
+    """``scores.metrics()`` plus ``reward/<name>/faults``: samples of this batch that got the
+    default score because the function failed (reward_on_error=default)."""
+    out = scores.metrics()
+    for name, n in scores.n_faults.items():
+        out[f"reward/{name}/faults"] = float(n)
     return out
 
 

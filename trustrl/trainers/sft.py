@@ -21,10 +21,11 @@ import torch
 
 from trustrl.config import PretrainConfig, SFTConfig
 from trustrl.data import format_prompt, load_rows
-from trustrl.logging import format_postfix, progress
-from trustrl.models import load_policy, load_tokenizer, resolve_device, save_model
+from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.models import check_vocab, load_policy, load_tokenizer, resolve_device, save_model
 from trustrl.rollout import completion_logprobs_for_targets
-from trustrl.trainers.common import FaultCounter, PromptSampler, Run, guarded_step, make_optimizer, make_scheduler, warn_skipped
+from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler, warn_skipped)
 from trustrl.utils import seed_everything
 
 
@@ -60,6 +61,7 @@ class _LMTrainer:
 
     def __init__(self, config, model=None, tokenizer=None):
         self.config = config
+        check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
         self.device = resolve_device(config.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
@@ -67,6 +69,9 @@ class _LMTrainer:
             config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
             lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
         )
+        if model is not None:
+            check_vocab(model, self.tokenizer, f"the model passed to {type(self).__name__}")
+        self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
             raise ValueError(f"{config.dataset}: no training examples after tokenization")
@@ -86,6 +91,8 @@ class _LMTrainer:
         if state.get("sampler"):
             sampler.load_state_dict(state["sampler"])
         faults = FaultCounter(cfg.max_consecutive_nonfinite)
+        faults.load_state_dict(state.get("faults"))
+        run.set_skipped_rows(self.skipped_rows)
         pad = self.tokenizer.pad_token_id
         started = time.time()
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
@@ -107,7 +114,8 @@ class _LMTrainer:
                 nll.backward()
                 total_nll += float(nll.detach())
             # 4. guarded update
-            grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}")
+            grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
+                                              loss=total_nll)
             step += 1
             last_loss = total_nll
             metrics = {
@@ -119,13 +127,17 @@ class _LMTrainer:
             run.log(step, metrics)
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["loss/nll"]))
-            if run.should_save(step, cfg.max_steps) and cfg.save_every > 0:
+            if run.should_save(step, cfg.max_steps, faults) and cfg.save_every > 0:
                 run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
-                         {"sampler": sampler.state_dict()}, {}, tokenizer=self.tokenizer)
+                         {"sampler": sampler.state_dict(), "faults": faults.state_dict()}, {}, tokenizer=self.tokenizer)
         bar.close()
         final_dir = save_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
+        summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+                   "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
+                   "resumed_from": str(run.resumed_from) if run.resumed_from else None}
+        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
-        return {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir)}
+        return summary
 
 
 class PretrainTrainer(_LMTrainer):
@@ -135,8 +147,9 @@ class PretrainTrainer(_LMTrainer):
 
     def build_examples(self):
         cfg: PretrainConfig = self.config
-        loaded = load_rows(cfg.dataset, required=(cfg.text_column,), skip_bad=cfg.skip_bad_rows)
+        loaded = load_rows(cfg.dataset, required=(cfg.text_column,), types={cfg.text_column: str}, skip_bad=cfg.skip_bad_rows)
         warn_skipped(loaded.skipped, cfg.dataset)
+        self.skipped_rows = loaded.skipped
         tokens = [self.tokenizer(r[cfg.text_column], add_special_tokens=False)["input_ids"] for r in loaded.rows]
         blocks = pack_text(tokens, self.tokenizer.eos_token_id, cfg.block_size)
         if not blocks:
@@ -151,15 +164,28 @@ class SFTTrainer(_LMTrainer):
 
     def build_examples(self):
         cfg: SFTConfig = self.config
-        loaded = load_rows(cfg.dataset, required=(), skip_bad=cfg.skip_bad_rows)
-        warn_skipped(loaded.skipped, cfg.dataset)
+        # chat rows or prompt/completion rows, decided by the first readable row; then every row
+        # is checked for those columns by load_rows, so an error names the file, row and column
+        first = load_rows(cfg.dataset, required=(), skip_bad=True, limit=1).rows[0]
+        if first.get(cfg.messages_column):
+            required: tuple[str, ...] = (cfg.messages_column,)
+            types = {cfg.messages_column: list}
+        else:
+            required = (cfg.prompt_column, cfg.completion_column)
+            types = {cfg.prompt_column: (str, list), cfg.completion_column: str}
+        loaded = load_rows(cfg.dataset, required=required, types=types, skip_bad=cfg.skip_bad_rows)
         tok = self.tokenizer
         out = []
+        skipped = loaded.skipped
         for row_no, row in enumerate(loaded.rows, start=1):
             if cfg.messages_column in row and row[cfg.messages_column]:
                 messages = list(row[cfg.messages_column])
-                if not messages or messages[-1].get("role") != "assistant":
-                    raise ValueError(f"{cfg.dataset} row {row_no}: the last message must be the assistant's")
+                if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                    if cfg.skip_bad_rows:
+                        skipped += 1
+                        continue
+                    raise ValueError(f"{cfg.dataset} row {row_no} (counting valid rows): column "
+                                     f"{cfg.messages_column!r}: the last message must be the assistant's")
                 prompt, completion = messages[:-1], messages[-1]["content"]
             else:
                 for key in (cfg.prompt_column, cfg.completion_column):
@@ -174,4 +200,6 @@ class SFTTrainer(_LMTrainer):
             mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[: cfg.max_length]
             if any(mask):
                 out.append((ids, mask))
+        warn_skipped(skipped, cfg.dataset)
+        self.skipped_rows = skipped
         return out
