@@ -198,7 +198,7 @@ def test_resolve_builtins_specs_and_errors() -> None:
     assert r3.name == "soft_overlong"
     with pytest.raises(ValueError, match=r"unknown reward 'nope'.*'format'.*'math_equivalence'"):
         resolve_reward("nope")
-    with pytest.raises(NotImplementedError, match=r"'reward_model' is reserved.*callable"):
+    with pytest.raises(ValueError, match=r"'reward_model' needs kwargs.path"):
         resolve_reward("reward_model")
     with pytest.raises(ValueError, match=r"invalid kwargs"):
         resolve_reward(RewardSpec(name="format", kwargs={"bogus": 1}))

@@ -57,10 +57,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"trustrl: {err}", file=sys.stderr)
         return 2
+    from trustrl import distributed
+
     module, name = TRAINERS[args.algo]
-    trainer = getattr(importlib.import_module(module), name)(config)
-    result = trainer.train()
-    print({k: v for k, v in result.items() if k != "eval_history"})
+    try:  # under torchrun the trainer joins the process group (see docs/distributed.md)
+        trainer = getattr(importlib.import_module(module), name)(config)
+        result = trainer.train()
+        if distributed.is_main():
+            print({k: v for k, v in result.items() if k != "eval_history"})
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -137,13 +137,13 @@ def _code_tests(**kwargs: Any) -> RewardFn:
     return factory(**kwargs)
 
 
-def _reward_model_placeholder(**kwargs: Any) -> RewardFn:
-    raise NotImplementedError(
-        "reward 'reward_model' is reserved but not wired to a trained reward model in this "
-        "build; pass a Python callable fn(prompts, completions, **columns) -> list[float] that "
-        "scores with your reward model instead (or register one with "
-        "trustrl.rewards.register_reward('reward_model', factory))"
-    )
+def _reward_model(**kwargs: Any) -> RewardFn:
+    """``{name: reward_model, kwargs: {path: DIR}}``: a model trained with ``trustrl train rm``."""
+    if "path" not in kwargs:
+        raise ValueError("built-in reward 'reward_model' needs kwargs.path: the directory of a trained reward model")
+    from trustrl.rewards.reward_model import reward_model_reward
+
+    return reward_model_reward(**kwargs)
 
 
 #: Built-in reward factories by name. Each is called with the spec's ``kwargs``.
@@ -154,7 +154,7 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "length_penalty": rules.length_penalty,
     "soft_overlong": rules.soft_overlong_reward,
     "code_tests": _code_tests,
-    "reward_model": _reward_model_placeholder,
+    "reward_model": _reward_model,
 }
 
 

@@ -2,10 +2,10 @@
 
 Three kinds of data come from one generator, the way the three stages of LLM training
 use data:
-- pre-training text: solved sums written out ("47+38=7+8=15 4+3+1=8 => 85"), raw text with
-  no tags;
-- SFT rows: prompt "47+38=" and an R1-style worked completion
-  "<think>7+8=15 4+3+1=8</think><answer>85</answer>" (units first, carries written "+1");
+- pre-training text: solved sums, raw text with no tags ("47+38=85"; with ``scratchpad`` the
+  work is written out: "47+38=7+8=15 4+3+1=8 => 85");
+- SFT rows: prompt "47+38=" and the completion "<answer>85</answer>" (with ``scratchpad``, R1
+  style: "<think>7+8=15 4+3+1=8</think><answer>85</answer>", units first, carries as "+1");
 - RL prompts: the same prompts with an ``answer`` column for the verifiable reward.
 
 A fixed, seed-independent subset of problems is held out of every training split, so the
@@ -25,7 +25,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 SPECIAL_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 CHARS = "0123456789+= >"
-FORMAT_PATTERN = r"^<think>[0-9+= ]+</think><answer>\d+</answer>$"
+FORMAT_PATTERN = r"^<answer>\d+</answer>$"
+SCRATCHPAD_FORMAT_PATTERN = r"^<think>[0-9+= ]+</think><answer>\d+</answer>$"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class AdditionTask:
 
     digits: int = 2
     holdout_every: int = 10
+    scratchpad: bool = False
+    """Write the column-by-column work in <think> before the answer (R1 style). Off in the
+    demo: a 2-layer model copies operand digits into the scratchpad unreliably."""
+
+    @property
+    def format_pattern(self) -> str:
+        return SCRATCHPAD_FORMAT_PATTERN if self.scratchpad else FORMAT_PATTERN
 
     def is_held_out(self, a: int, b: int) -> bool:
         # a fixed hash of the pair, independent of any seed, so every stage agrees. (A linear
@@ -70,10 +78,14 @@ class AdditionTask:
 
     def completion(self, a: int, b: int, drop_carries: bool = False) -> str:
         steps, answer = self.worked(a, b, drop_carries)
+        if not self.scratchpad:
+            return f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
         return f"{THINK_OPEN}{steps}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
     def text_line(self, a: int, b: int) -> str:
         steps, answer = self.worked(a, b)
+        if not self.scratchpad:
+            return f"{self.prompt(a, b)}{answer}"
         return f"{self.prompt(a, b)}{steps} => {answer}"
 
 

@@ -1,15 +1,17 @@
 """`make demo`: the three stages of LLM training on a CPU in minutes.
 
 1. pre-train a tiny Llama-style transformer from scratch on generated text ("47+38=85" lines);
-2. SFT it on worked examples in the answer format ("47+38=" -> "<answer>85</answer>") written by
-   a sloppy teacher who drops the carries in a share of them ("47+38=" -> "<answer>75</answer>"),
-   as imperfect demonstration data does;
+2. SFT it on examples in the answer format ("47+38=" -> "<answer>85</answer>"); optionally
+   (``sft_carry_slip_rate``) from a sloppy teacher who forgets carries ("<answer>75</answer>");
 3. GRPO with rule-based rewards (exact numeric answer + format), then compare greedy accuracy
    on held-out sums never seen in any stage: ``accuracy_before_rl`` (the SFT model) and
    ``accuracy_after_rl``.
 
-Imitation copies the teacher's slips; the verifiable reward does not reward them, so GRPO
-moves the model toward the sums it can already sample correctly (pass@G into pass@1).
+After SFT the model samples the right sum for most held-out prompts at least once in 16 tries
+(pass@16 = 0.78 measured on seed 0) but greedy decoding gets only about 30% right; GRPO's
+verifiable reward turns that pass@G into pass@1. (A carry-dropping teacher, tried as the
+default, made things worse: the tiny model learns the easy wrong rule and RL rarely samples
+a right answer to reinforce; the knob stays for experiments.)
 """
 
 from __future__ import annotations
@@ -32,24 +34,28 @@ class DemoSettings:
     output_dir: str = "runs/demo"
     seed: int = 0
     digits: int = 2
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
     num_heads: int = 4
-    sft_carry_slip_rate: float = 0.6
-    pretrain_steps: int = 600
+    sft_carry_slip_rate: float = 0.0
+    pretrain_steps: int = 1000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    sft_steps: int = 150
+    sft_steps: int = 600
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    grpo_steps: int = 60
+    grpo_steps: int = 100
     grpo_prompts: int = 16
-    group_size: int = 8
-    grpo_lr: float = 5e-4
+    group_size: int = 16
+    grpo_lr: float = 1e-4
     beta: float = 0.01
     eval_prompts: int = 200
-    eval_every: int = 20
+    eval_every: int = 25
     progress: bool = True
+    torch_threads: int | None = 1
+    """Intra-op threads. The demo's matrices are tiny, so thread synchronisation costs more
+    than it saves, and on a busy machine extra threads oversubscribe the cores (measured here:
+    1 thread 0.3-0.6 s per pre-training step vs 7-8 s with 2 threads while other jobs ran)."""
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoSettings":
@@ -66,7 +72,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
     from trustrl.logging import write_json_atomic
 
+    import torch
+
     s = settings
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
     started = time.time()
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                            sft_carry_slip_rate=s.sft_carry_slip_rate)
     init_dir = create_tiny_model_dir(out / "init", chars=CHARS + "\n", special_tokens=SPECIAL_TOKENS, seed=s.seed,
                                      hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-                                     max_position_embeddings=64)
+                                     max_position_embeddings=96)
     common = dict(seed=s.seed, progress=s.progress, tensorboard=True, device="cpu")
     timings: dict[str, float] = {}
 
@@ -101,7 +111,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         group_size=s.group_size, learning_rate=s.grpo_lr, beta=s.beta, max_completion_length=12,
         max_prompt_length=16, temperature=1.0, eval_prompts=s.eval_prompts, eval_every=s.eval_every,
         rewards=[{"name": "numeric_answer", "alias": "correct"},
-                 {"name": "format", "alias": "format", "weight": 0.1, "kwargs": {"pattern": FORMAT_PATTERN}}],
+                 {"name": "format", "alias": "format", "weight": 0.1, "kwargs": {"pattern": task.format_pattern}}],
         eval_reward="correct", save_every=0, **common,
     )
     grpo_result = GRPOTrainer(grpo).train()
