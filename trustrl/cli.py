@@ -60,13 +60,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trustrl import distributed
 
     module, name = TRAINERS[args.algo]
+    joined_here = not distributed.is_distributed()
     try:  # under torchrun the trainer joins the process group (see docs/distributed.md)
         trainer = getattr(importlib.import_module(module), name)(config)
         result = trainer.train()
         if distributed.is_main():
             print({k: v for k, v in result.items() if k != "eval_history"})
     finally:
-        distributed.shutdown()
+        if joined_here:  # leave the process group as it was found
+            distributed.shutdown()
     return 0
 
 

@@ -375,11 +375,14 @@ def progress(
 
     Callers show live numbers with ``bar.set_postfix(format_postfix(metrics))`` (or
     ``bar.set_postfix_str``). With ``disable=None`` the bar is on unless the environment
-    variable ``TRUSTRL_NO_PROGRESS`` is ``1``/``true``/``yes``. Extra keyword arguments go to
+    variable ``TRUSTRL_NO_PROGRESS`` is ``1``/``true``/``yes``; it is always off on a
+    data-parallel rank other than 0 (environment ``RANK``). Extra keyword arguments go to
     ``tqdm``.
     """
     if disable is None:
         disable = os.environ.get(NO_PROGRESS_ENV, "").strip().lower() in {"1", "true", "yes"}
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        disable = True  # data parallel (torchrun sets RANK): only rank 0 draws a bar
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)

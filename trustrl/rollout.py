@@ -12,6 +12,7 @@ logits tensor is ever built for the batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,22 +72,121 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one token per row from logits [B, V] (greedy when temperature == 0)."""
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GAMMA = _as_int64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio in 64 bits)
+_MIX1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX2 = _as_int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` on int64 is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 output function (Steele, Lea & Flood 2014) applied elementwise to int64
+    bits, with wrapping 64-bit arithmetic: a bijective mix where every input bit affects every
+    output bit. ``x`` int64 [...] -> int64 [...]."""
+    z = (x ^ _shift_right(x, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def counter_uniforms(row_seeds: torch.Tensor, t: int, k: int = 2) -> torch.Tensor:
+    """u[b, i] in [0, 1) (float64, 53 random bits) for token ``t``: outputs ``k t + i``,
+    i < k, of the splitmix64 stream seeded with ``row_seeds[b]``; output n is
+    ``splitmix64(row_seeds[b] + (n + 1) * gamma)``. ``[B]`` -> ``[B, k]`` (k = 2: the sampler
+    draws a block, then a token in it). A pure function of (row seed, t): no state, no
+    dependence on the other rows of the batch."""
+    n = torch.arange(k * t + 1, k * t + k + 1, dtype=torch.int64, device=row_seeds.device) * _GAMMA
+    z = splitmix64(row_seeds.reshape(-1, 1) + n)
+    return _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+_BLOCK = 256  # tokens per block of the two-level sampler
+
+
+def _inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None,
+                        uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row from unnormalized non-negative weights ``[B, V]`` -> ``[B]`` (int64).
+
+    Two-level inverse-CDF sampling: the vocabulary is cut into blocks of 256 tokens; a block
+    is drawn with probability (block mass) / (row mass), then a token inside it with
+    probability w_i / (block mass), so P(i) = w_i / sum(w) exactly. Both cumulative sums are
+    short and taken in float64 (a float32 cumsum over a whole 32k-152k vocabulary would
+    distort the probabilities of rare tokens by rounding); the block masses are float32 sums
+    of 256 terms. A zero-weight token or block is never drawn. Two uniforms per row replace
+    the ``B x V`` exponentials of ``torch.multinomial``, which on a CPU cost more than the
+    LM head for a 32k vocabulary. The uniforms come from ``generator`` on its own device
+    (a CPU generator works for CUDA logits), or are given: ``uniforms`` [B, 2] float64."""
+    batch, vocab = weights.shape
+    n_blocks = -(-vocab // _BLOCK)
+    if n_blocks * _BLOCK != vocab:
+        weights = torch.nn.functional.pad(weights, (0, n_blocks * _BLOCK - vocab))
+    blocks = weights.view(batch, n_blocks, _BLOCK)
+    if uniforms is not None:
+        u = uniforms.to(device=weights.device, dtype=torch.float64).reshape(batch, 2)
+    else:
+        gen_device = generator.device if generator is not None else weights.device
+        u = torch.rand((batch, 2), generator=generator, dtype=torch.float64, device=gen_device).to(weights.device)
+    block = _draw(blocks.sum(dim=-1).to(torch.float64), u[:, :1])  # [B, 1]
+    inner = blocks.gather(1, block[:, :, None].expand(batch, 1, _BLOCK)).squeeze(1)
+    token = _draw(inner.to(torch.float64), u[:, 1:])
+    return (block * _BLOCK + token).squeeze(-1)
+
+
+def _draw(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index ``[B, 1]`` of the first entry whose running sum exceeds ``u * total`` (float64),
+    never past the last entry with positive mass (guards u * total rounding up to total)."""
+    cdf = mass.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    index = torch.searchsorted(cdf, u * total, right=True)
+    last_positive = (cdf < total).sum(dim=-1, keepdim=True)
+    return torch.minimum(index, last_positive)
+
+
+def _sample_inplace(logits: torch.Tensor, temperature: float, top_p: float,
+                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """``sample_next`` that may overwrite ``logits`` (a float32 tensor the caller owns)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
+    # unnormalized probabilities exp(z - max), in place: the sampler normalizes by the total
+    weights = z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
     if top_p < 1.0:
+        probs = weights / weights.sum(dim=-1, keepdim=True)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        choice = _inverse_cdf_sample(sorted_probs, generator, uniforms)
+        return order.gather(-1, choice[:, None]).squeeze(-1)
+    return _inverse_cdf_sample(weights, generator, uniforms)
 
 
-@torch.no_grad()
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one token per row from softmax(logits / temperature) [B, V] (greedy when
+    temperature == 0); with top_p < 1 only from the smallest prefix of tokens, by decreasing
+    probability, whose mass reaches top_p (nucleus sampling, Holtzman et al. 2020).
+    ``logits`` is not modified. ``uniforms`` [B, 2]: the sampler's numbers, instead of
+    ``generator``'s (see :func:`counter_uniforms`)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return _sample_inplace(logits.float().clone() if logits.dtype == torch.float32 else logits.float(),
+                           temperature, top_p, generator, uniforms)
+
+
 def generate(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -98,38 +198,124 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    row_seeds: torch.Tensor | None = None,
 ) -> Rollout:
-    """Sample completions for left-padded prompts with a KV cache; temperature 0 is greedy."""
+    """Sample completions for left-padded prompts with a KV cache; temperature 0 is greedy.
+
+    ``row_seeds`` (int64 [B], optional): counter-based sampling. Row ``b``'s token ``t`` is drawn
+    with ``counter_uniforms(row_seeds, t)[b]`` instead of numbers from ``generator``, so a
+    row's completion depends only on its prompt, its seed and the model, never on the other rows
+    of the batch: splitting a batch (across data-parallel ranks, or into smaller batches) samples
+    the same tokens, up to float rounding of the logits that moves a choice only when ``u`` falls
+    within that rounding of a boundary of the cumulative distribution.
+
+    The prompt runs once (logits for its last position only); each later step feeds one token
+    per sequence through the cache. The attention mask is preallocated at its final width and
+    passed as a growing view (no per-step concatenation); when no prompt is padded it is not
+    passed at all (a causal mask alone is then exact). Runs under ``torch.inference_mode``;
+    the returned tensors are ordinary tensors, usable in autograd."""
     was_training = model.training
     model.eval()
+    try:
+        with torch.inference_mode():
+            tokens, valid, finished = _sample_loop(
+                model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
+                temperature, top_p, generator, row_seeds)
+    finally:
+        model.train(was_training)
+    # stacking outside inference mode turns the inference tensors into ordinary ones
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = torch.stack(valid, dim=1)
+    truncated = ~finished.clone()
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated=truncated)
+
+
+def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
+                 temperature, top_p, generator, row_seeds=None):
     device = prompt_ids.device
-    batch = prompt_ids.shape[0]
-    attention = prompt_mask.long()
+    batch, width = prompt_ids.shape
+    if row_seeds is not None:
+        row_seeds = torch.as_tensor(row_seeds, dtype=torch.int64).to(device).reshape(-1)
+        if row_seeds.shape[0] != batch:
+            raise ValueError(f"generate: row_seeds has {row_seeds.shape[0]} entries for {batch} prompts")
+    padded = not bool(prompt_mask.all())
+    attention = None
+    if padded:
+        attention = torch.ones((batch, width + max_new_tokens), dtype=torch.long, device=device)
+        attention[:, :width] = prompt_mask
     positions = positions_from_mask(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt_ids, attention_mask=attention[:, :width] if padded else None,
+                position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
+    del out
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     tokens: list[torch.Tensor] = []
     valid: list[torch.Tensor] = []
     next_pos = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        valid.append(~finished)
-        tokens.append(token)
-        finished = finished | (token == eos_token_id)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
-    model.train(was_training)
-    completion_ids = torch.stack(tokens, dim=1)
-    completion_mask = torch.stack(valid, dim=1)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated=~finished)
+    threads = _DecodeThreads(device)
+    try:
+        for step in range(max_new_tokens):
+            threads.start()
+            uniforms = counter_uniforms(row_seeds, step) if row_seeds is not None and temperature != 0 else None
+            # the step's logits are ours: the sampler may overwrite them (no [B, V] copy per step)
+            token = _sample_inplace(logits, temperature, top_p, generator, uniforms)
+            token = torch.where(finished, pad, token)
+            valid.append(~finished)
+            tokens.append(token)
+            finished = finished | (token == eos_token_id)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            out = model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1] if padded else None,
+                        position_ids=next_pos, past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            del out
+            next_pos = next_pos + 1
+            threads.stop()
+    finally:
+        threads.restore()
+    return tokens, valid, finished
+
+
+class _DecodeThreads:
+    """CPU thread count for the decode loop, chosen by measurement.
+
+    A decode step is a few hundred small operators (one token per sequence). With several
+    intra-op threads each operator ends in a barrier, and when the machine's cores are shared
+    (other processes, data-parallel ranks) a preempted thread stalls every barrier: on a busy
+    2-core machine one thread decoded 4-6x faster than two. On an idle machine more threads
+    win. So the first ``2 * trials`` steps alternate between torch's current setting and one
+    thread, timing each; the rest of the loop runs with the faster (median), and the caller's
+    setting is restored at the end. Only on CPU and only when more than one thread is set."""
+
+    def __init__(self, device: torch.device, trials: int = 3):
+        self.default = torch.get_num_threads()
+        self.active = device.type == "cpu" and self.default > 1
+        self.trials = trials
+        self.times: dict[int, list[float]] = {self.default: [], 1: []}
+        self.choice: int | None = None
+        self.current = self.default
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        if not self.active or self.choice is not None:
+            return
+        self.current = self.default if len(self.times[self.default]) <= len(self.times[1]) else 1
+        torch.set_num_threads(self.current)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if not self.active or self.choice is not None:
+            return
+        self.times[self.current].append(time.perf_counter() - self.t0)
+        if len(self.times[1]) >= self.trials and len(self.times[self.default]) >= self.trials:
+            median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
+            self.choice = min(median, key=median.__getitem__)
+            torch.set_num_threads(self.choice)
+
+    def restore(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.default)
 
 
 def completion_hidden_states(model: nn.Module, rollout_or_ids, attention_mask=None, completion_start: int | None = None) -> torch.Tensor:

@@ -152,7 +152,12 @@ class GRPOTrainer:
         if hi > lo:
             local = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], G, cfg, self.rewards,
                                      self.generator, self.device, row_seeds=seeds[lo * G:hi * G])
-        return dist.gather_scored_batches(local, concat_batches, self.tokenizer.pad_token_id, self.device)
+        batch = dist.gather_scored_batches(local, concat_batches, self.tokenizer.pad_token_id, self.device)
+        if dist.is_distributed():  # each rank counted its own reward faults; keep the run's totals global
+            mine = local.scores.n_faults if local is not None else {}
+            for name, n in batch.scores.n_faults.items():
+                self.rewards.fault_totals[name] = self.rewards.fault_totals.get(name, 0) + n - mine.get(name, 0)
+        return batch
 
     def local_share(self, batch: ScoredBatch, advantages: torch.Tensor) -> tuple[ScoredBatch, torch.Tensor, float]:
         """Data parallel: this rank's contiguous whole groups of the global batch, their

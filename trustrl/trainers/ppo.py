@@ -43,7 +43,8 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from trustrl.advantages import gae, whiten
+from trustrl import distributed as dist
+from trustrl.advantages import gae
 from trustrl.config import RLConfig, register_config
 from trustrl.kl_control import make_kl_controller
 from trustrl.logging import format_postfix, progress, write_json_atomic
@@ -64,7 +65,6 @@ from trustrl.models import (
     load_tokenizer,
     make_reference,
     reference_context,
-    resolve_device,
     save_model,
 )
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states, completion_logprobs
@@ -256,7 +256,7 @@ class PPOTrainer:
         self.config = config
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
-        self.device = resolve_device(config.device)
+        self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         # 1. preparation: rewards, tokenizer, prompts, actor, reference, critic, KL controller
         self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
@@ -281,9 +281,22 @@ class PPOTrainer:
     # -- phase 2: trajectories ---------------------------------------------------------------
 
     def collect(self, sampler: PromptSampler) -> ScoredBatch:
-        cfg = self.config
-        return sample_and_score(self.policy, self.tokenizer, self.prompts, sampler.take(cfg.prompts_per_step),
-                                cfg.samples_per_prompt, cfg, self.rewards, self.generator, self.device)
+        """This rank's share of the step's prompts, each sampled ``samples_per_prompt`` times with
+        counter-based sampling (seeded by the sampler position and the prompt's index in the
+        draw), so the completions do not depend on the number of data-parallel ranks."""
+        cfg, S = self.config, self.config.samples_per_prompt
+        draw = (sampler.epoch, sampler.cursor)
+        indices = sampler.take(cfg.prompts_per_step)
+        seeds = dist.sampling_row_seeds(cfg.seed, draw, len(indices), S)
+        mine = dist.shard_batch(list(range(len(indices))), "prompts_per_step")
+        lo, hi = mine[0], mine[-1] + 1
+        batch = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], S, cfg, self.rewards,
+                                 self.generator, self.device, row_seeds=seeds[lo * S:hi * S])
+        if dist.is_distributed():  # each rank counted its own reward faults; keep the run's totals global
+            mine = batch.scores.n_faults
+            for name, n in dist.sum_across_ranks(mine).items():
+                self.rewards.fault_totals[name] = self.rewards.fault_totals.get(name, 0) + int(n) - mine.get(name, 0)
+        return batch
 
     # -- phase 3: old log-probs, values, rewards, advantages ---------------------------------
 
@@ -302,10 +315,11 @@ class PPOTrainer:
         old_values = batched_values(self.critic, rollout, cfg.forward_batch_size)
         scores = apply_missing_eos_penalty(batch.scores.total.to(self.device), rollout.truncated, cfg.missing_eos_penalty)
         rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value)
+        # (data parallel: whitening statistics over every rank's tokens)
         if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = dist.whiten(rewards, mask, shift_mean=False)
         raw_adv, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
+        advantages = dist.whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
         return PPOBatch(rollout, mask, old_logp, ref_logp, old_values, scores, rewards, kl, advantages, returns, raw_adv)
 
     # -- phase 4: one minibatch loss ---------------------------------------------------------
@@ -350,9 +364,17 @@ class PPOTrainer:
 
     def optimize(self, pb: PPOBatch, actor_opt, critic_opt, actor_sched, critic_sched,
                  faults: FaultCounter, step: int) -> dict[str, float]:
-        """K epochs of shuffled minibatches; early stop on approx KL > target_kl."""
+        """K epochs of shuffled minibatches; early stop on approx KL > target_kl.
+
+        Data parallel: the permutation is drawn over the global rollout (the shuffle generator
+        is equal on every rank); each rank computes the members of a minibatch it holds,
+        weighted by their share of the minibatch's global tokens; losses and metrics are summed
+        over ranks, gradients by ``guarded_step``, so every rank takes the same decisions."""
         cfg = self.config
-        n = pb.mask.shape[0]
+        n_local = pb.mask.shape[0]
+        counts = dist.all_gather_objects(n_local)
+        offset, n = sum(counts[:dist.rank()]), sum(counts)
+        row_tokens = dist.gather_rows(pb.mask.sum(dim=1).cpu())  # valid tokens of every global row
         self.policy.train()
         self.critic.train()
         sums: dict[str, float] = {}
@@ -363,10 +385,11 @@ class PPOTrainer:
             epochs_run += 1
             order = torch.randperm(n, generator=self.shuffle_generator)
             for mb in order.split(cfg.minibatch_size):
-                n_tokens = max(int(pb.mask[mb].sum()), 1)
+                n_tokens = max(int(row_tokens[mb].sum()), 1)
+                mine = mb[(mb >= offset) & (mb < offset + n_local)] - offset  # all of mb in one process
                 mb_metrics: dict[str, float] = {}
                 mb_loss = 0.0
-                for micro in mb.tensor_split(min(cfg.gradient_accumulation_steps, len(mb))):
+                for micro in mine.tensor_split(min(cfg.gradient_accumulation_steps, len(mine))) if len(mine) else ():
                     micro = micro.to(self.device)
                     weight = int(pb.mask[micro].sum()) / n_tokens  # token means -> exact accumulation
                     loss, m = self.minibatch_loss(pb, micro)
@@ -374,6 +397,7 @@ class PPOTrainer:
                     mb_loss += float(loss.detach()) * weight
                     for k, v in m.items():
                         mb_metrics[k] = mb_metrics.get(k, 0.0) + v * weight
+                mb_loss, mb_metrics = dist.all_reduce_sum(mb_loss), dist.sum_across_ranks(mb_metrics)
                 evaluated += 1
                 for k, v in mb_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -424,7 +448,8 @@ class PPOTrainer:
         history: list[dict[str, float]] = list(state.get("eval_history", []))
         started = time.time()
         if run.start_step == 0 and self.eval_prompts is not None:
-            first = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+            first = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
+                                          self.device)
             history.append({"step": 0, **first})
             run.logger.log(0, first)
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="ppo", disable=not cfg.progress or None)
@@ -440,20 +465,22 @@ class PPOTrainer:
             # 4. K epochs of minibatch updates of actor and critic (early stop on target_kl)
             update = self.optimize(pb, actor_opt, critic_opt, actor_sched, critic_sched, faults, step + 1)
             # KL controller from the rollout's per-sequence KL; old <- new is the next rollout
-            kl_seq = pb.kl.sum(dim=1)
-            self.kl_ctl.update(float(kl_seq.mean()), n_steps=pb.mask.shape[0])
+            kl_seq = dist.gather_rows(pb.kl.sum(dim=1))  # (data parallel: every rank's sequences)
+            self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
             step += 1
-            metrics = self.step_metrics(batch, pb, beta)
+            # (data parallel: row means are exact, token means and spreads are rank-weighted)
+            metrics = dist.reduce_metrics(self.step_metrics(batch, pb, beta), weight=pb.mask.shape[0])
             metrics.update(update)
             metrics.update({
                 "optim/lr": actor_sched.get_last_lr()[0], "optim/critic_lr": critic_sched.get_last_lr()[0],
                 "kl/coef_next": self.kl_ctl.value, "perf/step_seconds": time.time() - t0,
                 "perf/generation_seconds": gen_seconds,
-                "perf/tokens_per_second": int(pb.mask.sum()) / max(gen_seconds, 1e-9),
+                "perf/tokens_per_second": dist.all_reduce_sum(int(pb.mask.sum())) / max(gen_seconds, 1e-9),
             })
             if self.eval_prompts is not None and (
                     step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                ev = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
+                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
+                                           self.device)
                 history.append({"step": step, **ev})
                 metrics.update(ev)
             run.log(step, metrics)
@@ -466,8 +493,8 @@ class PPOTrainer:
                           "faults": faults.state_dict(), "reward_faults": dict(self.rewards.fault_totals)},
                          generators, tokenizer=self.tokenizer)
         bar.close()
-        final_dir = save_model(policy, self.tokenizer, Path(cfg.output_dir) / "final")
-        critic_dir = critic.save_pretrained(Path(cfg.output_dir) / "final_critic", tokenizer=self.tokenizer)
+        final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
+        critic_dir = dist.on_main(critic.save_pretrained, Path(cfg.output_dir) / "final_critic", tokenizer=self.tokenizer)
         summary = {
             "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
             "critic_dir": str(critic_dir), "kl_coef": self.kl_ctl.value,
@@ -477,7 +504,7 @@ class PPOTrainer:
             "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         }
-        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary
 

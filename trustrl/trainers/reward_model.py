@@ -36,11 +36,12 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from trustrl import distributed as dist
 from trustrl.config import TrainConfig, register_config
 from trustrl.data import format_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import bradley_terry_loss
-from trustrl.models import check_vocab, load_tokenizer, resolve_device
+from trustrl.models import check_vocab, load_tokenizer
 from trustrl.rollout import left_pad
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler, warn_skipped)
@@ -175,7 +176,7 @@ class RewardTrainer:
         self.config = config
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
-        self.device = resolve_device(config.device)
+        self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         if model is not None:
             check_vocab(model.trunk, self.tokenizer, "the model passed to RewardTrainer")
@@ -240,12 +241,14 @@ class RewardTrainer:
         while step < self.max_steps:
             t0 = time.time()
             # 1. the next pairs
-            batch = self.pairs.subset(sampler.take(cfg.batch_size))
-            n = len(batch)
-            # 2. micro-batches, each weighted by its share of the pairs
+            # (data parallel: every rank draws the same pairs and keeps its contiguous share)
+            indices = sampler.take(cfg.batch_size)
+            batch = self.pairs.subset(dist.shard_batch(indices, "batch_size"))
+            n = len(indices)
+            # 2. micro-batches, each weighted by its share of the (global) pairs
             sums: dict[str, float] = {}
             total = 0.0
-            for rows in torch.arange(n).chunk(cfg.gradient_accumulation_steps):
+            for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
                 micro = batch.subset(rows.tolist())
                 r_c, r_r = pair_scores(model, micro, pad, self.device)
                 margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
@@ -255,7 +258,8 @@ class RewardTrainer:
                 total += float(loss.detach()) * weight
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-            # 3. guarded update
+            total, sums = dist.all_reduce_sum(total), dist.sum_across_ranks(sums)
+            # 3. guarded update (data parallel: it sums the gradients over ranks)
             grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"rm step {step + 1}",
                                               loss=total)
             step += 1
@@ -282,7 +286,7 @@ class RewardTrainer:
                          {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
                          {}, tokenizer=self.tokenizer)
         bar.close()
-        final_dir = model.save_pretrained(Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
+        final_dir = dist.on_main(model.save_pretrained, Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
         summary = {
             "steps": step, "final_loss": last_loss, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
             "accuracy_first": history[0]["rm/accuracy"] if history else None,
@@ -290,6 +294,6 @@ class RewardTrainer:
             "eval_history": history, "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         }
-        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary

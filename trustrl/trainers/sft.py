@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from trustrl import distributed as dist
 from trustrl.config import PretrainConfig, SFTConfig
 from trustrl.data import format_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
-from trustrl.models import check_vocab, load_policy, load_tokenizer, resolve_device, save_model
+from trustrl.models import check_vocab, load_policy, load_tokenizer, save_model
 from trustrl.rollout import completion_logprobs_for_targets
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler, warn_skipped)
@@ -63,7 +64,7 @@ class _LMTrainer:
         self.config = config
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
-        self.device = resolve_device(config.device)
+        self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         self.model = model if model is not None else load_policy(
             config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
@@ -101,9 +102,10 @@ class _LMTrainer:
         while step < cfg.max_steps:
             step_started = time.time()
             # 1. the next batch of examples
-            batch = [self.examples[i] for i in sampler.take(cfg.batch_size)]
+            # (data parallel: every rank draws the same batch and keeps its contiguous share)
+            batch = [self.examples[i] for i in dist.shard_batch(sampler.take(cfg.batch_size), "batch_size")]
             ids, attention, target = right_pad([b[0] for b in batch], [b[1] for b in batch], pad)
-            n_targets = int(target[:, 1:].sum())
+            n_targets = dist.all_reduce_sum(int(target[:, 1:].sum()))  # over the global batch
             # 2-3. micro-batches, loss normalized by the whole batch's target tokens
             total_nll = 0.0
             for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
@@ -113,7 +115,8 @@ class _LMTrainer:
                 nll = -(logp * mask).sum() / max(n_targets, 1)
                 nll.backward()
                 total_nll += float(nll.detach())
-            # 4. guarded update
+            total_nll = dist.all_reduce_sum(total_nll)
+            # 4. guarded update (data parallel: it sums the gradients over ranks)
             grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
                                               loss=total_nll)
             step += 1
@@ -131,11 +134,11 @@ class _LMTrainer:
                 run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
                          {"sampler": sampler.state_dict(), "faults": faults.state_dict()}, {}, tokenizer=self.tokenizer)
         bar.close()
-        final_dir = save_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
+        final_dir = dist.on_main(save_model, model, self.tokenizer, Path(cfg.output_dir) / "final")
         summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
                    "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
                    "resumed_from": str(run.resumed_from) if run.resumed_from else None}
-        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
+        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary
 

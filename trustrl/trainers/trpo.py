@@ -53,6 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trustrl.advantages import gae, group_advantages, whiten
 from trustrl.config import register_config
+from trustrl.distributed import require_single_process
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import explained_variance, masked_mean, value_loss
 from trustrl.models import (
@@ -244,6 +245,7 @@ class TRPOTrainer:
         self.config = config
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
+        require_single_process("trpo")  # no data parallelism yet: fail clearly under torchrun
         self.device = resolve_device(config.device)
         self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
