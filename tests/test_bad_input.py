@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from trustrl.config import ConfigError, GRPOConfig, PretrainConfig, SFTConfig
 from trustrl.data import DataError

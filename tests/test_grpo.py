@@ -83,7 +83,7 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_data, tmp_p
     def forbidden(*args, **kwargs):
         raise AssertionError("make_reference must not be called when beta = 0")
 
-    monkeypatch.setattr(grpo_module, "make_reference", forbidden)
+    monkeypatch.setattr("trustrl.models.make_reference", forbidden)
     cfg = make_config(tiny_model_dir, addition_data, tmp_path, beta=0.0, max_steps=1)
     trainer = GRPOTrainer(cfg)
     assert trainer.reference is None

@@ -159,11 +159,10 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
 
 
 def register_reward(name: str, factory: Callable[..., RewardFn], *, overwrite: bool = False) -> None:
-    """Add a built-in reward factory under ``name`` (``overwrite=True`` to replace one;
-    replacing the ``reward_model`` placeholder never needs it)."""
+    """Add a built-in reward factory under ``name`` (``overwrite=True`` to replace one)."""
     if ":" in name or not name.strip():
         raise ValueError(f"register_reward: invalid name {name!r} (no ':' and not empty)")
-    if name in BUILTIN_REWARDS and not overwrite and BUILTIN_REWARDS[name] is not _reward_model_placeholder:
+    if name in BUILTIN_REWARDS and not overwrite:
         raise ValueError(f"register_reward: {name!r} is already registered; pass overwrite=True")
     BUILTIN_REWARDS[name] = factory
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trustrl.config import GRPOConfig, PretrainConfig, SFTConfig
-from trustrl.tasks.arithmetic import CHARS, FORMAT_PATTERN, SPECIAL_TOKENS, AdditionTask, write_task_data
+from trustrl.tasks.arithmetic import CHARS, SPECIAL_TOKENS, AdditionTask, write_task_data
 from trustrl.tiny import create_tiny_model_dir
 
 

@@ -32,11 +32,13 @@ from trustrl.advantages import group_advantages, soft_overlong_penalty
 from trustrl.config import GRPOConfig
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import aggregate, kl_penalty, policy_loss, sequence_policy_loss
-from trustrl.models import check_vocab, load_policy, load_tokenizer, make_reference, reference_context, save_model
+from trustrl.models import reference_context, save_model
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
-from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, reward_metrics, sample_and_score
+from trustrl.trainers.rl_common import (
+    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+)
 from trustrl.utils import seed_everything
 
 
@@ -90,19 +92,10 @@ class GRPOTrainer:
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
-        self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
-        self.prompts = PromptSet(config.dataset, config, self.tokenizer)
-        self.eval_prompts = (PromptSet(config.eval_dataset, config, self.tokenizer, limit=config.eval_prompts)
-                             if config.eval_dataset else None)
-        self.policy = model if model is not None else load_policy(
-            config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
-            lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
-        )
-        if model is not None:
-            check_vocab(model, self.tokenizer, "the model passed to GRPOTrainer")
-        # beta = 0 loads no reference model at all; with LoRA the reference is the base model
-        self.reference = make_reference(self.policy) if config.beta > 0 else None
+        loaded = load_rl_models(config, self.device, who="GRPOTrainer", reward_funcs=reward_funcs, model=model,
+                                tokenizer=tokenizer)
+        self.rewards, self.tokenizer, self.policy, self.reference = loaded.rewards, loaded.tokenizer, loaded.policy, loaded.reference
+        self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.last_metrics: dict[str, float] = {}
 

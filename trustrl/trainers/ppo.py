@@ -58,19 +58,13 @@ from trustrl.losses import (
     policy_loss,
     value_loss,
 )
-from trustrl.models import (
-    check_vocab,
-    lm_backbone_and_head,
-    load_policy,
-    load_tokenizer,
-    make_reference,
-    reference_context,
-    save_model,
-)
+from trustrl.models import check_vocab, lm_backbone_and_head, load_tokenizer, reference_context, save_model
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states, completion_logprobs
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
-from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, reward_metrics, sample_and_score
+from trustrl.trainers.rl_common import (
+    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+)
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, last_token_index, load_scalar_model, scalar_model_from_lm
 
@@ -258,18 +252,10 @@ class PPOTrainer:
         seed_everything(config.seed, deterministic=config.deterministic)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         # 1. preparation: rewards, tokenizer, prompts, actor, reference, critic, KL controller
-        self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
-        self.prompts = PromptSet(config.dataset, config, self.tokenizer)
-        self.eval_prompts = (PromptSet(config.eval_dataset, config, self.tokenizer, limit=config.eval_prompts)
-                             if config.eval_dataset else None)
-        self.policy = model if model is not None else load_policy(
-            config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
-            lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
-        )
-        if model is not None:
-            check_vocab(model, self.tokenizer, "the model passed to PPOTrainer")
-        self.reference = make_reference(self.policy) if config.beta > 0 else None
+        loaded = load_rl_models(config, self.device, who="PPOTrainer", reward_funcs=reward_funcs, model=model,
+                                tokenizer=tokenizer)
+        self.rewards, self.tokenizer, self.policy, self.reference = loaded.rewards, loaded.tokenizer, loaded.policy, loaded.reference
+        self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
         self.critic = critic if critic is not None else make_critic(config, self.tokenizer, self.device)
         if critic is not None:
             check_vocab(critic.trunk, self.tokenizer, "the critic passed to PPOTrainer")

@@ -173,3 +173,37 @@ def evaluate_greedy(
     metrics["eval/accuracy"] = totals[target] / n
     metrics["eval/mean_length"] = lengths / n
     return metrics
+
+
+@dataclass
+class RLModels:
+    """What every RL trainer loads first: rewards, tokenizer, prompt sets, policy, reference."""
+
+    rewards: RewardSuite
+    tokenizer: Any
+    prompts: PromptSet
+    eval_prompts: PromptSet | None
+    policy: nn.Module
+    reference: nn.Module | None
+
+
+def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_funcs=None, model=None,
+                   tokenizer=None, gradient_checkpointing: bool | None = None) -> RLModels:
+    """Rewards first (cheap, fail fast on a bad spec), then data, then models. ``beta = 0`` loads
+    no reference model at all; with LoRA the reference is the base model (``reference_context``)."""
+    from trustrl.models import check_vocab, load_policy, load_tokenizer, make_reference
+
+    rewards = RewardSuite(config, extra=reward_funcs, device=device)
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+    prompts = PromptSet(config.dataset, config, tokenizer)
+    eval_prompts = (PromptSet(config.eval_dataset, config, tokenizer, limit=config.eval_prompts)
+                    if config.eval_dataset else None)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = config.gradient_checkpointing
+    if model is None:
+        model = load_policy(config.model, dtype=config.dtype, device=device, tokenizer=tokenizer,
+                            lora=config.lora, gradient_checkpointing=gradient_checkpointing)
+    else:
+        check_vocab(model, tokenizer, f"the model passed to {who}")
+    reference = make_reference(model) if config.beta > 0 else None
+    return RLModels(rewards, tokenizer, prompts, eval_prompts, model, reference)

@@ -56,22 +56,14 @@ from trustrl.config import register_config
 from trustrl.distributed import require_single_process
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import explained_variance, masked_mean, value_loss
-from trustrl.models import (
-    check_vocab,
-    is_peft,
-    lm_backbone_and_head,
-    load_policy,
-    load_tokenizer,
-    make_reference,
-    reference_context,
-    resolve_device,
-    save_model,
-)
+from trustrl.models import is_peft, lm_backbone_and_head, reference_context, resolve_device, save_model
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
 from trustrl.trainers.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
-from trustrl.trainers.rl_common import PromptSet, RewardSuite, ScoredBatch, evaluate_greedy, reward_metrics, sample_and_score
+from trustrl.trainers.rl_common import (
+    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+)
 from trustrl.trpo import TRPOResult, trpo_update
 from trustrl.utils import seed_everything
 
@@ -247,18 +239,10 @@ class TRPOTrainer:
         seed_everything(config.seed, deterministic=config.deterministic)
         require_single_process("trpo")  # no data parallelism yet: fail clearly under torchrun
         self.device = resolve_device(config.device)
-        self.rewards = RewardSuite(config, extra=reward_funcs, device=self.device)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
-        self.prompts = PromptSet(config.dataset, config, self.tokenizer)
-        self.eval_prompts = (PromptSet(config.eval_dataset, config, self.tokenizer, limit=config.eval_prompts)
-                             if config.eval_dataset else None)
-        self.policy = model if model is not None else load_policy(
-            config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
-            lora=config.lora, gradient_checkpointing=False,  # double backward needs the activations
-        )
-        if model is not None:
-            check_vocab(model, self.tokenizer, "the model passed to TRPOTrainer")
-        self.reference = make_reference(self.policy) if config.beta > 0 else None
+        loaded = load_rl_models(config, self.device, who="TRPOTrainer", reward_funcs=reward_funcs, model=model,
+                                tokenizer=tokenizer, gradient_checkpointing=False)  # double backward needs activations
+        self.rewards, self.tokenizer, self.policy, self.reference = loaded.rewards, loaded.tokenizer, loaded.policy, loaded.reference
+        self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
         # the subset the natural-gradient step moves; everything else is frozen
         self.trpo_named_params = select_trpo_parameters(self.policy, config.trpo_params)
         keep = {id(p) for _, p in self.trpo_named_params}
