@@ -72,3 +72,17 @@ def test_cli_trains_grpo_from_yaml(tiny_model_dir, addition_data, tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
     report = _cli("report", str(tmp_path / "run"))
     assert report.returncode == 0 and (tmp_path / "run" / "report.html").is_file()
+
+
+def test_shipped_configs_validate():
+    """Every recipe in configs/ loads into its trainer's config class (typos fail here)."""
+    from pathlib import Path
+
+    from trustrl.cli import _config_class
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        algo = path.stem.split("_")[0]
+        load_config(_config_class(algo), path)
