@@ -1,0 +1,208 @@
+"""Tabular methods for discrete Gymnasium envs (Sutton & Barto, 2nd ed.).
+
+* :func:`td0_evaluation` -- TD(0) prediction of ``V^pi`` for a given stochastic policy
+  (S&B section 6.1): ``V(s) <- V(s) + alpha [r + gamma (1 - terminated) V(s') - V(s)]``.
+  A time-limit truncation is *not* terminal: the target still bootstraps from ``V(s')``.
+* :func:`exact_policy_evaluation` -- the same ``V^pi`` from the linear Bellman system
+  ``(I - gamma P_pi) v = r_pi`` (S&B eq. 4.4), given the env's model.
+* :func:`q_learning` -- off-policy TD control with an epsilon-greedy behaviour policy
+  (S&B section 6.5): ``Q(s,a) <- Q(s,a) + alpha [r + gamma (1 - term) max_b Q(s',b) - Q(s,a)]``.
+* :func:`greedy_rollout` -- follow ``argmax_a Q`` from the start state.
+
+Everything here is plain numpy; the env is stepped on its unwrapped object when possible
+(the Gymnasium checker wrappers cost more than the update itself).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import gymnasium as gym
+
+
+def _unwrap(env: gym.Env) -> gym.Env:
+    # Drop PassiveEnvChecker / OrderEnforcing, keep the raw MDP (our maze carries its own
+    # time limit, so nothing semantic lives in those wrappers).
+    return getattr(env, "unwrapped", env)
+
+
+def uniform_policy(n_states: int, n_actions: int) -> np.ndarray:
+    """``pi[s, a] = 1 / n_actions`` for every state."""
+    return np.full((n_states, n_actions), 1.0 / n_actions)
+
+
+def exact_policy_evaluation(
+    next_state: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    policy: np.ndarray,
+    gamma: float,
+) -> np.ndarray:
+    """Solve ``v = r_pi + gamma P_pi v`` for a deterministic-transition model.
+
+    Args:
+        next_state: ``[S, A]`` int, the successor of ``(s, a)``.
+        reward: ``[S, A]`` expected reward of ``(s, a)``.
+        terminal: ``[S]`` bool; terminal states have ``v = 0`` (episode over on entry).
+        policy: ``[S, A]`` action probabilities.
+        gamma: discount, ``< 1`` (the system is singular at 1 unless every policy ends).
+
+    Returns:
+        ``[S]`` state values (0 on terminal states).
+    """
+    n_states, n_actions = reward.shape
+    if policy.shape != (n_states, n_actions):
+        raise ValueError(f"exact_policy_evaluation: policy shape {policy.shape} != {(n_states, n_actions)}")
+    p_pi = np.zeros((n_states, n_states))
+    for a in range(n_actions):
+        # P_pi[s, s'] += pi(a|s) for s' = next_state[s, a]
+        np.add.at(p_pi, (np.arange(n_states), next_state[:, a]), policy[:, a])
+    # Entering a terminal state ends the episode: its value is 0, so drop those columns,
+    # and pin terminal rows to v = 0.
+    p_pi[:, terminal] = 0.0
+    r_pi = (policy * reward).sum(axis=1)
+    a_mat = np.eye(n_states) - gamma * p_pi
+    a_mat[terminal] = 0.0
+    a_mat[terminal, terminal] = 1.0
+    r_pi = np.where(terminal, 0.0, r_pi)
+    return np.linalg.solve(a_mat, r_pi)
+
+
+@dataclass
+class TabularResult:
+    """Output of a tabular run: the table plus per-episode logs."""
+
+    table: np.ndarray
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+    env_steps: int = 0
+    wall_seconds: float = 0.0
+
+
+def td0_evaluation(
+    env: gym.Env,
+    policy: np.ndarray,
+    *,
+    total_steps: int,
+    gamma: float = 0.9,
+    alpha: float | Callable[[int], float] = 0.1,
+    seed: int = 0,
+    on_episode: Callable[[int, float, int], None] | None = None,
+) -> TabularResult:
+    """TD(0) prediction of ``V^pi`` from ``total_steps`` environment steps.
+
+    ``alpha`` is a constant step size or a function of the state's visit count ``n >= 1``
+    (e.g. ``lambda n: n ** -0.7`` satisfies the Robbins-Monro conditions).
+    ``on_episode(env_steps, return, length)`` is called after each episode.
+    """
+    raw = _unwrap(env)
+    n_states, n_actions = raw.observation_space.n, raw.action_space.n
+    if policy.shape != (n_states, n_actions):
+        raise ValueError(f"td0_evaluation: policy shape {policy.shape} != {(n_states, n_actions)}")
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(policy, axis=1)
+    step_size = alpha if callable(alpha) else (lambda n, a=float(alpha): a)
+    v = np.zeros(n_states)
+    visits = np.zeros(n_states, dtype=np.int64)
+    out = TabularResult(table=v)
+    t0 = time.perf_counter()
+    s, _ = raw.reset(seed=seed)
+    ep_ret, ep_len = 0.0, 0
+    uniforms = rng.random(total_steps)
+    for t in range(total_steps):
+        a = int(np.searchsorted(cdf[s], uniforms[t] * cdf[s, -1], side="right"))
+        a = min(a, n_actions - 1)
+        s2, r, terminated, truncated, _ = raw.step(a)
+        visits[s] += 1
+        target = r + (0.0 if terminated else gamma * v[s2])
+        v[s] += step_size(int(visits[s])) * (target - v[s])
+        ep_ret += r
+        ep_len += 1
+        if terminated or truncated:
+            out.episode_returns.append(ep_ret)
+            out.episode_lengths.append(ep_len)
+            if on_episode is not None:
+                on_episode(t + 1, ep_ret, ep_len)
+            s, _ = raw.reset()
+            ep_ret, ep_len = 0.0, 0
+        else:
+            s = s2
+    out.env_steps = total_steps
+    out.wall_seconds = time.perf_counter() - t0
+    return out
+
+
+def q_learning(
+    env: gym.Env,
+    *,
+    total_steps: int,
+    gamma: float = 0.99,
+    alpha: float = 0.5,
+    epsilon: float | Callable[[int], float] = 0.1,
+    q_init: float = 0.0,
+    seed: int = 0,
+    on_episode: Callable[[int, float, int], None] | None = None,
+) -> TabularResult:
+    """Q-learning with an epsilon-greedy behaviour policy for ``total_steps`` env steps.
+
+    ``epsilon`` is a constant or a function of the global step. Ties in ``argmax`` are
+    broken at random so an all-zero table does not always pick action 0.
+    """
+    raw = _unwrap(env)
+    n_states, n_actions = raw.observation_space.n, raw.action_space.n
+    rng = np.random.default_rng(seed)
+    eps_fn = epsilon if callable(epsilon) else (lambda t, e=float(epsilon): e)
+    q = np.full((n_states, n_actions), float(q_init))
+    out = TabularResult(table=q)
+    t0 = time.perf_counter()
+    s, _ = raw.reset(seed=seed)
+    ep_ret, ep_len = 0.0, 0
+    for t in range(total_steps):
+        if rng.random() < eps_fn(t):
+            a = int(rng.integers(n_actions))
+        else:
+            row = q[s]
+            best = np.flatnonzero(row == row.max())
+            a = int(best[0] if best.size == 1 else rng.choice(best))
+        s2, r, terminated, truncated, _ = raw.step(a)
+        target = r + (0.0 if terminated else gamma * q[s2].max())
+        q[s, a] += alpha * (target - q[s, a])
+        ep_ret += r
+        ep_len += 1
+        if terminated or truncated:
+            out.episode_returns.append(ep_ret)
+            out.episode_lengths.append(ep_len)
+            if on_episode is not None:
+                on_episode(t + 1, ep_ret, ep_len)
+            s, _ = raw.reset()
+            ep_ret, ep_len = 0.0, 0
+        else:
+            s = s2
+    out.env_steps = total_steps
+    out.wall_seconds = time.perf_counter() - t0
+    return out
+
+
+def greedy_rollout(env: gym.Env, q: np.ndarray, max_steps: int | None = None) -> tuple[list[int], float, bool]:
+    """Follow ``argmax_a Q(s, a)`` (first maximum) from ``reset()``.
+
+    Returns ``(visited states including the start, return, reached a terminal state)``.
+    """
+    raw = _unwrap(env)
+    s, _ = raw.reset()
+    states, total = [int(s)], 0.0
+    limit = max_steps if max_steps is not None else 10_000
+    for _ in range(limit):
+        s, r, terminated, truncated, _ = raw.step(int(np.argmax(q[s])))
+        states.append(int(s))
+        total += r
+        if terminated:
+            return states, total, True
+        if truncated:
+            break
+    return states, total, False
+
