@@ -212,8 +212,11 @@ def generate(
     The prompt runs once (logits for its last position only); each later step feeds one token
     per sequence through the cache. The attention mask is preallocated at its final width and
     passed as a growing view (no per-step concatenation); when no prompt is padded it is not
-    passed at all (a causal mask alone is then exact). Runs under ``torch.inference_mode``;
-    the returned tensors are ordinary tensors, usable in autograd."""
+    passed at all (a causal mask alone is then exact). Sampling draws two uniforms per row
+    (two-level inverse CDF, no ``[B, V]`` random numbers). On a CPU with several threads the
+    decode loop picks its thread count by timing its first steps (see ``_DecodeThreads``).
+    Runs under ``torch.inference_mode``; the returned tensors are ordinary tensors, usable in
+    autograd."""
     was_training = model.training
     model.eval()
     try:
@@ -281,26 +284,30 @@ class _DecodeThreads:
     """CPU thread count for the decode loop, chosen by measurement.
 
     A decode step is a few hundred small operators (one token per sequence). With several
-    intra-op threads each operator ends in a barrier, and when the machine's cores are shared
-    (other processes, data-parallel ranks) a preempted thread stalls every barrier: on a busy
-    2-core machine one thread decoded 4-6x faster than two. On an idle machine more threads
-    win. So the first ``2 * trials`` steps alternate between torch's current setting and one
-    thread, timing each; the rest of the loop runs with the faster (median), and the caller's
-    setting is restored at the end. Only on CPU and only when more than one thread is set."""
+    intra-op threads each operator ends in a barrier, and when another process holds one of
+    the cores a preempted thread stalls every barrier: on a 2-core machine with one busy core a
+    decode step took 400 ms with two threads and 27 ms with one. On an idle machine more
+    threads can win. So the first steps alternate between one thread and torch's current
+    setting, timing each; the loop continues with the faster (median of up to ``trials`` each,
+    decided after one pair when one is over twice as slow), and the caller's setting is restored
+    at the end. Only on CPU, when more than one thread is set and deterministic algorithms are
+    off (the thread count can change float rounding)."""
 
     def __init__(self, device: torch.device, trials: int = 3):
         self.default = torch.get_num_threads()
-        self.active = device.type == "cpu" and self.default > 1
+        # timing-based choices would make results depend on machine load: off in deterministic mode
+        self.active = (device.type == "cpu" and self.default > 1
+                       and not torch.are_deterministic_algorithms_enabled())
         self.trials = trials
-        self.times: dict[int, list[float]] = {self.default: [], 1: []}
+        self.times: dict[int, list[float]] = {1: [], self.default: []}
         self.choice: int | None = None
-        self.current = self.default
+        self.current = 1
         self.t0 = 0.0
 
     def start(self) -> None:
         if not self.active or self.choice is not None:
             return
-        self.current = self.default if len(self.times[self.default]) <= len(self.times[1]) else 1
+        self.current = 1 if len(self.times[1]) <= len(self.times[self.default]) else self.default
         torch.set_num_threads(self.current)
         self.t0 = time.perf_counter()
 
@@ -308,10 +315,59 @@ class _DecodeThreads:
         if not self.active or self.choice is not None:
             return
         self.times[self.current].append(time.perf_counter() - self.t0)
-        if len(self.times[1]) >= self.trials and len(self.times[self.default]) >= self.trials:
-            median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
+        one, many = self.times[1], self.times[self.default]
+        if len(one) != len(many):
+            return
+        median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
+        lopsided = max(median.values()) > 2 * min(median.values())
+        if lopsided or len(one) >= self.trials:
             self.choice = min(median, key=median.__getitem__)
             torch.set_num_threads(self.choice)
+            _DECODE_VERDICT[0] = self.choice
+
+    def restore(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.default)
+
+
+#: The thread count the most recent decode loop in this process found faster (None: no
+#: verdict yet). Read by ``StepThreads.follow_decode``; a performance hint only.
+_DECODE_VERDICT: list[int | None] = [None]
+
+
+class StepThreads:
+    """Intra-op CPU threads for one RL step: torch's setting, or one thread when the step's
+    decode loop measured one thread to be faster.
+
+    torch's default (one thread per core) is right on an idle machine and badly wrong when
+    other processes share the cores: a descheduled thread stalls the barrier that ends every
+    parallel operator. On the 2-core development machine with one core busy elsewhere, a
+    GRPO step's log-prob, backward and optimizer phases ran about 2x slower with two threads
+    than with one (decoding 3-15x slower); with both cores free, two threads ran ~1.7x faster.
+    Short synthetic probes misjudge this (a 2 ms burst often finds both cores free); the
+    decode loop's timing of its own steps (``_DecodeThreads``) is sustained real work, so the
+    training phase of the same step follows its verdict.
+
+    Use: ``start_step()`` before generating (puts the configured count back, so the decode loop
+    compares one thread against it afresh), ``follow_decode()`` after generating, ``restore()``
+    at the end. Inactive (a no-op) off the CPU, with one thread configured, or with
+    deterministic algorithms on (bitwise-reproducible runs must not depend on machine load)."""
+
+    def __init__(self, device: torch.device | str):
+        self.default = torch.get_num_threads()
+        self.active = (torch.device(device).type == "cpu" and self.default > 1
+                       and not torch.are_deterministic_algorithms_enabled())
+
+    def start_step(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.default)
+            _DECODE_VERDICT[0] = None
+
+    def follow_decode(self) -> int:
+        """Adopt the decode loop's verdict (if any) for the rest of the step; returns the count."""
+        if self.active and _DECODE_VERDICT[0] is not None:
+            torch.set_num_threads(_DECODE_VERDICT[0])
+        return torch.get_num_threads()
 
     def restore(self) -> None:
         if self.active:

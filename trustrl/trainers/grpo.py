@@ -33,7 +33,7 @@ from trustrl.config import GRPOConfig
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import aggregate, kl_penalty, policy_loss, sequence_policy_loss
 from trustrl.models import reference_context, save_model
-from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
+from trustrl.rollout import Rollout, StepThreads, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
 from trustrl.trainers.rl_common import (
@@ -252,10 +252,13 @@ class GRPOTrainer:
             run.logger.log(0, first)
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="grpo", disable=not cfg.progress or None)
         step = run.start_step
+        threads = StepThreads(self.device)  # CPU: torch's thread count, or 1 where decoding found 1 faster
         while step < cfg.max_steps:
             t0 = time.time()
+            threads.start_step()
             # 1-3. prompts -> G completions each (old policy) -> rewards
             batch, metrics = self.collect(sampler)
+            threads.follow_decode()
             gen_seconds = time.time() - t0
             if batch is None:  # every group had equal rewards: nothing to learn from this step
                 step += 1
@@ -336,6 +339,7 @@ class GRPOTrainer:
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["reward/mean", "kl/ref", "eval/accuracy"]))
             checkpoint(step)
+        threads.restore()
         bar.close()
         final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
         summary = {
