@@ -22,6 +22,12 @@ Each side runs in its own subprocess (so peak RSS is per side), in alternation
 first step is warm-up and not timed; the median is over all timed steps of all runs of a side,
 peak RSS (ru_maxrss of the worker process) the median over its runs.
 
+Both sides start with torch's default intra-op threads (`--threads N` pins both). trustrl
+then measures, each step, whether one thread beats the default on this machine right now
+(rollout._DecodeThreads / StepThreads); TRL keeps the default. `--threads 1` therefore gives
+the purely algorithmic comparison. CPU seconds per step (process time, all threads) are
+reported beside wall time: on a shared machine they are the steadier number.
+
 On CUDA (when present, or `--device cuda`) both sides run in bfloat16 with SDPA attention and
 the peak GPU memory (torch.cuda.max_memory_allocated) is reported as well.
 """
@@ -390,6 +396,10 @@ def run_worker(side: str, args, assets: Path, lora: bool) -> dict:
         cmd.append("--lora")
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                TRUSTRL_NO_PROGRESS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if args.malloc_mmap_threshold:
+        # glibc: allocations above this size are mmap'd and returned to the OS when freed, so
+        # peak RSS measures live tensors rather than heap fragmentation (both sides alike)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     marker = "BENCH_RESULT "
     for line in proc.stdout.splitlines():
@@ -433,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LoRA (r 16, all linear layers) on both sides, plus a trustrl full fine-tuning run "
                          "for the memory saved by not holding a reference copy")
     ap.add_argument("--sides", default="trustrl,trl", help="comma-separated: trustrl, trl")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                    help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, e.g. 1048576: freed "
+                         "large blocks go back to the OS, so peak RSS tracks live memory, not fragmentation")
     ap.add_argument("--assets", default=None, help="asset directory (default: a cache under the temp dir)")
     ap.add_argument("--json", default=None, help="write the summary here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -472,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                      "beta": args.beta, "mu": 1, "learning_rate": 1e-6, "lora": args.lora,
                      "steps_per_run": args.steps, "rounds": args.rounds,
                      "equal_length": "EOS logit set to -inf during sampling by the same LM-head hook on both sides",
-                     "threads": args.threads or "torch default", "device": args.device},
+                     "threads": args.threads or "torch default", "device": args.device,
+                     "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default"},
         "sides": summary,
     }
     a, b = ("trustrl-lora", "trl-lora") if args.lora else ("trustrl", "trl")
