@@ -26,6 +26,7 @@ from trustrl.rewards import (
     NamedReward,
     RewardError,
     RewardSpec,
+    exact_answer_reward,
     extract_answer,
     format_reward,
     length_penalty,
@@ -112,6 +113,24 @@ def test_numeric_answer_reward() -> None:
         fn(["p", "p"], ["1", "2"], answer=["1", "n/a"])
     with pytest.raises(KeyError, match=r"needs column 'answer'"):
         fn(["p"], ["1"])
+
+
+def test_exact_answer_reward() -> None:
+    fn = exact_answer_reward()
+    completions = [
+        "<answer>001</answer>",  # gold "001" -> 1
+        "<answer>01</answer>",  # "01" != "001" (numeric_answer would accept it) -> 0
+        "<answer> 001 </answer>",  # stripped -> 1
+        "001",  # no tag, tag_required -> 0
+        "<answer>9</answer><answer>001</answer>",  # the last tag counts -> 1
+    ]
+    assert fn(["p"] * 5, completions, answer=["001"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    loose = exact_answer_reward(tag_required=False, case_sensitive=False)
+    assert loose(["p", "p"], [" Paris ", "<answer>paris</answer>"], answer=["paris", "PARIS"]) == [1.0, 1.0]
+    assert fn(["p"], ["<answer>7</answer>"], answer=[7]) == [1.0]  # int golds compare as text
+    with pytest.raises(ValueError, match=r"gold answer None in column 'answer' at sample 1"):
+        fn(["p", "p"], ["1", "2"], answer=["1", None])
+    assert resolve_reward("exact_answer").name == "exact_answer"
 
 
 def test_math_equivalence_equivalent_forms() -> None:

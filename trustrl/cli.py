@@ -79,12 +79,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.output_dir = args.output_dir
     settings.seed = args.seed
+    settings.pipeline = args.pipeline
     summary = run_demo(settings)
     print()
     print(format_table(summary))
     print()
     print(f"summary: {Path(args.output_dir) / 'summary.json'}")
-    print(f"report:  {Path(args.output_dir) / 'grpo' / 'report.html'}")
+    print(f"report:  {Path(args.output_dir) / settings.pipeline_dir / 'report.html'}")
     if args.verbose:
         print(summary_json(summary))
     return 0
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustrl", description="RL post-training of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="pre-train, SFT and GRPO on a built-in arithmetic task")
+    demo = sub.add_parser("demo", help="pre-train, SFT and GRPO (or RM + PPO, or TRPO) on a built-in arithmetic task")
+    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "trpo"), default="grpo",
+                      help="the RL stage: grpo (default), rlhf (reward model, then PPO against it) or trpo")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")

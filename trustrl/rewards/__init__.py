@@ -22,6 +22,7 @@ from trustrl.rewards.registry import (
 )
 from trustrl.rewards.rules import (
     RewardFn,
+    exact_answer_reward,
     extract_answer,
     format_reward,
     length_penalty,
@@ -38,6 +39,7 @@ __all__ = [
     "RewardFn",
     "RewardSpec",
     "ScoreResult",
+    "exact_answer_reward",
     "extract_answer",
     "format_reward",
     "length_penalty",

@@ -150,6 +150,7 @@ def _reward_model(**kwargs: Any) -> RewardFn:
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "format": rules.format_reward,
     "numeric_answer": rules.numeric_answer_reward,
+    "exact_answer": rules.exact_answer_reward,
     "math_equivalence": rules.math_equivalence_reward,
     "length_penalty": rules.length_penalty,
     "soft_overlong": rules.soft_overlong_reward,

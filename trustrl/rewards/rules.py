@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 __all__ = [
     "RewardFn",
+    "exact_answer_reward",
     "extract_answer",
     "format_reward",
     "length_penalty",
@@ -197,6 +198,37 @@ def numeric_answer_reward(
         return out
 
     return _named(fn, "numeric_answer")
+
+
+def exact_answer_reward(answer_column: str = "answer", tag_required: bool = True,
+                        case_sensitive: bool = True) -> RewardFn:
+    """Reward 1.0 when the completion's answer is exactly the gold string (both stripped).
+
+    For answers whose form matters, where :func:`numeric_answer_reward` would accept
+    ``"01"`` for ``"001"`` or ``"1.0"`` for ``"1"``. The answer is the content of the last
+    ``<answer>`` tag; without a tag 0.0, or with ``tag_required=False`` the whole completion.
+
+    Raises (per call, caught and attributed by the scorer):
+        ValueError: a gold answer that is not a string or number, naming the sample index.
+    """
+
+    def norm(text: str) -> str:
+        return text.strip() if case_sensitive else text.strip().lower()
+
+    def fn(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        golds = _column(columns, answer_column, "exact_answer_reward", len(completions))
+        out: list[float] = []
+        for i, (completion, gold) in enumerate(zip(completions, golds)):
+            if isinstance(gold, bool) or not isinstance(gold, (str, int)):
+                raise ValueError(f"exact_answer_reward: gold answer {gold!r} in column {answer_column!r} "
+                                 f"at sample {i} is not a string")
+            found = extract_answer(completion, fallback="none")
+            if found is None and not tag_required:
+                found = completion
+            out.append(1.0 if found is not None and norm(found) == norm(str(gold)) else 0.0)
+        return out
+
+    return _named(fn, "exact_answer")
 
 
 # --------------------------------------------------------------------------------------------

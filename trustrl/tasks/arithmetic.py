@@ -39,9 +39,26 @@ class AdditionTask:
     """Write the column-by-column work in <think> before the answer (R1 style). Off in the
     demo: a 2-layer model copies operand digits into the scratchpad unreliably."""
 
+    reverse_answer: bool = False
+    """Write the answer units digit first, zero-padded to ``digits + 1`` digits (47+38 -> "580",
+    i.e. 085 read backwards): the order column addition produces the digits in, so each digit
+    depends only on one column and the carry before it. Small transformers learn addition far
+    more reliably this way (Lee et al. 2023, "Teaching Arithmetic to Small Transformers",
+    arXiv 2307.03381)."""
+
+    def answer_text(self, total: int) -> str:
+        """How the answer ``total`` is written in every stage's data."""
+        if self.reverse_answer:
+            return f"{total:0{self.digits + 1}d}"[::-1]
+        return str(total)
+
     @property
     def format_pattern(self) -> str:
-        return SCRATCHPAD_FORMAT_PATTERN if self.scratchpad else FORMAT_PATTERN
+        if self.scratchpad:
+            return SCRATCHPAD_FORMAT_PATTERN
+        if self.reverse_answer:
+            return rf"^<answer>\d{{{self.digits + 1}}}</answer>$"
+        return FORMAT_PATTERN
 
     def is_held_out(self, a: int, b: int) -> bool:
         # a fixed hash of the pair, independent of any seed, so every stage agrees. (A linear
@@ -79,14 +96,14 @@ class AdditionTask:
     def completion(self, a: int, b: int, drop_carries: bool = False) -> str:
         steps, answer = self.worked(a, b, drop_carries)
         if not self.scratchpad:
-            return f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
-        return f"{THINK_OPEN}{steps}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+            return f"{ANSWER_OPEN}{self.answer_text(answer)}{ANSWER_CLOSE}"
+        return f"{THINK_OPEN}{steps}{THINK_CLOSE}{ANSWER_OPEN}{self.answer_text(answer)}{ANSWER_CLOSE}"
 
     def text_line(self, a: int, b: int) -> str:
         steps, answer = self.worked(a, b)
         if not self.scratchpad:
-            return f"{self.prompt(a, b)}{answer}"
-        return f"{self.prompt(a, b)}{steps} => {answer}"
+            return f"{self.prompt(a, b)}{self.answer_text(answer)}"
+        return f"{self.prompt(a, b)}{steps} => {self.answer_text(answer)}"
 
 
 def sum_without_carry(a: int, b: int) -> int:
@@ -118,9 +135,9 @@ def write_task_data(directory: str | Path, task: AdditionTask, *, seed: int, n_p
     for a, b in (rng.choice(train) for _ in range(n_sft)):
         slip = rng.random() < sft_carry_slip_rate
         sft.append({"prompt": task.prompt(a, b), "completion": task.completion(a, b, drop_carries=slip)})
-    rl = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in train]
+    rl = [{"prompt": task.prompt(a, b), "answer": task.answer_text(a + b)} for a, b in train]
     rng.shuffle(rl)
-    held_rows = [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in held]
+    held_rows = [{"prompt": task.prompt(a, b), "answer": task.answer_text(a + b)} for a, b in held]
     random.Random(12345).shuffle(held_rows)  # the same held-out sample for every seed
     paths = {
         "pretrain": directory / "pretrain.jsonl",

@@ -1,17 +1,23 @@
 """`make demo`: the three stages of LLM training on a CPU in minutes.
 
-1. pre-train a tiny Llama-style transformer from scratch on generated text ("47+38=85" lines);
-2. SFT it on examples in the answer format ("47+38=" -> "<answer>85</answer>"); optionally
-   (``sft_carry_slip_rate``) from a sloppy teacher who forgets carries ("<answer>75</answer>");
-3. GRPO with rule-based rewards (exact numeric answer + format), then compare greedy accuracy
-   on held-out sums never seen in any stage: ``accuracy_before_rl`` (the SFT model) and
-   ``accuracy_after_rl``.
+1. pre-train a tiny Llama-style transformer from scratch on generated text ("47+38=580" lines:
+   the sum written units digit first, zero-padded, see ``AdditionTask.reverse_answer``);
+2. SFT it on examples in the answer format ("47+38=" -> "<answer>580</answer>") written by a
+   sloppy teacher who forgets the carries in 60% of the sums that have one
+   ("<answer>570</answer>"), as imperfect demonstration data is;
+3. the RL stage, with held-out greedy accuracy measured before (``accuracy_before_rl``, the SFT
+   model) and after (``accuracy_after_rl``) on sums never seen in any stage:
+   - ``pipeline="grpo"`` (the default): GRPO with rule rewards (exact answer + format);
+   - ``pipeline="rlhf"``: a Bradley-Terry reward model on preference pairs (right answer
+     preferred to a slipped, wrong or badly formatted one), then PPO against that model alone;
+   - ``pipeline="trpo"``: TRPO steps in a KL trust region on group advantages of the rule rewards.
 
-After SFT the model samples the right sum for most held-out prompts at least once in 16 tries
-(pass@16 = 0.78 measured on seed 0) but greedy decoding gets only about 30% right; GRPO's
-verifiable reward turns that pass@G into pass@1. (A carry-dropping teacher, tried as the
-default, made things worse: the tiny model learns the easy wrong rule and RL rarely samples
-a right answer to reinforce; the knob stays for experiments.)
+Why the sloppy teacher: it is the situation RL with verifiable rewards is for. After SFT the
+model can add (it writes the right sum for most prompts at least once in 16 samples) but its
+greedy answer is the teacher's habit; the reward, which checks the sum, turns that pass@16
+into pass@1. Without the slips, how well SFT alone does varies with the seed from mediocre
+to nearly perfect on a model this small, which leaves RL nothing reliable to show. Measured
+numbers and the commands are in the README.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trustrl.config import GRPOConfig, PretrainConfig, SFTConfig
+
+PIPELINES = ("grpo", "rlhf", "trpo")
 from trustrl.tasks.arithmetic import CHARS, SPECIAL_TOKENS, AdditionTask, write_task_data
 from trustrl.tiny import create_tiny_model_dir
 
@@ -37,17 +45,18 @@ class DemoSettings:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    sft_carry_slip_rate: float = 0.0
+    reverse_answer: bool = True
+    sft_carry_slip_rate: float = 0.6
     pretrain_steps: int = 1000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    sft_steps: int = 600
+    sft_steps: int = 2000
     sft_batch: int = 32
     sft_lr: float = 1e-3
     grpo_steps: int = 100
     grpo_prompts: int = 16
     group_size: int = 16
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-4
     beta: float = 0.01
     eval_prompts: int = 200
     eval_every: int = 25
@@ -57,93 +66,216 @@ class DemoSettings:
     than it saves, and on a busy machine extra threads oversubscribe the cores (measured here:
     1 thread 0.3-0.6 s per pre-training step vs 7-8 s with 2 threads while other jobs ran)."""
 
+    pipeline: str = "grpo"
+    """grpo (the default), rlhf (reward model then PPO) or trpo."""
+    rm_pairs: int = 8000
+    rm_slip_share: float = 0.6
+    rm_steps: int = 600
+    rm_lr: float = 1e-3
+    ppo_steps: int = 200
+    ppo_prompts: int = 32
+    ppo_samples: int = 2
+    ppo_lr: float = 3e-4
+    ppo_critic_lr: float = 1e-3
+    ppo_epochs: int = 4
+    ppo_minibatch: int = 16
+    ppo_beta: float = 0.05
+    ppo_kl_target: float = 2.0
+    ppo_kl_horizon: float = 1000.0
+    ppo_target_kl: float | None = 0.05
+    trpo_steps: int = 100
+    trpo_max_kl: float = 0.01
+
+    @property
+    def pipeline_dir(self) -> str:
+        """The RL stage's run directory (under output_dir): grpo, ppo or trpo."""
+        return {"grpo": "grpo", "rlhf": "ppo", "trpo": "trpo"}.get(self.pipeline, self.pipeline)
+
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoSettings":
         """A shortened pipeline for the test suite (same code path, tiny budgets)."""
         base = dict(hidden_size=32, num_layers=1, num_heads=2, pretrain_steps=8, sft_steps=4, grpo_steps=3,
-                    grpo_prompts=4, group_size=4, eval_prompts=16, eval_every=2, progress=False)
+                    grpo_prompts=4, group_size=4, eval_prompts=16, eval_every=2, progress=False, rm_pairs=64,
+                    rm_steps=4, ppo_steps=3, ppo_prompts=4, ppo_minibatch=4, trpo_steps=3)
         base.update(overrides)
         return cls(**base)
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    from trustrl.report import write_report
-    from trustrl.trainers.grpo import GRPOTrainer
-    from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
-    from trustrl.logging import write_json_atomic
-
+    """Pre-train, SFT, then the RL stage of ``settings.pipeline``; writes and returns summary.json."""
     import torch
 
+    from trustrl.logging import write_json_atomic
+    from trustrl.report import write_report
+
     s = settings
+    if s.pipeline not in PIPELINES:
+        raise ValueError(f"DemoSettings.pipeline must be one of {PIPELINES}, got {s.pipeline!r}")
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     started = time.time()
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = AdditionTask(digits=s.digits)
+    task = AdditionTask(digits=s.digits, reverse_answer=s.reverse_answer)
     data = write_task_data(out / "data", task, seed=s.seed, n_eval=s.eval_prompts,
                            sft_carry_slip_rate=s.sft_carry_slip_rate)
-    init_dir = create_tiny_model_dir(out / "init", chars=CHARS + "\n", special_tokens=SPECIAL_TOKENS, seed=s.seed,
-                                     hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-                                     max_position_embeddings=96)
-    common = dict(seed=s.seed, progress=s.progress, tensorboard=True, device="cpu")
     timings: dict[str, float] = {}
-
-    t = time.time()
-    pre = PretrainConfig(model=str(init_dir), dataset=str(data["pretrain"]), output_dir=str(out / "pretrain"),
-                         max_steps=s.pretrain_steps, batch_size=s.pretrain_batch, block_size=48,
-                         learning_rate=s.pretrain_lr, lr_scheduler="cosine", warmup_steps=min(20, s.pretrain_steps // 5),
-                         weight_decay=0.01, **common)
-    pre_result = PretrainTrainer(pre).train()
-    timings["pretrain"] = time.time() - t
-
-    t = time.time()
-    sft = SFTConfig(model=pre_result["model_dir"], dataset=str(data["sft"]), output_dir=str(out / "sft"),
-                    max_steps=s.sft_steps, batch_size=s.sft_batch, learning_rate=s.sft_lr, lr_scheduler="constant",
-                    max_length=32, **common)
-    sft_result = SFTTrainer(sft).train()
-    timings["sft"] = time.time() - t
-
-    t = time.time()
-    grpo = GRPOConfig(
-        model=sft_result["model_dir"], dataset=str(data["rl"]), eval_dataset=str(data["eval"]),
-        output_dir=str(out / "grpo"), max_steps=s.grpo_steps, prompts_per_step=s.grpo_prompts,
-        group_size=s.group_size, learning_rate=s.grpo_lr, beta=s.beta, max_completion_length=12,
-        max_prompt_length=16, temperature=1.0, eval_prompts=s.eval_prompts, eval_every=s.eval_every,
-        rewards=[{"name": "numeric_answer", "alias": "correct"},
-                 {"name": "format", "alias": "format", "weight": 0.1, "kwargs": {"pattern": task.format_pattern}}],
-        eval_reward="correct", save_every=0, **common,
-    )
-    grpo_result = GRPOTrainer(grpo).train()
-    timings["grpo"] = time.time() - t
+    pre_result, sft_result = _first_two_stages(s, out, data, timings)
+    rl_stage = {"grpo": _grpo_stage, "rlhf": _rlhf_stage, "trpo": _trpo_stage}[s.pipeline]
+    rl_result, extras = rl_stage(s, out, task, data, sft_result["model_dir"], timings)
 
     summary = {
-        "accuracy_before_rl": grpo_result["accuracy_first"],
-        "accuracy_after_rl": grpo_result["accuracy_last"],
-        "accuracy_gain_points": 100 * (grpo_result["accuracy_last"] - grpo_result["accuracy_first"]),
+        "pipeline": s.pipeline,
+        "accuracy_before_rl": rl_result["accuracy_first"],
+        "accuracy_after_rl": rl_result["accuracy_last"],
+        "accuracy_gain_points": 100 * (rl_result["accuracy_last"] - rl_result["accuracy_first"]),
         "eval_prompts": s.eval_prompts,
         "pretrain_final_loss": pre_result["final_loss"],
         "sft_final_loss": sft_result["final_loss"],
+        **extras,
         "stage_seconds": timings,
         "wall_seconds": time.time() - started,
-        "final_model": grpo_result["model_dir"],
+        "final_model": rl_result["model_dir"],
         "settings": asdict(s),
     }
     write_json_atomic(out / "summary.json", summary)
-    write_report(out / "grpo")
+    write_report(out / s.pipeline_dir)
     return summary
+
+
+def _common(s: DemoSettings) -> dict[str, Any]:
+    return dict(seed=s.seed, progress=s.progress, tensorboard=True, device="cpu")
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t = time.time()
+    result = fn()
+    timings[name] = time.time() - t
+    return result
+
+
+def _first_two_stages(s: DemoSettings, out: Path, data: dict[str, Path], timings: dict[str, float]):
+    from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
+
+    init_dir = create_tiny_model_dir(out / "init", chars=CHARS + "\n", special_tokens=SPECIAL_TOKENS, seed=s.seed,
+                                     hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
+                                     max_position_embeddings=96)
+    pre = PretrainConfig(model=str(init_dir), dataset=str(data["pretrain"]), output_dir=str(out / "pretrain"),
+                         max_steps=s.pretrain_steps, batch_size=s.pretrain_batch, block_size=48,
+                         learning_rate=s.pretrain_lr, lr_scheduler="cosine", warmup_steps=min(20, s.pretrain_steps // 5),
+                         weight_decay=0.01, **_common(s))
+    pre_result = _timed(timings, "pretrain", PretrainTrainer(pre).train)
+    sft = SFTConfig(model=pre_result["model_dir"], dataset=str(data["sft"]), output_dir=str(out / "sft"),
+                    max_steps=s.sft_steps, batch_size=s.sft_batch, learning_rate=s.sft_lr, lr_scheduler="constant",
+                    max_length=32, **_common(s))
+    sft_result = _timed(timings, "sft", SFTTrainer(sft).train)
+    return pre_result, sft_result
+
+
+def _rl_common(s: DemoSettings, out: Path, data: dict[str, Path], model_dir: str) -> dict[str, Any]:
+    """Settings every RL stage shares: data, lengths, held-out evaluation, no checkpoints."""
+    return dict(model=model_dir, dataset=str(data["rl"]), eval_dataset=str(data["eval"]),
+                output_dir=str(out / s.pipeline_dir), max_completion_length=12, max_prompt_length=16,
+                temperature=1.0, eval_prompts=s.eval_prompts, eval_every=s.eval_every, eval_reward="correct",
+                save_every=0, **_common(s))
+
+
+def _rule_rewards(task: AdditionTask, correct_weight: float = 1.0, format_weight: float = 0.1) -> list[dict]:
+    rewards = [{"name": "exact_answer", "alias": "correct", "weight": correct_weight}]
+    if format_weight:
+        rewards.append({"name": "format", "alias": "format", "weight": format_weight,
+                        "kwargs": {"pattern": task.format_pattern}})
+    return rewards
+
+
+def _grpo_stage(s, out, task, data, model_dir, timings):
+    from trustrl.trainers.grpo import GRPOTrainer
+
+    cfg = GRPOConfig(**_rl_common(s, out, data, model_dir), max_steps=s.grpo_steps, prompts_per_step=s.grpo_prompts,
+                     group_size=s.group_size, learning_rate=s.grpo_lr, beta=s.beta, rewards=_rule_rewards(task))
+    return _timed(timings, "grpo", GRPOTrainer(cfg).train), {}
+
+
+def _rlhf_stage(s, out, task, data, model_dir, timings):
+    """A Bradley-Terry reward model on preference pairs, then PPO against it alone: the rule
+    reward ``correct`` has weight 0 and only measures held-out accuracy."""
+    from trustrl.trainers.ppo import PPOConfig, PPOTrainer
+    from trustrl.trainers.reward_model import RewardConfig, RewardTrainer
+    from trustrl.tasks.preferences import write_preference_data
+
+    prefs = write_preference_data(out / "data", task, seed=s.seed, n_train=s.rm_pairs, n_eval=s.eval_prompts,
+                                  slip_share=s.rm_slip_share)
+    rm_cfg = RewardConfig(model=model_dir, dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
+                          output_dir=str(out / "rm"), max_steps=s.rm_steps, batch_size=32, learning_rate=s.rm_lr,
+                          lr_scheduler="cosine", warmup_steps=min(10, s.rm_steps // 5), max_length=32,
+                          center_rewards_coef=0.01, eval_every=max(1, s.rm_steps // 4), save_every=0, **_common(s))
+    rm = _timed(timings, "reward_model", RewardTrainer(rm_cfg).train)
+    ppo_cfg = PPOConfig(**_rl_common(s, out, data, model_dir), max_steps=s.ppo_steps, prompts_per_step=s.ppo_prompts,
+                        samples_per_prompt=s.ppo_samples, reward_model=rm["model_dir"],
+                        rewards=_rule_rewards(task, correct_weight=0.0, format_weight=0.0),
+                        learning_rate=s.ppo_lr, critic_learning_rate=s.ppo_critic_lr, critic_init=rm["model_dir"],
+                        ppo_epochs=s.ppo_epochs, minibatch_size=s.ppo_minibatch, beta=s.ppo_beta,
+                        kl_control="adaptive", kl_target=s.ppo_kl_target, kl_horizon=s.ppo_kl_horizon,
+                        target_kl=s.ppo_target_kl, missing_eos_penalty=-1.0, gamma=1.0, lam=0.95)
+    ppo = _timed(timings, "ppo", PPOTrainer(ppo_cfg).train)
+    rows = _metric_rows(out / s.pipeline_dir)
+    kls = [r["kl/ref_sequence"] for r in rows if "kl/ref_sequence" in r]
+    scores = [r["reward/score"] for r in rows if "reward/score" in r]
+    k = max(1, len(scores) // 10)
+    return ppo, {
+        "rm_heldout_accuracy": rm["accuracy_last"],
+        "rm_score_first_steps": sum(scores[:k]) / k if scores else None,
+        "rm_score_last_steps": sum(scores[-k:]) / k if scores else None,
+        "kl_target": s.ppo_kl_target,
+        "kl_mean": sum(kls) / len(kls) if kls else None,
+        "kl_max": max(kls) if kls else None,
+    }
+
+
+def _trpo_stage(s, out, task, data, model_dir, timings):
+    from trustrl.trainers.trpo import TRPOConfig, TRPOTrainer
+
+    cfg = TRPOConfig(**_rl_common(s, out, data, model_dir), max_steps=s.trpo_steps, prompts_per_step=s.grpo_prompts,
+                     group_size=s.group_size, rewards=_rule_rewards(task), advantage="group", max_kl=s.trpo_max_kl,
+                     trpo_params="all", beta=0.0)
+    result = _timed(timings, "trpo", TRPOTrainer(cfg).train)
+    rows = [r for r in _metric_rows(out / s.pipeline_dir) if "trpo/accepted" in r]
+    accepted = [r["trpo/kl"] for r in rows if r["trpo/accepted"]]
+    return result, {
+        "max_kl": s.trpo_max_kl,
+        "trpo_steps_accepted": len(accepted),
+        "trpo_steps_rejected": len(rows) - len(accepted),
+        "trpo_accepted_kl_max": max(accepted) if accepted else None,
+    }
+
+
+def _metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def format_table(summary: dict[str, Any]) -> str:
     st = summary["stage_seconds"]
+    accuracy = (f"held-out accuracy {100 * summary['accuracy_before_rl']:.1f}% -> "
+                f"{100 * summary['accuracy_after_rl']:.1f}%")
     rows = [
         ("stage", "result", "seconds"),
         ("pre-train", f"loss {summary['pretrain_final_loss']:.3f}", f"{st['pretrain']:.0f}"),
         ("SFT", f"loss {summary['sft_final_loss']:.3f}", f"{st['sft']:.0f}"),
-        ("GRPO", f"held-out accuracy {100 * summary['accuracy_before_rl']:.1f}% -> "
-                 f"{100 * summary['accuracy_after_rl']:.1f}%", f"{st['grpo']:.0f}"),
-        ("total", f"{summary['accuracy_gain_points']:+.1f} points from RL", f"{summary['wall_seconds']:.0f}"),
     ]
+    pipeline = summary.get("pipeline", "grpo")
+    if pipeline == "rlhf":
+        rows.append(("reward model", f"held-out pair accuracy {summary['rm_heldout_accuracy']:.3f}",
+                     f"{st['reward_model']:.0f}"))
+        rows.append(("PPO", f"{accuracy}; mean KL {summary['kl_mean']:.2f} (target {summary['kl_target']:g})",
+                     f"{st['ppo']:.0f}"))
+    elif pipeline == "trpo":
+        kl = summary["trpo_accepted_kl_max"]
+        rows.append(("TRPO", f"{accuracy}; {summary['trpo_steps_accepted']} steps accepted, max KL "
+                             f"{'-' if kl is None else f'{kl:.4f}'} (max_kl {summary['max_kl']:g})", f"{st['trpo']:.0f}"))
+    else:
+        rows.append(("GRPO", accuracy, f"{st['grpo']:.0f}"))
+    rows.append(("total", f"{summary['accuracy_gain_points']:+.1f} points from RL", f"{summary['wall_seconds']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 

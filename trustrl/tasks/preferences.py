@@ -1,7 +1,7 @@
 """Synthetic preference pairs for the addition task: the data for ``trustrl train rm``.
 
-Each row is ``{"prompt": "47+38=", "chosen": "<answer>85</answer>", "rejected": ...}`` (the
-prompt as :meth:`AdditionTask.prompt` writes it) where
+Each row is ``{"prompt": "47+38=", "chosen": "<answer>85</answer>", "rejected": ...}`` (prompt
+and answers as the task writes them, e.g. "<answer>580</answer>" with ``reverse_answer``) where
 the rejected completion is one of
 
 - a wrong number in the right format (``"<answer>75</answer>"``: the sum with its carries
@@ -32,26 +32,28 @@ __all__ = ["wrong_number", "broken_format", "preference_row", "preference_rows",
 REJECTION_KINDS = ("wrong_number", "broken_format")
 
 
-def wrong_number(a: int, b: int, rng: random.Random, digits: int) -> str:
-    """A well-formatted answer with a number different from ``a + b``: the carry-dropping slip
-    (when it differs), a near miss, or a random number."""
+def wrong_number(a: int, b: int, rng: random.Random, task: AdditionTask, slip_share: float = 0.4) -> str:
+    """A well-formatted answer (written as ``task`` writes answers) with a number different
+    from ``a + b``: the carry-dropping slip (share ``slip_share``, when it differs), a near
+    miss, or a random number."""
     right = a + b
-    top = 2 * (10 ** digits - 1)
+    top = 2 * (10 ** task.digits - 1)
+    near = slip_share + (1 - slip_share) * 2 / 3
     while True:
         draw = rng.random()
-        if draw < 0.4 and sum_without_carry(a, b) != right:
+        if draw < slip_share and sum_without_carry(a, b) != right:
             candidate = sum_without_carry(a, b)
-        elif draw < 0.8:
+        elif draw < near:
             candidate = right + rng.choice([-10, -2, -1, 1, 2, 10])
         else:
             candidate = rng.randint(0, top)
-        if candidate >= 0 and candidate != right:
-            return f"{ANSWER_OPEN}{candidate}{ANSWER_CLOSE}"
+        if 0 <= candidate <= top and candidate != right:
+            return f"{ANSWER_OPEN}{task.answer_text(candidate)}{ANSWER_CLOSE}"
 
 
-def broken_format(a: int, b: int, rng: random.Random) -> str:
-    """The right number in a format the ``^<answer>\\d+</answer>$`` pattern rejects."""
-    n = a + b
+def broken_format(a: int, b: int, rng: random.Random, task: AdditionTask = AdditionTask()) -> str:
+    """The right number in a format the task's format pattern rejects."""
+    n = task.answer_text(a + b)
     return rng.choice([
         f"{n}",                                   # no tags
         f"{ANSWER_OPEN}{n}",                      # no closing tag
@@ -62,25 +64,26 @@ def broken_format(a: int, b: int, rng: random.Random) -> str:
 
 
 def preference_row(task: AdditionTask, a: int, b: int, rng: random.Random,
-                   wrong_fraction: float = 0.5) -> dict[str, str]:
+                   wrong_fraction: float = 0.5, slip_share: float = 0.4) -> dict[str, str]:
     """One (prompt, chosen, rejected) row for ``a + b``, the prompt written as ``task`` writes it."""
     if rng.random() < wrong_fraction:
-        rejected = wrong_number(a, b, rng, task.digits)
+        rejected = wrong_number(a, b, rng, task, slip_share)
     else:
-        rejected = broken_format(a, b, rng)
+        rejected = broken_format(a, b, rng, task)
     return {"prompt": task.prompt(a, b), "chosen": task.completion(a, b), "rejected": rejected}
 
 
 def preference_rows(task: AdditionTask, pairs: list[tuple[int, int]], n: int, rng: random.Random,
-                    wrong_fraction: float = 0.5) -> list[dict[str, str]]:
+                    wrong_fraction: float = 0.5, slip_share: float = 0.4) -> list[dict[str, str]]:
     """``n`` rows for problems drawn (with replacement) from ``pairs``."""
     if not pairs:
         raise ValueError("preference_rows: no problems to draw from")
-    return [preference_row(task, *rng.choice(pairs), rng, wrong_fraction) for _ in range(n)]
+    return [preference_row(task, *rng.choice(pairs), rng, wrong_fraction, slip_share) for _ in range(n)]
 
 
 def write_preference_data(directory: str | Path, task: AdditionTask = AdditionTask(), *, seed: int = 0,
-                          n_train: int = 2000, n_eval: int = 200, wrong_fraction: float = 0.5) -> dict[str, Path]:
+                          n_train: int = 2000, n_eval: int = 200, wrong_fraction: float = 0.5,
+                          slip_share: float = 0.4) -> dict[str, Path]:
     """Write ``prefs_train.jsonl`` (training problems) and ``prefs_eval.jsonl`` (held-out
     problems) into ``directory``; returns ``{"train": path, "eval": path}``."""
     if not 0.0 <= wrong_fraction <= 1.0:
@@ -89,8 +92,11 @@ def write_preference_data(directory: str | Path, task: AdditionTask = AdditionTa
     rng = random.Random(seed)
     train, held = task.split()
     paths = {"train": directory / "prefs_train.jsonl", "eval": directory / "prefs_eval.jsonl"}
-    write_jsonl(paths["train"], preference_rows(task, train, n_train, rng, wrong_fraction))
-    write_jsonl(paths["eval"], preference_rows(task, held, n_eval, random.Random(seed + 12345), wrong_fraction))
+    if not 0.0 <= slip_share <= 1.0:
+        raise ValueError(f"write_preference_data: slip_share must be in [0, 1], got {slip_share}")
+    write_jsonl(paths["train"], preference_rows(task, train, n_train, rng, wrong_fraction, slip_share))
+    write_jsonl(paths["eval"], preference_rows(task, held, n_eval, random.Random(seed + 12345), wrong_fraction,
+                                               slip_share))
     return paths
 
 
@@ -102,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=200)
+    parser.add_argument("--reverse-answer", action="store_true", help="answers units digit first (as the demo)")
     args = parser.parse_args(argv)
-    paths = write_preference_data(args.output_dir, AdditionTask(digits=args.digits), seed=args.seed,
+    task = AdditionTask(digits=args.digits, reverse_answer=args.reverse_answer)
+    paths = write_preference_data(args.output_dir, task, seed=args.seed,
                                   n_train=args.n_train, n_eval=args.n_eval)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -1,0 +1,52 @@
+"""The RLHF and TRPO demo pipelines (`trustrl demo --pipeline rlhf|trpo`), in shortened form.
+
+The numbers of the full pipelines are measured by the commands in the README; these tests run
+the same code path with tiny budgets and check what a user gets: summary.json with the keys
+the README promises, consistent with the run's own metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trustrl.cli import main as cli_main
+from trustrl.tasks.demo import DemoSettings, run_demo
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_rlhf_pipeline_shortened(tmp_path):
+    out = tmp_path / "rlhf"
+    summary = run_demo(DemoSettings.quick(output_dir=str(out), pipeline="rlhf"))
+    assert summary["pipeline"] == "rlhf"
+    assert 0.0 <= summary["rm_heldout_accuracy"] <= 1.0
+    assert (out / "rm" / "final").is_dir() and (out / "data" / "prefs_eval.jsonl").is_file()
+    # the summary's KL figures are the mean and max of the per-step sequence KL in metrics.jsonl
+    kls = [r["kl/ref_sequence"] for r in _metrics(out / "ppo" / "metrics.jsonl") if "kl/ref_sequence" in r]
+    assert len(kls) == 3
+    assert summary["kl_mean"] == pytest.approx(sum(kls) / 3) and summary["kl_max"] == max(kls)
+    assert (out / "ppo" / "report.html").is_file()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["accuracy_after_rl"] == summary["accuracy_after_rl"]
+
+
+def test_trpo_pipeline_shortened(tmp_path):
+    out = tmp_path / "trpo"
+    summary = run_demo(DemoSettings.quick(output_dir=str(out), pipeline="trpo"))
+    rows = [r for r in _metrics(out / "trpo" / "metrics.jsonl") if "trpo/accepted" in r]
+    assert len(rows) == 3
+    accepted = [r["trpo/kl"] for r in rows if r["trpo/accepted"]]
+    assert summary["trpo_steps_accepted"] == len(accepted)
+    assert summary["trpo_steps_rejected"] == 3 - len(accepted)
+    if accepted:
+        assert summary["trpo_accepted_kl_max"] == max(accepted) <= summary["max_kl"]
+
+
+def test_demo_rejects_an_unknown_pipeline(tmp_path):
+    with pytest.raises(ValueError, match=r"pipeline must be one of .*'rlhf'.* got 'dpo'"):
+        run_demo(DemoSettings.quick(output_dir=str(tmp_path), pipeline="dpo"))
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--pipeline", "dpo"])
