@@ -34,10 +34,10 @@ from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import aggregate, kl_penalty, policy_loss, sequence_policy_loss
 from trustrl.models import reference_context, save_model
 from trustrl.rollout import Rollout, StepThreads, batched_completion_logprobs, completion_logprobs
-from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
+from trustrl.trainers.common import (PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
 from trustrl.trainers.rl_common import (
-    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+    LoopState, ScoredBatch, load_rl_models, reward_metrics, sample_and_score,
 )
 from trustrl.utils import seed_everything
 
@@ -228,28 +228,15 @@ class GRPOTrainer:
         policy = self.policy
         optimizer = make_optimizer(policy.parameters(), cfg)
         scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_iterations)
-        sampler = PromptSampler(len(self.prompts), cfg.seed)
-        state = run.restore({"policy": policy}, {"policy": optimizer}, {"policy": scheduler}, {"sampling": self.generator})
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
-        self.rewards.fault_totals.update(state.get("reward_faults", {}))
-        run.set_skipped_rows(self.prompts.skipped + (self.eval_prompts.skipped if self.eval_prompts else 0))
-        history: list[dict[str, float]] = list(state.get("eval_history", []))
+        started = time.time()
+        loop, _ = LoopState.start(self, run, {"policy": policy}, {"policy": optimizer}, {"policy": scheduler},
+                                  {"sampling": self.generator})
+        sampler, faults = loop.sampler, loop.faults
 
         def checkpoint(step: int) -> None:
             if run.should_save(step, cfg.max_steps, faults):
-                run.save(step, {"policy": policy}, {"policy": optimizer}, {"policy": scheduler},
-                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict(),
-                          "reward_faults": dict(self.rewards.fault_totals)},
+                run.save(step, {"policy": policy}, {"policy": optimizer}, {"policy": scheduler}, loop.checkpoint_state(),
                          {"sampling": self.generator}, tokenizer=self.tokenizer)
-        started = time.time()
-        if run.start_step == 0 and self.eval_prompts is not None:
-            first = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
-                                          self.device)
-            history.append({"step": 0, **first})
-            run.logger.log(0, first)
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="grpo", disable=not cfg.progress or None)
         step = run.start_step
         threads = StepThreads(self.device)  # CPU: torch's thread count, or 1 where decoding found 1 faster
@@ -324,16 +311,7 @@ class GRPOTrainer:
                 "perf/step_seconds": step_seconds, "perf/generation_seconds": gen_seconds,
                 "perf/tokens_per_second": n_generated / max(gen_seconds, 1e-9),
             })
-            if self.eval_prompts is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
-                                           self.device)
-                history.append({"step": step, **ev})
-                metrics.update(ev)
-            if step == cfg.max_steps and self.eval_prompts is not None:
-                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
-                                           self.device)
-                history.append({"step": step, **ev})
-                metrics.update(ev)
+            metrics.update(loop.evaluate_if_due(step))
             run.log(step, metrics)
             self.last_metrics = metrics
             bar.update(1)
@@ -342,14 +320,7 @@ class GRPOTrainer:
         threads.restore()
         bar.close()
         final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
-        summary = {
-            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
-            "accuracy_first": history[0]["eval/accuracy"] if history else None,
-            "accuracy_last": history[-1]["eval/accuracy"] if history else None,
-            "eval_history": history, "nonfinite_skips": faults.total,
-            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
-            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-        }
+        summary = loop.summary(run, step, started, final_dir)
         dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary

@@ -63,7 +63,7 @@ from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hid
 from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
                                      make_scheduler)
 from trustrl.trainers.rl_common import (
-    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+    LoopState, ScoredBatch, load_rl_models, reward_metrics, sample_and_score,
 )
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, last_token_index, load_scalar_model, scalar_model_from_lm
@@ -419,25 +419,13 @@ class PPOTrainer:
         critic_opt = make_optimizer(critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
         actor_sched = make_scheduler(actor_opt, cfg, total_updates)
         critic_sched = make_scheduler(critic_opt, cfg, total_updates)
-        sampler = PromptSampler(len(self.prompts), cfg.seed)
         models = {"policy": policy, "critic": critic}
         optimizers = {"policy": actor_opt, "critic": critic_opt}
         schedulers = {"policy": actor_sched, "critic": critic_sched, "kl_controller": self.kl_ctl}
         generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
-        state = run.restore(models, optimizers, schedulers, generators)
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
-        self.rewards.fault_totals.update(state.get("reward_faults", {}))
-        run.set_skipped_rows(self.prompts.skipped + (self.eval_prompts.skipped if self.eval_prompts else 0))
-        history: list[dict[str, float]] = list(state.get("eval_history", []))
         started = time.time()
-        if run.start_step == 0 and self.eval_prompts is not None:
-            first = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
-                                          self.device)
-            history.append({"step": 0, **first})
-            run.logger.log(0, first)
+        loop, _ = LoopState.start(self, run, models, optimizers, schedulers, generators)
+        sampler, faults = loop.sampler, loop.faults
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="ppo", disable=not cfg.progress or None)
         step = run.start_step
         while step < cfg.max_steps:
@@ -463,33 +451,18 @@ class PPOTrainer:
                 "perf/generation_seconds": gen_seconds,
                 "perf/tokens_per_second": dist.all_reduce_sum(int(pb.mask.sum())) / max(gen_seconds, 1e-9),
             })
-            if self.eval_prompts is not None and (
-                    step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                ev = dist.evaluate_sharded(evaluate_greedy, policy, self.tokenizer, self.eval_prompts, cfg, self.rewards,
-                                           self.device)
-                history.append({"step": step, **ev})
-                metrics.update(ev)
+            metrics.update(loop.evaluate_if_due(step))
             run.log(step, metrics)
             self.last_metrics = metrics
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["reward/score", "kl/ref", "eval/accuracy"]))
             if run.should_save(step, cfg.max_steps, faults):
-                run.save(step, models, optimizers, schedulers,
-                         {"sampler": sampler.state_dict(), "eval_history": history, "kl_coef": self.kl_ctl.value,
-                          "faults": faults.state_dict(), "reward_faults": dict(self.rewards.fault_totals)},
+                run.save(step, models, optimizers, schedulers, loop.checkpoint_state(kl_coef=self.kl_ctl.value),
                          generators, tokenizer=self.tokenizer)
         bar.close()
         final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
         critic_dir = dist.on_main(critic.save_pretrained, Path(cfg.output_dir) / "final_critic", tokenizer=self.tokenizer)
-        summary = {
-            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
-            "critic_dir": str(critic_dir), "kl_coef": self.kl_ctl.value,
-            "accuracy_first": history[0]["eval/accuracy"] if history else None,
-            "accuracy_last": history[-1]["eval/accuracy"] if history else None,
-            "eval_history": history, "nonfinite_skips": faults.total,
-            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
-            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-        }
+        summary = loop.summary(run, step, started, final_dir, critic_dir=str(critic_dir), kl_coef=self.kl_ctl.value)
         dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
         run.close()
         return summary

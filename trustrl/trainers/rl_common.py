@@ -3,6 +3,7 @@ completions for it, scoring them with the configured rewards, and greedy held-ou
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -10,11 +11,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from trustrl import distributed as dist
 from trustrl.config import RLConfig
 from trustrl.data import DataError, format_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
-from trustrl.trainers.common import warn_skipped
+from trustrl.trainers.common import FaultCounter, PromptSampler, Run, warn_skipped
 
 
 class PromptSet:
@@ -207,3 +209,68 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
         check_vocab(model, tokenizer, f"the model passed to {who}")
     reference = make_reference(model) if config.beta > 0 else None
     return RLModels(rewards, tokenizer, prompts, eval_prompts, model, reference)
+
+
+@dataclass
+class LoopState:
+    """What an RL loop carries from step to step besides models, optimizers and generators,
+    checkpointed with them: the prompt sampler's position, the non-finite fault counter and
+    the held-out evaluation history. One place for the set-up, evaluation schedule and
+    summary that GRPO, PPO and TRPO share."""
+
+    trainer: Any  # GRPOTrainer | PPOTrainer | TRPOTrainer: config, prompts, eval_prompts, rewards, ...
+    sampler: PromptSampler
+    faults: FaultCounter
+    history: list[dict[str, float]]
+
+    @classmethod
+    def start(cls, trainer: Any, run: Run, models: dict, optimizers: dict, schedulers: dict,
+              generators: dict) -> tuple["LoopState", dict[str, Any]]:
+        """Restore a resumed run (or start fresh), then evaluate the starting policy at step 0
+        of a fresh run. Returns the loop state and the checkpoint's extra state."""
+        cfg = trainer.config
+        sampler = PromptSampler(len(trainer.prompts), cfg.seed)
+        state = run.restore(models, optimizers, schedulers, generators)
+        if state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        faults = FaultCounter(cfg.max_consecutive_nonfinite)
+        faults.load_state_dict(state.get("faults"))
+        trainer.rewards.fault_totals.update(state.get("reward_faults", {}))
+        run.set_skipped_rows(trainer.prompts.skipped + (trainer.eval_prompts.skipped if trainer.eval_prompts else 0))
+        loop = cls(trainer, sampler, faults, list(state.get("eval_history", [])))
+        if run.start_step == 0 and trainer.eval_prompts is not None:
+            run.logger.log(0, loop.evaluate(0))
+        return loop, state
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
+        t = self.trainer
+        ev = dist.evaluate_sharded(evaluate_greedy, t.policy, t.tokenizer, t.eval_prompts, t.config, t.rewards, t.device)
+        self.history.append({"step": step, **ev})
+        return ev
+
+    def evaluate_if_due(self, step: int) -> dict[str, float]:
+        """Evaluate every ``eval_every`` steps and after the last one; {} otherwise."""
+        cfg = self.trainer.config
+        if self.trainer.eval_prompts is None:
+            return {}
+        if step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            return self.evaluate(step)
+        return {}
+
+    def checkpoint_state(self, **extra: Any) -> dict[str, Any]:
+        """The loop's part of a checkpoint's extra state (plus ``extra``)."""
+        return {"sampler": self.sampler.state_dict(), "eval_history": self.history, "faults": self.faults.state_dict(),
+                "reward_faults": dict(self.trainer.rewards.fault_totals), **extra}
+
+    def summary(self, run: Run, step: int, started: float, model_dir: Any, **extra: Any) -> dict[str, Any]:
+        """train_summary.json's common fields (plus ``extra``)."""
+        h = self.history
+        return {
+            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(model_dir), **extra,
+            "accuracy_first": h[0]["eval/accuracy"] if h else None,
+            "accuracy_last": h[-1]["eval/accuracy"] if h else None,
+            "eval_history": h, "nonfinite_skips": self.faults.total,
+            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.trainer.rewards.fault_totals),
+            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        }

@@ -62,7 +62,7 @@ from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_res
                                      make_scheduler)
 from trustrl.trainers.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
 from trustrl.trainers.rl_common import (
-    ScoredBatch, evaluate_greedy, load_rl_models, reward_metrics, sample_and_score,
+    LoopState, ScoredBatch, load_rl_models, reward_metrics, sample_and_score,
 )
 from trustrl.trpo import TRPOResult, trpo_update
 from trustrl.utils import seed_everything
@@ -352,20 +352,9 @@ class TRPOTrainer:
             critic_sched = make_scheduler(critic_opt, cfg, n_updates)
             models["critic"], optimizers["critic"], schedulers["critic"] = self.critic, critic_opt, critic_sched
         generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
-        sampler = PromptSampler(len(self.prompts), cfg.seed)
-        state = run.restore(models, optimizers, schedulers, generators)
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
-        self.rewards.fault_totals.update(state.get("reward_faults", {}))
-        run.set_skipped_rows(self.prompts.skipped + (self.eval_prompts.skipped if self.eval_prompts else 0))
-        history: list[dict[str, float]] = list(state.get("eval_history", []))
         started = time.time()
-        if run.start_step == 0 and self.eval_prompts is not None:
-            first = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
-            history.append({"step": 0, **first})
-            run.logger.log(0, first)
+        loop, _ = LoopState.start(self, run, models, optimizers, schedulers, generators)
+        sampler, faults = loop.sampler, loop.faults
         bar = progress(total=cfg.max_steps, initial=run.start_step, desc="trpo", disable=not cfg.progress or None)
         step = run.start_step
         while step < cfg.max_steps:
@@ -392,30 +381,17 @@ class TRPOTrainer:
             # 5. log, evaluate, checkpoint
             metrics.update({"perf/step_seconds": time.time() - t0, "perf/generation_seconds": gen_seconds,
                             "perf/tokens_per_second": int(mask.sum()) / max(gen_seconds, 1e-9)})
-            if self.eval_prompts is not None and (
-                    step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                ev = evaluate_greedy(policy, self.tokenizer, self.eval_prompts, cfg, self.rewards, self.device)
-                history.append({"step": step, **ev})
-                metrics.update(ev)
+            metrics.update(loop.evaluate_if_due(step))
             run.log(step, metrics)
             self.last_metrics = metrics
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["reward/mean", "trpo/kl", "eval/accuracy"]))
             if run.should_save(step, cfg.max_steps, faults):
-                run.save(step, models, optimizers, schedulers,
-                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict(),
-                          "reward_faults": dict(self.rewards.fault_totals)},
-                         generators, tokenizer=self.tokenizer)
+                run.save(step, models, optimizers, schedulers, loop.checkpoint_state(), generators,
+                         tokenizer=self.tokenizer)
         bar.close()
         final_dir = save_model(policy, self.tokenizer, Path(cfg.output_dir) / "final")
-        summary = {
-            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
-            "accuracy_first": history[0]["eval/accuracy"] if history else None,
-            "accuracy_last": history[-1]["eval/accuracy"] if history else None,
-            "eval_history": history, "nonfinite_skips": faults.total,
-            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.rewards.fault_totals),
-            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-        }
+        summary = loop.summary(run, step, started, final_dir)
         if self.critic is not None:
             summary["critic_dir"] = str(self.critic.save_pretrained(Path(cfg.output_dir) / "final_critic",
                                                                     tokenizer=self.tokenizer))
