@@ -16,6 +16,7 @@ import gymnasium as gym
 import trustrl.classic  # noqa: F401
 from trustrl.advantages import gae_time_major
 from trustrl.classic.common import (
+    FlatAdam,
     FlatParams,
     ObsNormalizer,
     RewardScaler,
@@ -201,6 +202,38 @@ def test_flat_params_share_storage_and_gradients():
     with torch.no_grad():
         fp.flat.add_(1.0)
     torch.testing.assert_close(c.bias.detach(), before[-1] + 1.0)
+
+
+def test_flat_adam_is_bit_identical_to_torch_fused_adam():
+    torch.manual_seed(0)
+    p0 = torch.randn(300)
+    pa, pb = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    pa.grad, pb.grad = torch.zeros(300), torch.zeros(300)
+    ref = torch.optim.Adam([pa], lr=1e-3, eps=1e-5, fused=True)
+    ours = FlatAdam(pb, lr=1e-3, eps=1e-5)
+    for i in range(60):
+        g = torch.randn(300) * (10.0 ** (i % 5 - 2))
+        pa.grad.copy_(g)
+        pb.grad.copy_(g)
+        lr = 1e-3 * (1.0 - i / 60)  # annealed through param_groups, as the trainers do
+        ref.param_groups[0]["lr"] = lr
+        ours.param_groups[0]["lr"] = lr
+        ref.step()
+        ours.step()
+    assert torch.equal(pa.detach(), pb.detach())
+    assert torch.equal(ref.state[pa]["exp_avg"], ours.exp_avg)
+    assert torch.equal(ref.state[pa]["exp_avg_sq"], ours.exp_avg_sq)
+
+
+def test_mlp_forward_matches_sequential():
+    from trustrl.classic.policies import mlp
+
+    torch.manual_seed(0)
+    net = mlp(4, (64, 64), 2)
+    seq = nn.Sequential(*net)  # same layer objects, stock forward
+    x = torch.randn(16, 4)
+    assert torch.equal(net(x), seq(x))
+    assert list(net.state_dict()) == list(seq.state_dict())
 
 
 # ------------------------------------------------------------------------------- training

@@ -174,6 +174,57 @@ def test_policy_loss_padding_garbage_is_harmless() -> None:
     assert all(math.isfinite(v) for v in metrics.values())
 
 
+def _policy_metrics_reference(logp, old, adv, mask, clip_low, clip_high):
+    """The metrics as separate masked means (the pre-batched implementation)."""
+    m = torch.broadcast_to(mask, logp.shape)
+    a = torch.where(m, torch.broadcast_to(adv[:, None] if adv.dim() == 1 else adv, logp.shape), 0.0)
+    lr = torch.where(m, logp - old, 0.0)
+    r = lr.exp()
+    binding = ((a > 0) & (r > 1 + clip_high)) | ((a < 0) & (r < 1 - clip_low))
+    return {
+        "clip_fraction": float(masked_mean(binding.to(logp.dtype), m)),
+        "approx_kl": float(masked_mean(torch.expm1(lr) - lr, m)),
+        "ratio_mean": float(masked_mean(r, m)),
+        "ratio_max": float(r[m].max()) if bool(m.any()) else 1.0,
+    }
+
+
+@pytest.mark.parametrize("mask_kind", ["full", "partial", "broadcast_row", "empty", "zero_size"])
+def test_policy_loss_metrics_match_separate_reductions(mask_kind: str) -> None:
+    torch.manual_seed(0)
+    b, t = (0, 5) if mask_kind == "zero_size" else (4, 5)
+    old = torch.randn(b, t)
+    logp = old + 0.3 * torch.randn(b, t)
+    adv = torch.randn(b)
+    mask = {
+        "full": torch.ones(b, t, dtype=torch.bool),
+        "partial": torch.rand(b, t) > 0.4,
+        "broadcast_row": torch.tensor([[True, True, False, True, False]]),  # [1, T] broadcasts to [B, T]
+        "empty": torch.zeros(b, t, dtype=torch.bool),
+        "zero_size": torch.ones(b, t, dtype=torch.bool),
+    }[mask_kind]
+    _, metrics = policy_loss(logp, old, adv, mask, clip_low=0.1, clip_high=0.15)
+    ref = _policy_metrics_reference(logp, old, adv, mask, 0.1, 0.15)
+    assert metrics.keys() == ref.keys()
+    for k in ref:
+        assert isinstance(metrics[k], float)
+        assert metrics[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
+    if mask_kind in ("empty", "zero_size"):
+        assert metrics == {"clip_fraction": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "ratio_max": 1.0}
+
+
+def test_mask_shape_errors_keep_their_message() -> None:
+    x = torch.zeros(2, 3)
+    for bad in (torch.ones(3, 3, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool),
+                torch.ones(4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"masked_sum: mask shape .* does not broadcast to \(2, 3\)"):
+            masked_sum(x, bad)
+    # broadcastable masks (fast path and general path) are accepted
+    for ok in (torch.ones(2, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool),
+               torch.ones(2, 1, dtype=torch.bool), torch.ones(3, dtype=torch.bool), torch.ones((), dtype=torch.bool)):
+        assert float(masked_sum(x + 1.0, ok)) == 6.0
+
+
 def test_policy_loss_token_level_advantages_shape_check() -> None:
     with pytest.raises(ValueError, match="advantages"):
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), MASK)

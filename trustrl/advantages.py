@@ -103,10 +103,12 @@ def gae_time_major(
     not_term = (~terminated).to(values.dtype)
     not_done = (~done).to(values.dtype)
     deltas = rewards + gamma * not_term * next_values - values
+    # (gamma * lam) * not_done_t, hoisted out of the loop: the same products, element by element
+    decay = gamma * lam * not_done
     carry = torch.zeros_like(deltas[0]) if shape[0] > 0 else deltas.new_zeros(shape[1:])
     out: list[torch.Tensor] = []
-    for t in range(shape[0] - 1, -1, -1):
-        carry = deltas[t] + gamma * lam * not_done[t] * carry
+    for delta_t, decay_t in zip(reversed(deltas.unbind(0)), reversed(decay.unbind(0))):
+        carry = delta_t + decay_t * carry
         out.append(carry)
     advantages = torch.stack(out[::-1]) if out else torch.zeros_like(deltas)
     return advantages, advantages + values

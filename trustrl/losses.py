@@ -47,6 +47,11 @@ KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 def _check_mask(fn: str, mask: torch.Tensor, x: torch.Tensor) -> None:
     if mask.dtype != torch.bool:
         raise ValueError(f"{fn}: mask must be torch.bool (True = position counts), got {mask.dtype}")
+    ms, xs = mask.shape, x.shape
+    if ms == xs:  # fast path: the common case, and torch.broadcast_shapes costs ~50-100 us
+        return
+    if len(ms) <= len(xs) and all(a == b or a == 1 for a, b in zip(reversed(ms), reversed(xs))):
+        return  # mask broadcasts to x (a subset of what broadcast_shapes accepts)
     try:
         torch.broadcast_shapes(mask.shape, x.shape)
     except RuntimeError as err:
@@ -77,7 +82,7 @@ def masked_mean(
     Shapes as :func:`masked_sum`. An all-False mask (or slice) gives 0, never NaN.
     """
     total = masked_sum(x, mask, dim)
-    count = torch.broadcast_to(mask, x.shape)
+    count = mask if mask.shape == x.shape else torch.broadcast_to(mask, x.shape)
     count = count.sum() if dim is None else count.sum(dim)
     return total / count.clamp_min(1).to(total.dtype)
 
@@ -103,7 +108,8 @@ def aggregate(
     if values.dim() != 2:
         raise ValueError(f"aggregate: values must be [B, T], got {tuple(values.shape)}")
     _check_mask("aggregate", mask, values)
-    mask = torch.broadcast_to(mask, values.shape)
+    if mask.shape != values.shape:
+        mask = torch.broadcast_to(mask, values.shape)
     if aggregation == "token_mean":
         return masked_mean(values, mask)
     if aggregation == "seq_mean":
@@ -198,16 +204,25 @@ def policy_loss(
     loss = -aggregate(objective, mask, aggregation, max_len)
 
     with torch.no_grad():
-        m = torch.broadcast_to(mask, logp.shape)
-        adv_b = torch.broadcast_to(adv, logp.shape)
+        # All four metrics in one batched reduction and a single host conversion: on small
+        # batches (classic control) separate masked means and float() calls cost more than
+        # the loss itself.
+        m = mask if mask.shape == logp.shape else torch.broadcast_to(mask, logp.shape)
+        adv_b = adv if adv.shape == logp.shape else torch.broadcast_to(adv, logp.shape)
         binding = ((adv_b > 0) & (ratio > 1.0 + clip_high)) | ((adv_b < 0) & (ratio < 1.0 - clip_low))
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, m)
-        any_valid = bool(m.any())
+        per_token = torch.stack([binding.to(logp.dtype), torch.expm1(log_ratio) - log_ratio, ratio])
+        count = m.sum().clamp_min(1).to(logp.dtype)
+        means = torch.where(m, per_token, zero).sum(dim=(1, 2)) / count
+        if logp.numel():
+            r_max = torch.where(m, ratio, torch.full((), -float("inf"), dtype=logp.dtype, device=logp.device)).amax()
+        else:
+            r_max = torch.full((), -float("inf"), dtype=logp.dtype, device=logp.device)
+        clip_fraction, approx_kl, ratio_mean, ratio_max = torch.cat([means, r_max[None]]).tolist()
         metrics = {
-            "clip_fraction": float(masked_mean(binding.to(logp.dtype), m)),
-            "approx_kl": float(approx_kl),
-            "ratio_mean": float(masked_mean(ratio, m)),
-            "ratio_max": float(ratio[m].max()) if any_valid else 1.0,
+            "clip_fraction": clip_fraction,
+            "approx_kl": approx_kl,
+            "ratio_mean": ratio_mean,
+            "ratio_max": ratio_max if ratio_max != -float("inf") else 1.0,  # -inf: no valid token
         }
     return loss, metrics
 

@@ -130,9 +130,14 @@ class PPO(OnPolicyTrainer):
 
         # 3. epochs of minibatch SGD on the clipped surrogate + value loss - entropy bonus
         adv = whiten(adv)  # once per batch (identical to per-minibatch when one minibatch)
-        sums: dict[str, float] = {}
+        # Per-minibatch bookkeeping stays cheap: the two loss values are kept as detached
+        # tensors and converted once per update (policy_loss returns its metrics with one
+        # conversion of its own).
+        loss_vals: list[torch.Tensor] = []
+        clip_frac = approx_kl = grad_norm = v_clip_frac = 0.0
         n_mb = 0
         stop = False
+        opt, flat, actor, critic = self.opt, self.flat, self.actor, self.critic
         for _epoch in range(c.n_epochs):
             perm = torch.randperm(batch) if mb < batch else None
             for start in range(0, batch - mb + 1, mb):
@@ -142,31 +147,36 @@ class PPO(OnPolicyTrainer):
                     idx = perm[start:start + mb]
                     o_mb, a_mb, lp_mb, v_mb = obs[idx], act[idx], old_logp[idx], old_v[idx]
                     adv_mb, r_mb = adv[idx], returns[idx]
-                params = self.actor(o_mb)
-                logp = self.actor.log_prob(params, a_mb)
+                params = actor(o_mb)
+                logp = actor.log_prob(params, a_mb)
                 pl, pm = policy_loss(logp[:, None], lp_mb[:, None], adv_mb, ones, clip_low=clip)
-                v = self.critic(o_mb)
+                v = critic(o_mb)
                 vl, vm = value_loss(v[:, None], v_mb[:, None], r_mb[:, None], ones, clip=c.clip_range_vf)
                 loss = pl + c.vf_coef * vl
                 if c.ent_coef:
-                    entropy = self.actor.entropy(params).mean()
+                    entropy = actor.entropy(params).mean()
                     loss = loss - c.ent_coef * entropy
-                self.flat.zero_grad()
+                flat.zero_grad()
                 loss.backward()
-                gn = self.flat.clip_grad_norm_(c.max_grad_norm)
-                self.opt.step()
+                grad_norm += flat.clip_grad_norm_(c.max_grad_norm)
+                opt.step()
                 n_mb += 1
-                for k, val in (("loss/policy", pl.item()), ("loss/value", vl.item()),
-                               ("policy/clip_fraction", pm["clip_fraction"]),
-                               ("policy/approx_kl", pm["approx_kl"]), ("optim/grad_norm", gn),
-                               ("value/clip_fraction", vm["value_clip_fraction"])):
-                    sums[k] = sums.get(k, 0.0) + val
+                loss_vals.append(pl.detach())
+                loss_vals.append(vl.detach())
+                clip_frac += pm["clip_fraction"]
+                approx_kl += pm["approx_kl"]
+                v_clip_frac += vm["value_clip_fraction"]
                 if c.target_kl is not None and pm["approx_kl"] > 1.5 * c.target_kl:
                     stop = True
                     break
             if stop:
                 break
-        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        out: dict[str, float] = {}
+        if n_mb:
+            pl_sum, vl_sum = torch.stack(loss_vals).double().view(-1, 2).sum(0).tolist()
+            out.update({"loss/policy": pl_sum / n_mb, "loss/value": vl_sum / n_mb,
+                        "policy/clip_fraction": clip_frac / n_mb, "policy/approx_kl": approx_kl / n_mb,
+                        "optim/grad_norm": grad_norm / n_mb, "value/clip_fraction": v_clip_frac / n_mb})
         out["value/explained_variance"] = explained_variance(old_v, returns)
         with torch.no_grad():
             out["policy/entropy"] = float(self.actor.entropy(self.actor(obs)).mean())
