@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trustrl.config import GRPOConfig, PretrainConfig, SFTConfig
-
-PIPELINES = ("grpo", "rlhf", "trpo")
 from trustrl.tasks.arithmetic import CHARS, SPECIAL_TOKENS, AdditionTask, write_task_data
 from trustrl.tiny import create_tiny_model_dir
+
+PIPELINES = ("grpo", "rlhf", "trpo")
 
 
 @dataclass
@@ -40,51 +40,89 @@ class DemoSettings:
     """Budgets of the three stages (the defaults are what `make demo` runs)."""
 
     output_dir: str = "runs/demo"
+    """Run directory: data/, init/, pretrain/, sft/, the RL stage's directory, summary.json."""
     seed: int = 0
+    """Seeds data order, initialization and sampling of every stage (the held-out split is fixed)."""
+    pipeline: str = "grpo"
+    """The RL stage: grpo (the default), rlhf (reward model, then PPO against it) or trpo."""
     digits: int = 2
+    """Operands have up to this many digits."""
     hidden_size: int = 64
+    """Width of the tiny Llama-style model."""
     num_layers: int = 2
+    """Decoder blocks."""
     num_heads: int = 4
+    """Attention heads."""
     reverse_answer: bool = True
+    """Write sums units digit first, zero-padded (see AdditionTask.reverse_answer)."""
     sft_carry_slip_rate: float = 0.6
+    """Share of SFT demonstrations (among sums with a carry) whose teacher forgot the carries."""
     pretrain_steps: int = 1000
+    """Pre-training optimizer steps (packed blocks of 48 tokens)."""
     pretrain_batch: int = 32
+    """Blocks per pre-training step."""
     pretrain_lr: float = 3e-3
+    """Peak pre-training learning rate (cosine schedule)."""
     sft_steps: int = 2000
+    """SFT optimizer steps."""
     sft_batch: int = 32
+    """SFT rows per step."""
     sft_lr: float = 1e-3
+    """SFT learning rate (constant)."""
     grpo_steps: int = 100
+    """GRPO steps (pipeline grpo)."""
     grpo_prompts: int = 16
+    """Prompts per GRPO or TRPO step."""
     group_size: int = 16
+    """Completions per prompt (GRPO and TRPO)."""
     grpo_lr: float = 3e-4
+    """GRPO learning rate."""
     beta: float = 0.01
+    """GRPO's KL coefficient (k3 estimator)."""
     eval_prompts: int = 200
+    """Held-out prompts evaluated greedily."""
     eval_every: int = 25
+    """Evaluate every this many RL steps (and after the last)."""
     progress: bool = True
+    """Progress bars."""
     torch_threads: int | None = 1
     """Intra-op threads. The demo's matrices are tiny, so thread synchronisation costs more
     than it saves, and on a busy machine extra threads oversubscribe the cores (measured here:
     1 thread 0.3-0.6 s per pre-training step vs 7-8 s with 2 threads while other jobs ran)."""
-
-    pipeline: str = "grpo"
-    """grpo (the default), rlhf (reward model then PPO) or trpo."""
-    rm_pairs: int = 8000
+    rm_pairs: int = 16000
+    """Preference pairs for the reward model (pipeline rlhf)."""
     rm_slip_share: float = 0.6
-    rm_steps: int = 600
+    """Share of the wrong-number rejections that are the carry-dropping slip."""
+    rm_steps: int = 2000
+    """Reward-model steps (32 pairs each)."""
     rm_lr: float = 1e-3
+    """Reward-model learning rate (cosine)."""
     ppo_steps: int = 200
+    """PPO steps."""
     ppo_prompts: int = 32
+    """Prompts per PPO step."""
     ppo_samples: int = 2
-    ppo_lr: float = 3e-4
+    """Completions per prompt in PPO."""
+    ppo_lr: float = 1e-4
+    """Actor learning rate."""
     ppo_critic_lr: float = 1e-3
+    """Critic learning rate (the critic starts from the reward model)."""
     ppo_epochs: int = 4
-    ppo_minibatch: int = 16
-    ppo_beta: float = 0.05
-    ppo_kl_target: float = 2.0
+    """K: passes over each rollout batch."""
+    ppo_minibatch: int = 32
+    """Completions per PPO update."""
+    ppo_beta: float = 0.1
+    """Initial KL coefficient in the per-token reward."""
+    ppo_kl_target: float = 1.0
+    """Adaptive KL controller's target, nats per completion."""
     ppo_kl_horizon: float = 1000.0
+    """Adaptive KL controller's horizon, in samples."""
     ppo_target_kl: float | None = 0.05
+    """Early stop of a step's epochs once approx KL(old || new) passes this."""
     trpo_steps: int = 100
+    """TRPO steps (pipeline trpo)."""
     trpo_max_kl: float = 0.01
+    """TRPO trust region: mean token KL after a step."""
 
     @property
     def pipeline_dir(self) -> str:

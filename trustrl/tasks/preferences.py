@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--reverse-answer", action="store_true", help="answers units digit first (as the demo)")
+    parser.add_argument("--slip-share", type=float, default=0.4,
+                        help="share of the wrong-number rejections that are the carry-dropping slip")
     args = parser.parse_args(argv)
     task = AdditionTask(digits=args.digits, reverse_answer=args.reverse_answer)
     paths = write_preference_data(args.output_dir, task, seed=args.seed,
-                                  n_train=args.n_train, n_eval=args.n_eval)
+                                  n_train=args.n_train, n_eval=args.n_eval, slip_share=args.slip_share)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
