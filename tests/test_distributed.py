@@ -31,6 +31,7 @@ import json
 import os
 import random
 import socket
+import signal
 import subprocess
 import sys
 import textwrap
@@ -393,7 +394,10 @@ def test_two_processes_end_where_one_process_ends(tiny_model_dir, addition_data,
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path / "commands.json"),
               str(tmp_path / "grads_two")]
-    proc = subprocess.Popen(launch, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a session of its own, so that on failure the launcher *and* its workers can be killed
+    # (killing torchrun alone left orphaned workers holding the cores)
+    proc = subprocess.Popen(launch, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         # meanwhile, the single-process references, in this process, through the same CLI,
         # with the same capture of the first update's gradients
@@ -414,7 +418,8 @@ def test_two_processes_end_where_one_process_ends(tiny_model_dir, addition_data,
         output, _ = proc.communicate(timeout=280)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, output[-6000:]
     # the CLI prints its summary on rank 0 only: once per command
     assert output.count("'model_dir'") == len(order), output[-3000:]
