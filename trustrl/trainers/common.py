@@ -339,3 +339,17 @@ class Run:
 def warn_skipped(skipped: int, path: str) -> None:
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} malformed rows (skip_bad_rows=true)", stacklevel=2)
+
+
+def restore_loop(run: Run, config: TrainConfig, n_examples: int, models: dict, optimizers: dict, schedulers: dict,
+                 generators: dict) -> tuple[PromptSampler, FaultCounter, dict[str, Any]]:
+    """Every trainer's start: restore the latest checkpoint when resuming (or start fresh),
+    then the example sampler's position and the non-finite fault counter from its state.
+    Returns ``(sampler, faults, checkpoint extra state)``."""
+    sampler = PromptSampler(n_examples, config.seed)
+    state = run.restore(models, optimizers, schedulers, generators)
+    if state.get("sampler"):
+        sampler.load_state_dict(state["sampler"])
+    faults = FaultCounter(config.max_consecutive_nonfinite)
+    faults.load_state_dict(state.get("faults"))
+    return sampler, faults, state

@@ -43,8 +43,8 @@ from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.losses import bradley_terry_loss
 from trustrl.models import check_vocab, load_tokenizer
 from trustrl.rollout import left_pad
-from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
-                                     make_scheduler, warn_skipped)
+from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
+                                     restore_loop, warn_skipped)
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, encode_scored_text, scalar_model_from_lm
 
@@ -221,12 +221,8 @@ class RewardTrainer:
         model.train()
         optimizer = make_optimizer(model.parameters(), cfg)
         scheduler = make_scheduler(optimizer, cfg, self.max_steps)
-        sampler = PromptSampler(len(self.pairs), cfg.seed)
-        state = run.restore({"reward_model": model}, {"reward_model": optimizer}, {"reward_model": scheduler}, {})
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
+        sampler, faults, state = restore_loop(run, cfg, len(self.pairs), {"reward_model": model},
+                                              {"reward_model": optimizer}, {"reward_model": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
         history: list[dict[str, float]] = list(state.get("eval_history", []))
         pad = self.tokenizer.pad_token_id

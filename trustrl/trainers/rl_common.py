@@ -16,7 +16,7 @@ from trustrl.config import RLConfig
 from trustrl.data import DataError, format_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
-from trustrl.trainers.common import FaultCounter, PromptSampler, Run, warn_skipped
+from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop, warn_skipped
 
 
 class PromptSet:
@@ -229,12 +229,8 @@ class LoopState:
         """Restore a resumed run (or start fresh), then evaluate the starting policy at step 0
         of a fresh run. Returns the loop state and the checkpoint's extra state."""
         cfg = trainer.config
-        sampler = PromptSampler(len(trainer.prompts), cfg.seed)
-        state = run.restore(models, optimizers, schedulers, generators)
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
+        sampler, faults, state = restore_loop(run, cfg, len(trainer.prompts), models, optimizers, schedulers,
+                                              generators)
         trainer.rewards.fault_totals.update(state.get("reward_faults", {}))
         run.set_skipped_rows(trainer.prompts.skipped + (trainer.eval_prompts.skipped if trainer.eval_prompts else 0))
         loop = cls(trainer, sampler, faults, list(state.get("eval_history", [])))

@@ -25,8 +25,8 @@ from trustrl.data import format_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_model
 from trustrl.rollout import completion_logprobs_for_targets
-from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
-                                     make_scheduler, warn_skipped)
+from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
+                                     restore_loop, warn_skipped)
 from trustrl.utils import seed_everything
 
 
@@ -87,12 +87,8 @@ class _LMTrainer:
         model.train()
         optimizer = make_optimizer(model.parameters(), cfg)
         scheduler = make_scheduler(optimizer, cfg, cfg.max_steps)
-        sampler = PromptSampler(len(self.examples), cfg.seed)
-        state = run.restore({"policy": model}, {"policy": optimizer}, {"policy": scheduler}, {})
-        if state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        faults = FaultCounter(cfg.max_consecutive_nonfinite)
-        faults.load_state_dict(state.get("faults"))
+        sampler, faults, _ = restore_loop(run, cfg, len(self.examples), {"policy": model}, {"policy": optimizer},
+                                          {"policy": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
         pad = self.tokenizer.pad_token_id
         started = time.time()
