@@ -11,7 +11,7 @@ import json
 import pytest
 
 from trustrl.cli import main as cli_main
-from trustrl.tasks.demo import DemoSettings, run_demo
+from trustrl.tasks.demo import DemoSettings, format_table, run_demo
 
 
 def _metrics(path):
@@ -31,6 +31,9 @@ def test_rlhf_pipeline_shortened(tmp_path):
     assert (out / "ppo" / "report.html").is_file()
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["accuracy_after_rl"] == summary["accuracy_after_rl"]
+    table = format_table(summary)
+    assert "reward model" in table and f"held-out pair accuracy {summary['rm_heldout_accuracy']:.3f}" in table
+    assert f"target {summary['kl_target']:g}" in table
 
 
 def test_trpo_pipeline_shortened(tmp_path):
@@ -43,6 +46,7 @@ def test_trpo_pipeline_shortened(tmp_path):
     assert summary["trpo_steps_rejected"] == 3 - len(accepted)
     if accepted:
         assert summary["trpo_accepted_kl_max"] == max(accepted) <= summary["max_kl"]
+    assert f"{len(accepted)} steps accepted" in format_table(summary)
 
 
 def test_demo_rejects_an_unknown_pipeline(tmp_path):
