@@ -157,7 +157,7 @@ class RLConfig(TrainConfig):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1.0: off)."""
     rewards: list[RewardSpec] = Field(default_factory=list)
-    """Reward functions with weights: built-in names ("format", "numeric_answer",
+    """Reward functions with weights: built-in names ("format", "numeric_answer", "exact_answer",
     "math_equivalence", "length_penalty", "soft_overlong", "code_tests") or "module:function"."""
     reward_model: str | None = None
     """Directory of a trained reward model (trustrl train rm) used as an extra reward."""
