@@ -54,3 +54,21 @@ def test_demo_rejects_an_unknown_pipeline(tmp_path):
         run_demo(DemoSettings.quick(output_dir=str(tmp_path), pipeline="dpo"))
     with pytest.raises(SystemExit):
         cli_main(["demo", "--pipeline", "dpo"])
+
+
+def test_demo_key_value_overrides(tmp_path, capsys):
+    from trustrl.config import ConfigError
+
+    base = DemoSettings()
+    changed = base.with_overrides(["grpo_steps=7", "grpo_lr=1", "ppo_target_kl=null", "reverse_answer=false"])
+    assert (changed.grpo_steps, changed.grpo_lr, changed.ppo_target_kl, changed.reverse_answer) == (7, 1.0, None, False)
+    assert isinstance(changed.grpo_lr, float) and base.grpo_steps == 100  # a copy; the default untouched
+    with pytest.raises(ConfigError, match=r"demo setting 'grpo_stepz' does not exist"):
+        base.with_overrides(["grpo_stepz=3"])
+    with pytest.raises(ConfigError, match=r"demo setting 'hidden_size' must be int, got True"):
+        base.with_overrides(["hidden_size=true"])
+    # from the command line: exit status 2, the key named, nothing written
+    out = tmp_path / "never"
+    assert cli_main(["demo", "--output-dir", str(out), "sft_steps=many"]) == 2
+    assert "demo setting 'sft_steps' must be int, got 'many'" in capsys.readouterr().err
+    assert not out.exists()

@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from trustrl.config import ConfigError
     from trustrl.tasks.demo import DemoSettings, format_table, run_demo, summary_json
 
     _quiet_transformers()
@@ -80,6 +81,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.output_dir = args.output_dir
     settings.seed = args.seed
     settings.pipeline = args.pipeline
+    try:
+        settings = settings.with_overrides(args.overrides)
+    except ConfigError as err:
+        print(f"trustrl demo: {err}", file=sys.stderr)
+        return 2
     summary = run_demo(settings)
     print()
     print(format_table(summary))
@@ -123,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
     demo.add_argument("--verbose", action="store_true")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="change a setting of trustrl/tasks/demo.py:DemoSettings, e.g. grpo_steps=200 sft_carry_slip_rate=0")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train with a YAML config and key=value overrides")

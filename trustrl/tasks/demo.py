@@ -124,6 +124,30 @@ class DemoSettings:
     trpo_max_kl: float = 0.01
     """TRPO trust region: mean token KL after a step."""
 
+    def with_overrides(self, items: list[str]) -> "DemoSettings":
+        """A copy with ``key=value`` overrides (values parsed as YAML scalars), checked against
+        the fields: an unknown key or a value of the wrong type raises ConfigError naming it."""
+        from dataclasses import fields, replace
+
+        from trustrl.config import ConfigError, parse_overrides
+
+        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        optional = {"torch_threads", "ppo_target_kl"}  # may also be null
+        changes: dict[str, Any] = {}
+        for key, value in parse_overrides(items).items():
+            if key not in kinds:
+                raise ConfigError(f"demo setting {key!r} does not exist; settings are {sorted(kinds)}")
+            kind = kinds[key]
+            if value is None and key in optional:
+                changes[key] = None
+            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+                changes[key] = float(value)
+            elif type(value) is kind:
+                changes[key] = value
+            else:
+                raise ConfigError(f"demo setting {key!r} must be {kind.__name__}, got {value!r}")
+        return replace(self, **changes)
+
     @property
     def pipeline_dir(self) -> str:
         """The RL stage's run directory (under output_dir): grpo, ppo or trpo."""
