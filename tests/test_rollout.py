@@ -7,6 +7,7 @@ import torch
 from trustrl.models import load_policy, load_tokenizer
 from trustrl.rollout import (
     completion_logprobs,
+    counter_uniforms,
     generate,
     left_pad,
     positions_from_mask,
@@ -111,3 +112,45 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
     assert draws == {0, 1}
     assert int(sample_next(logits, 0.0, 1.0, None)) == 0  # temperature 0 is greedy
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampler_frequencies_match_softmax_chi_square():
+    """The two-level inverse-CDF sampler draws token i with probability softmax(z / T)_i.
+
+    300 tokens: a full block of 256 and a padded one of 44, so a block-index or padding bug
+    shows. 30000 draws; the chi-square statistic with 299 degrees of freedom has mean 299
+    and standard deviation sqrt(2 * 299) = 24.5; its 99.9% quantile is about 385 (normal
+    approximation 299 + 3.09 * 24.5 = 375, a little more for the skew). A sampler off by one
+    token or one block, or that ignores the temperature, lands in the thousands."""
+    vocab, draws, temperature = 300, 30000, 0.8
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.rand(vocab, generator=gen) * 2 - 1  # expected counts >= 30000 * e^-2.5 / 300 * ... > 20
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    batch = logits.expand(draws, vocab)
+    # the generator path and the counter-based path (the one the trainers use)
+    from_generator = sample_next(batch, temperature, 1.0, torch.Generator().manual_seed(1))
+    seeds = torch.arange(draws, dtype=torch.int64) * 7919 + 12345
+    from_counters = sample_next(batch, temperature, 1.0, None, uniforms=counter_uniforms(seeds, t=3))
+    for tokens in (from_generator, from_counters):
+        counts = torch.bincount(tokens, minlength=vocab).double()
+        assert counts.shape == (vocab,)  # nothing drawn past the vocabulary
+        assert _chi_square(counts, probs) < 385
+    # the test has teeth: a sampler at temperature 1 instead of 0.8 fails it
+    wrong = torch.softmax(logits.double(), dim=-1)
+    assert _chi_square(torch.bincount(from_generator, minlength=vocab).double(), wrong) > 385
+
+
+def test_top_p_frequencies_are_the_renormalized_nucleus():
+    # probabilities 0.4, 0.3, 0.2, 0.1; top_p = 0.8 keeps {0, 1, 2} (0.7 < 0.8 <= 0.9), each with
+    # p / 0.9: 4/9, 3/9, 2/9. 18000 draws; chi-square with 2 degrees of freedom: 99.9% at 13.8.
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(18000, 4)
+    tokens = sample_next(logits, 1.0, 0.8, torch.Generator().manual_seed(2))
+    counts = torch.bincount(tokens, minlength=4).double()
+    assert counts[3] == 0
+    kept = torch.tensor([4 / 9, 3 / 9, 2 / 9], dtype=torch.float64)
+    assert _chi_square(counts[:3], kept) < 13.8
