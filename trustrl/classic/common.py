@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -225,6 +225,33 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config as a JSON-friendly dict (tuples -> lists)."""
     d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     return json.loads(json.dumps(d, default=str))
+
+
+@dataclass
+class PolicyRunSettings:
+    """The settings every policy-gradient trainer here shares (REINFORCE, PPO, TRPO):
+    normalisation, network, optimizer epsilon, evaluation and logging. Each algorithm's
+    config adds its own knobs to these."""
+
+    normalize_obs: bool = False
+    normalize_reward: bool = False
+    clip_obs: float = 10.0
+    clip_reward: float = 10.0
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+    log_std_init: float = 0.0
+    adam_eps: float = 1e-5
+    eval_episodes: int = 10
+    eval_every: int = 0              # env steps between deterministic evals (0 = only at the end)
+    log_every: int = 0               # env steps between metric lines (0 = total/100)
+    threads: int = 1                 # torch.set_num_threads
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def preset_config(cfg: Any, presets: Mapping[Any, Mapping[str, Any]], key: Any,
+                  overrides: Mapping[str, Any] | None = None) -> Any:
+    """``cfg`` with the preset for ``key`` (none: unchanged), then ``overrides``, applied."""
+    return apply_overrides(apply_overrides(cfg, presets.get(key, {})), overrides or {})
 
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:

@@ -23,18 +23,18 @@ the batch is one minibatch, as in the CartPole preset), optional early stop on `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, apply_overrides, linear_schedule
+from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PolicyRunSettings):
     """Every knob of :class:`PPO`; presets per env live in :data:`PPO_PRESETS`."""
 
     n_envs: int = 8                  # parallel envs in the rollout
@@ -52,19 +52,6 @@ class PPOConfig:
     ent_coef: float = 0.0
     max_grad_norm: float = 0.5
     target_kl: float | None = None   # stop the epochs early when approx KL exceeds this
-    normalize_obs: bool = False
-    normalize_reward: bool = False
-    clip_obs: float = 10.0
-    clip_reward: float = 10.0
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
-    log_std_init: float = 0.0
-    adam_eps: float = 1e-5
-    eval_episodes: int = 10
-    eval_every: int = 0              # env steps between deterministic evals (0 = only at the end)
-    log_every: int = 0               # env steps between metric lines (0 = total/100)
-    threads: int = 1                 # torch.set_num_threads
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 #: Defaults per env id: ``--algo ppo --env ID`` with nothing else reproduces the numbers in
@@ -95,8 +82,7 @@ PPO_PRESETS: dict[str, dict[str, Any]] = {
 
 def ppo_config_for(env_id: str, overrides: Mapping[str, Any] | None = None) -> PPOConfig:
     """The preset for ``env_id`` (or the defaults) with ``overrides`` applied."""
-    cfg = apply_overrides(PPOConfig(), PPO_PRESETS.get(env_id, {}))
-    return apply_overrides(cfg, overrides or {})
+    return preset_config(PPOConfig(), PPO_PRESETS, env_id, overrides)
 
 
 class PPO(OnPolicyTrainer):

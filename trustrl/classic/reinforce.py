@@ -19,18 +19,18 @@ Recipe of one update (:meth:`REINFORCE.update`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, apply_overrides, linear_schedule
+from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
 
 
 @dataclass
-class REINFORCEConfig:
+class REINFORCEConfig(PolicyRunSettings):
     """Every knob of :class:`REINFORCE`; presets per env in :data:`REINFORCE_PRESETS`."""
 
     n_envs: int = 8
@@ -43,19 +43,6 @@ class REINFORCEConfig:
     normalize_advantages: bool = True
     ent_coef: float = 0.0
     max_grad_norm: float = 1.0
-    normalize_obs: bool = False
-    normalize_reward: bool = False
-    clip_obs: float = 10.0
-    clip_reward: float = 10.0
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
-    log_std_init: float = 0.0
-    adam_eps: float = 1e-5
-    eval_episodes: int = 10
-    eval_every: int = 0
-    log_every: int = 0
-    threads: int = 1
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 REINFORCE_PRESETS: dict[str, dict[str, Any]] = {
@@ -69,8 +56,7 @@ REINFORCE_PRESETS: dict[str, dict[str, Any]] = {
 
 def reinforce_config_for(env_id: str, overrides: Mapping[str, Any] | None = None) -> REINFORCEConfig:
     """The preset for ``env_id`` (or the defaults) with ``overrides`` applied."""
-    cfg = apply_overrides(REINFORCEConfig(), REINFORCE_PRESETS.get(env_id, {}))
-    return apply_overrides(cfg, overrides or {})
+    return preset_config(REINFORCEConfig(), REINFORCE_PRESETS, env_id, overrides)
 
 
 class REINFORCE(OnPolicyTrainer):

@@ -23,7 +23,7 @@ linearly to 0 over the run, the trust-region analogue of PPO's learning-rate ann
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -31,11 +31,11 @@ import torch
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
 from trustrl.trpo import trpo_update
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, apply_overrides, linear_schedule
+from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
 
 
 @dataclass
-class TRPOConfig:
+class TRPOConfig(PolicyRunSettings):
     """Every knob of :class:`TRPO`; presets per env live in :data:`TRPO_PRESETS`."""
 
     n_envs: int = 2
@@ -52,19 +52,6 @@ class TRPOConfig:
     critic_lr: float = 1e-3
     critic_epochs: int = 10
     critic_minibatch_size: int = 128
-    normalize_obs: bool = False
-    normalize_reward: bool = False
-    clip_obs: float = 10.0
-    clip_reward: float = 10.0
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
-    log_std_init: float = 0.0
-    adam_eps: float = 1e-5
-    eval_episodes: int = 10
-    eval_every: int = 0
-    log_every: int = 0
-    threads: int = 1
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 #: CartPole follows rl-baselines3-zoo's tuned TRPO (2 x 512, lambda 0.98, gamma 0.99, critic
@@ -88,8 +75,7 @@ TRPO_PRESETS: dict[str, dict[str, Any]] = {
 
 def trpo_config_for(env_id: str, overrides: Mapping[str, Any] | None = None) -> TRPOConfig:
     """The preset for ``env_id`` (or the defaults) with ``overrides`` applied."""
-    cfg = apply_overrides(TRPOConfig(), TRPO_PRESETS.get(env_id, {}))
-    return apply_overrides(cfg, overrides or {})
+    return preset_config(TRPOConfig(), TRPO_PRESETS, env_id, overrides)
 
 
 class TRPO(OnPolicyTrainer):
