@@ -144,3 +144,21 @@ def test_q_learning_greedy_path_is_shortest():
     assert [int(bfs[s]) for s in path] == list(range(10, -1, -1))
     # 10 moves: 10 x (-0.01) + 1.0
     assert ret == pytest.approx(0.9)
+
+
+def test_tabular_episode_logs_by_hand():
+    # CORRIDOR with "always right" (action 1): S -> . -> E, every episode 2 steps, return
+    # -0.01 + 0.99 = 0.98; 7 steps = 3 whole episodes (ending at steps 2, 4, 6) + 1 step.
+    env = MazeEnv(CORRIDOR, exit_reward=1.0, wall_reward=-0.5, step_reward=-0.01)
+    right = np.zeros((env.n_cells, 4))
+    right[:, 1] = 1.0
+    seen: list[tuple[int, float, int]] = []
+    res = tabular.td0_evaluation(env, right, total_steps=7, gamma=0.9, alpha=0.5, seed=0,
+                                 on_episode=lambda t, ret, n: seen.append((t, ret, n)))
+    assert [t for t, _, _ in seen] == [2, 4, 6]
+    assert res.episode_lengths == [2, 2, 2] and [n for _, _, n in seen] == [2, 2, 2]
+    assert res.episode_returns == pytest.approx([0.98] * 3) and [r for _, r, _ in seen] == res.episode_returns
+    # a time limit of 1 step truncates every Q-learning episode after one step
+    short = MazeEnv(CORRIDOR, max_episode_steps=1)
+    res = tabular.q_learning(short, total_steps=5, seed=0)
+    assert res.episode_lengths == [1] * 5 and res.env_steps == 5

@@ -83,6 +83,26 @@ class TabularResult:
     wall_seconds: float = 0.0
 
 
+class _EpisodeLog:
+    """Return and length of the running episode; finished ones go to ``out`` and ``on_episode``."""
+
+    def __init__(self, out: TabularResult, on_episode: Callable[[int, float, int], None] | None) -> None:
+        self.out, self.on_episode = out, on_episode
+        self.ret, self.length = 0.0, 0
+
+    def record(self, env_steps: int, reward: float, done: bool) -> bool:
+        """Add one step's reward; at the end of an episode log it and start the next. Returns ``done``."""
+        self.ret += reward
+        self.length += 1
+        if done:
+            self.out.episode_returns.append(self.ret)
+            self.out.episode_lengths.append(self.length)
+            if self.on_episode is not None:
+                self.on_episode(env_steps, self.ret, self.length)
+            self.ret, self.length = 0.0, 0
+        return done
+
+
 def td0_evaluation(
     env: gym.Env,
     policy: np.ndarray,
@@ -110,8 +130,8 @@ def td0_evaluation(
     visits = np.zeros(n_states, dtype=np.int64)
     out = TabularResult(table=v)
     t0 = time.perf_counter()
+    episodes = _EpisodeLog(out, on_episode)
     s, _ = raw.reset(seed=seed)
-    ep_ret, ep_len = 0.0, 0
     uniforms = rng.random(total_steps)
     for t in range(total_steps):
         a = int(np.searchsorted(cdf[s], uniforms[t] * cdf[s, -1], side="right"))
@@ -120,15 +140,8 @@ def td0_evaluation(
         visits[s] += 1
         target = r + (0.0 if terminated else gamma * v[s2])
         v[s] += step_size(int(visits[s])) * (target - v[s])
-        ep_ret += r
-        ep_len += 1
-        if terminated or truncated:
-            out.episode_returns.append(ep_ret)
-            out.episode_lengths.append(ep_len)
-            if on_episode is not None:
-                on_episode(t + 1, ep_ret, ep_len)
+        if episodes.record(t + 1, r, terminated or truncated):
             s, _ = raw.reset()
-            ep_ret, ep_len = 0.0, 0
         else:
             s = s2
     out.env_steps = total_steps
@@ -159,8 +172,8 @@ def q_learning(
     q = np.full((n_states, n_actions), float(q_init))
     out = TabularResult(table=q)
     t0 = time.perf_counter()
+    episodes = _EpisodeLog(out, on_episode)
     s, _ = raw.reset(seed=seed)
-    ep_ret, ep_len = 0.0, 0
     for t in range(total_steps):
         if rng.random() < eps_fn(t):
             a = int(rng.integers(n_actions))
@@ -171,15 +184,8 @@ def q_learning(
         s2, r, terminated, truncated, _ = raw.step(a)
         target = r + (0.0 if terminated else gamma * q[s2].max())
         q[s, a] += alpha * (target - q[s, a])
-        ep_ret += r
-        ep_len += 1
-        if terminated or truncated:
-            out.episode_returns.append(ep_ret)
-            out.episode_lengths.append(ep_len)
-            if on_episode is not None:
-                on_episode(t + 1, ep_ret, ep_len)
+        if episodes.record(t + 1, r, terminated or truncated):
             s, _ = raw.reset()
-            ep_ret, ep_len = 0.0, 0
         else:
             s = s2
     out.env_steps = total_steps
