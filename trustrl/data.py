@@ -36,11 +36,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trustrl.logging import atomic_writer
 
 __all__ = [
     "TEXT_FIELDS",
@@ -525,27 +526,15 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]])
             index, 0-based).
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for i, row in enumerate(rows):
-                if not isinstance(row, Mapping):
-                    raise TypeError(f"write_jsonl({p}): row {i} is {type(row).__name__}, expected a mapping")
-                try:
-                    line = json.dumps(dict(row), ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    raise TypeError(f"write_jsonl({p}): row {i} cannot be encoded as JSON: {e}") from e
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_writer(p) as f:
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"write_jsonl({p}): row {i} is {type(row).__name__}, expected a mapping")
+            try:
+                line = json.dumps(dict(row), ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"write_jsonl({p}): row {i} cannot be encoded as JSON: {e}") from e
+            f.write(line + "\n")
     return p
 
 

@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -64,17 +65,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, rename.
-
-    Readers see either the old file or the complete new one, never a partial write.
-    """
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
+    """``with atomic_writer(path) as f: f.write(...)``: UTF-8 text to a temporary file in the
+    destination folder, flushed, fsynced and renamed over ``path`` only when the block ends
+    without an error. Readers see the old file or the complete new one, never a partial
+    write; an error (or a crash) leaves any previous file intact and no temporary behind.
+    Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,7 +88,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
             pass
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def to_jsonable(obj: Any) -> Any:
