@@ -65,6 +65,9 @@ def test_demo_key_value_overrides(tmp_path, capsys):
     assert isinstance(changed.grpo_lr, float) and base.grpo_steps == 100  # a copy; the default untouched
     with pytest.raises(ConfigError, match=r"demo setting 'grpo_stepz' does not exist"):
         base.with_overrides(["grpo_stepz=3"])
+    assert base.with_overrides(["grpo_lr=1e-4"]).grpo_lr == 1e-4  # YAML reads 1e-4 as a string
+    with pytest.raises(ConfigError, match=r"demo setting 'grpo_lr' must be float, got 'fast'"):
+        base.with_overrides(["grpo_lr=fast"])
     with pytest.raises(ConfigError, match=r"demo setting 'hidden_size' must be int, got True"):
         base.with_overrides(["hidden_size=true"])
     # from the command line: exit status 2, the key named, nothing written

@@ -140,8 +140,11 @@ class DemoSettings:
             kind = kinds[key]
             if value is None and key in optional:
                 changes[key] = None
-            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-                changes[key] = float(value)
+            elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+                    changes[key] = float(value)
+                except ValueError:
+                    raise ConfigError(f"demo setting {key!r} must be float, got {value!r}") from None
             elif type(value) is kind:
                 changes[key] = value
             else:
