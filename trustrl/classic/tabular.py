@@ -84,23 +84,33 @@ class TabularResult:
 
 
 class _EpisodeLog:
-    """Return and length of the running episode; finished ones go to ``out`` and ``on_episode``."""
+    """The bookkeeping of a tabular loop: resets, the running episode's return and length,
+    finished episodes into ``out`` and ``on_episode``, and the run's steps and wall time."""
 
-    def __init__(self, out: TabularResult, on_episode: Callable[[int, float, int], None] | None) -> None:
-        self.out, self.on_episode = out, on_episode
+    def __init__(self, env: gym.Env, out: TabularResult,
+                 on_episode: Callable[[int, float, int], None] | None) -> None:
+        self.env, self.out, self.on_episode = env, out, on_episode
         self.ret, self.length = 0.0, 0
+        self.t0 = time.perf_counter()
 
-    def record(self, env_steps: int, reward: float, done: bool) -> bool:
-        """Add one step's reward; at the end of an episode log it and start the next. Returns ``done``."""
+    def advance(self, env_steps: int, reward: float, done: bool, next_state: int) -> int:
+        """Add one step's reward; the state to act from next (after a reset when ``done``)."""
         self.ret += reward
         self.length += 1
-        if done:
-            self.out.episode_returns.append(self.ret)
-            self.out.episode_lengths.append(self.length)
-            if self.on_episode is not None:
-                self.on_episode(env_steps, self.ret, self.length)
-            self.ret, self.length = 0.0, 0
-        return done
+        if not done:
+            return next_state
+        self.out.episode_returns.append(self.ret)
+        self.out.episode_lengths.append(self.length)
+        if self.on_episode is not None:
+            self.on_episode(env_steps, self.ret, self.length)
+        self.ret, self.length = 0.0, 0
+        state, _ = self.env.reset()
+        return state
+
+    def finish(self, total_steps: int) -> TabularResult:
+        self.out.env_steps = total_steps
+        self.out.wall_seconds = time.perf_counter() - self.t0
+        return self.out
 
 
 def td0_evaluation(
@@ -129,8 +139,7 @@ def td0_evaluation(
     v = np.zeros(n_states)
     visits = np.zeros(n_states, dtype=np.int64)
     out = TabularResult(table=v)
-    t0 = time.perf_counter()
-    episodes = _EpisodeLog(out, on_episode)
+    episodes = _EpisodeLog(raw, out, on_episode)
     s, _ = raw.reset(seed=seed)
     uniforms = rng.random(total_steps)
     for t in range(total_steps):
@@ -140,13 +149,8 @@ def td0_evaluation(
         visits[s] += 1
         target = r + (0.0 if terminated else gamma * v[s2])
         v[s] += step_size(int(visits[s])) * (target - v[s])
-        if episodes.record(t + 1, r, terminated or truncated):
-            s, _ = raw.reset()
-        else:
-            s = s2
-    out.env_steps = total_steps
-    out.wall_seconds = time.perf_counter() - t0
-    return out
+        s = episodes.advance(t + 1, r, terminated or truncated, s2)
+    return episodes.finish(total_steps)
 
 
 def q_learning(
@@ -171,8 +175,7 @@ def q_learning(
     eps_fn = epsilon if callable(epsilon) else (lambda t, e=float(epsilon): e)
     q = np.full((n_states, n_actions), float(q_init))
     out = TabularResult(table=q)
-    t0 = time.perf_counter()
-    episodes = _EpisodeLog(out, on_episode)
+    episodes = _EpisodeLog(raw, out, on_episode)
     s, _ = raw.reset(seed=seed)
     for t in range(total_steps):
         if rng.random() < eps_fn(t):
@@ -184,13 +187,8 @@ def q_learning(
         s2, r, terminated, truncated, _ = raw.step(a)
         target = r + (0.0 if terminated else gamma * q[s2].max())
         q[s, a] += alpha * (target - q[s, a])
-        if episodes.record(t + 1, r, terminated or truncated):
-            s, _ = raw.reset()
-        else:
-            s = s2
-    out.env_steps = total_steps
-    out.wall_seconds = time.perf_counter() - t0
-    return out
+        s = episodes.advance(t + 1, r, terminated or truncated, s2)
+    return episodes.finish(total_steps)
 
 
 def greedy_rollout(env: gym.Env, q: np.ndarray, max_steps: int | None = None) -> tuple[list[int], float, bool]:
