@@ -75,3 +75,39 @@ def test_demo_key_value_overrides(tmp_path, capsys):
     assert cli_main(["demo", "--output-dir", str(out), "sft_steps=many"]) == 2
     assert "demo setting 'sft_steps' must be int, got 'many'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_demo_overrides_take_their_type_from_the_field_annotation():
+    from trustrl.config import ConfigError
+
+    # ppo_target_kl is `float | None`: null, then a float again (the type is the field's, not
+    # the current value's: after null the current value is None)
+    off = DemoSettings().with_overrides(["ppo_target_kl=null"])
+    assert off.ppo_target_kl is None
+    back = off.with_overrides(["ppo_target_kl=0.1"])
+    assert back.ppo_target_kl == 0.1 and isinstance(back.ppo_target_kl, float)
+    # an int written for an optional float is that float; 1e-3 (YAML text) too
+    assert off.with_overrides(["ppo_target_kl=1"]).ppo_target_kl == 1.0
+    assert isinstance(off.with_overrides(["ppo_target_kl=1"]).ppo_target_kl, float)
+    assert off.with_overrides(["ppo_target_kl=1e-3"]).ppo_target_kl == 0.001
+    # torch_threads is `int | None`: null and back to an int; a float or a bool is refused
+    none = DemoSettings().with_overrides(["torch_threads=null"])
+    assert none.torch_threads is None and none.with_overrides(["torch_threads=4"]).torch_threads == 4
+    with pytest.raises(ConfigError, match=r"demo setting 'torch_threads' must be int or null, got 2.5"):
+        none.with_overrides(["torch_threads=2.5"])
+    with pytest.raises(ConfigError, match=r"demo setting 'torch_threads' must be int or null, got True"):
+        none.with_overrides(["torch_threads=true"])
+    # a field that is not optional refuses null, naming the field and its type
+    with pytest.raises(ConfigError, match=r"demo setting 'grpo_lr' must be float, got None"):
+        DemoSettings().with_overrides(["grpo_lr=null"])
+    with pytest.raises(ConfigError, match=r"demo setting 'pipeline' must be str, got None"):
+        DemoSettings().with_overrides(["pipeline=null"])
+    with pytest.raises(ConfigError, match=r"demo setting 'reverse_answer' must be bool, got 1"):
+        DemoSettings().with_overrides(["reverse_answer=1"])
+    # every field's annotation is one the parser understands (a new field of another type
+    # fails here rather than at a user's command line)
+    from dataclasses import fields
+
+    for f in fields(DemoSettings):
+        value = getattr(DemoSettings(), f.name)
+        assert DemoSettings().with_overrides([f"{f.name}={value if value is not None else 'null'}"]) == DemoSettings()

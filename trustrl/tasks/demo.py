@@ -126,29 +126,34 @@ class DemoSettings:
 
     def with_overrides(self, items: list[str]) -> "DemoSettings":
         """A copy with ``key=value`` overrides (values parsed as YAML scalars), checked against
-        the fields: an unknown key or a value of the wrong type raises ConfigError naming it."""
+        the fields' annotations (not their current values: after ``ppo_target_kl=null``,
+        ``ppo_target_kl=0.1`` is still a float): ``float`` accepts ints and YAML's dotless
+        ``1e-4`` text, ``X | None`` also accepts null, ``int``/``bool``/``str`` only their own
+        type. An unknown key or a value of the wrong type raises ConfigError naming it."""
         from dataclasses import fields, replace
 
         from trustrl.config import ConfigError, parse_overrides
 
-        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
-        optional = {"torch_threads", "ppo_target_kl"}  # may also be null
+        kinds = _field_kinds(type(self))
         changes: dict[str, Any] = {}
         for key, value in parse_overrides(items).items():
             if key not in kinds:
-                raise ConfigError(f"demo setting {key!r} does not exist; settings are {sorted(kinds)}")
-            kind = kinds[key]
-            if value is None and key in optional:
+                raise ConfigError(f"demo setting {key!r} does not exist; settings are {sorted(f.name for f in fields(self))}")
+            kind, optional = kinds[key]
+            wanted = kind.__name__ + (" or null" if optional else "")
+            if value is None:
+                if not optional:
+                    raise ConfigError(f"demo setting {key!r} must be {wanted}, got None")
                 changes[key] = None
-            elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 try:  # YAML 1.1 reads "1e-4" (no dot) as a string
                     changes[key] = float(value)
                 except ValueError:
-                    raise ConfigError(f"demo setting {key!r} must be float, got {value!r}") from None
-            elif type(value) is kind:
+                    raise ConfigError(f"demo setting {key!r} must be {wanted}, got {value!r}") from None
+            elif type(value) is kind:  # exact: a bool is no int, an int no bool
                 changes[key] = value
             else:
-                raise ConfigError(f"demo setting {key!r} must be {kind.__name__}, got {value!r}")
+                raise ConfigError(f"demo setting {key!r} must be {wanted}, got {value!r}")
         return replace(self, **changes)
 
     @property
@@ -164,6 +169,28 @@ class DemoSettings:
                     rm_steps=4, ppo_steps=3, ppo_prompts=4, ppo_minibatch=4, trpo_steps=3)
         base.update(overrides)
         return cls(**base)
+
+
+def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{field name: (scalar type, accepts None)}`` from the dataclass annotations of ``cls``
+    (``float``, ``int | None``, ``Optional[str]``, ...). A field of any other shape raises
+    TypeError naming it, so a new setting cannot reach users unparseable."""
+    import types
+    import typing
+    from dataclasses import fields
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[type, bool]] = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        args: tuple = (hint,)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = typing.get_args(hint)
+        scalars = [a for a in args if a is not type(None)]
+        if len(scalars) != 1 or scalars[0] not in (bool, int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: annotation {hint!r} is not a scalar or an optional scalar")
+        out[f.name] = (scalars[0], len(scalars) != len(args))
+    return out
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
