@@ -30,6 +30,11 @@ ptrace) and have parent-death SIGKILL chains, so killing the waiter ends the nam
 
 Mode ``plain``: no namespaces; rlimits, uid drop (if root) and ``execve`` only.
 
+Result channel: when the config names a ``channel_fd`` (the write end of a pipe the parent
+reads, used by the ``code_tests`` grader), the program gets it as fd 3 and init and the waiter
+close their copies, so the parent sees end-of-file as soon as the program and everything it
+started are gone.
+
 Every step fails *closed*: exit status 121 and a ``trustrl-sandbox-setup-error:`` line on
 stderr, and the untrusted code never runs with less isolation than was asked for. The config
 (uid, paths, limits) is visible in ``/proc/<pid>/cmdline``; it holds no secrets.
@@ -72,6 +77,7 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 
 SETUP_FAILED = 121
+CHANNEL_FD = 3  # where the program finds the code grader's result pipe (if it has one)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -184,8 +190,21 @@ def _set_limits_and_drop(cfg: dict) -> None:
     _prctl(PR_SET_PDEATHSIG, 9)  # after the uid change (a credential change clears it)
 
 
+def _close_channel(cfg: dict) -> None:
+    """Init and the waiter do not keep the result channel open: once the program and its
+    descendants are dead, the parent reads end-of-file on it."""
+    if cfg.get("channel_fd") is not None:
+        os.close(cfg["channel_fd"])
+
+
 def _exec_program(cfg: dict) -> None:
     try:
+        ch = cfg.get("channel_fd")
+        if ch is not None and ch != CHANNEL_FD:  # the program finds its channel at fd 3
+            os.dup2(ch, CHANNEL_FD, inheritable=True)
+            os.close(ch)
+        elif ch is not None:
+            os.set_inheritable(ch, True)
         os.chdir(cfg["workdir"])
         _set_limits_and_drop(cfg)
         argv = [cfg["python"], "-I", "-S", "-B", cfg["main"]] + list(cfg.get("args", []))
@@ -308,6 +327,7 @@ def main() -> None:
         status_r, status_w = os.pipe()
         init_pid = os.fork()
         if init_pid:
+            _close_channel(cfg)
             _waiter(init_pid, status_r, status_w, cfg["backstop_s"])
         # pid 1 of the new namespace from here on.
         os.close(status_r)
@@ -320,6 +340,7 @@ def main() -> None:
     if program_pid == 0:
         os.close(status_w)
         _exec_program(cfg)
+    _close_channel(cfg)
     _init(program_pid, status_w)
 
 

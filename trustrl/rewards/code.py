@@ -43,7 +43,6 @@ test harnesses can always be introspected by the code under test, see
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -60,11 +59,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from trustrl.rewards.code_grader import HARNESS, TestPlan, case_passes, parse_tests, read_frames
+
 __all__ = [
     "SandboxResult",
     "run_in_sandbox",
     "sandbox_capabilities",
     "code_tests_reward",
+    "CodeGrade",
     "extract_code",
 ]
 
@@ -87,7 +89,8 @@ class SandboxResult:
     ``killed_reason`` is ``"wall_time"``, ``"cpu_time"``, ``"memory"`` (the program died of a
     ``MemoryError`` under the address-space cap), ``"output_limit"``, ``"sandbox_error"`` or
     ``None``. ``leftover_processes`` counts sandbox processes still alive after clean-up
-    (0 unless something is badly wrong).
+    (0 unless something is badly wrong). ``channel``: the bytes the program wrote to its
+    private result pipe (fd 3; used by the ``code_tests`` grader, empty otherwise).
     """
 
     returncode: int | None
@@ -102,6 +105,7 @@ class SandboxResult:
     stderr_truncated: bool = False
     leftover_processes: int = 0
     uid: int | None = None
+    channel: bytes = b""
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +269,11 @@ exec(_code, {{"__name__": "__main__", "__builtins__": __builtins__, "__file__": 
 
 def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory_mb: int,
          max_output_bytes: int, max_processes: int, mode: str, netns: bool, disk_mb: int,
-         extra_files: dict[str, str] | None = None) -> SandboxResult:
+         extra_files: dict[str, str] | None = None, channel_cap: int = 0) -> SandboxResult:
+    """One sandboxed run of ``code`` (see :func:`run_in_sandbox`). With ``channel_cap > 0``
+    the program also gets a private pipe as fd 3 (the result channel of the code grader);
+    at most ``channel_cap`` bytes of it are kept in ``SandboxResult.channel`` (more ends the
+    run: ``output_limit``). Reading stops once every process of the sandbox is dead."""
     t0 = time.monotonic()
     net_kind = "netns" if netns else "socket_disabled"
     python, _ = _interpreter()
@@ -273,8 +281,10 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
     uid = _take_uid() if root and mode != "userns" else None
     workdir = tempfile.mkdtemp(prefix="trustrl-sbx-")
     proc = None
-    out = {1: bytearray(), 2: bytearray()}
-    truncated = {1: False, 2: False}
+    out = {1: bytearray(), 2: bytearray(), 3: bytearray()}
+    truncated = {1: False, 2: False, 3: False}
+    caps = {1: max_output_bytes, 2: max_output_bytes, 3: channel_cap}
+    chan_r = chan_w = None
     killed_reason = None
     cpu = 0.0
     leftover = 0
@@ -305,6 +315,9 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
         }
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "HOME": workdir, "TMPDIR": workdir}
+        if channel_cap > 0:
+            chan_r, chan_w = os.pipe()
+            cfg["channel_fd"] = chan_w
         stdin_file = tempfile.TemporaryFile()  # anonymous: invisible to the sandboxed code
         stdin_file.write(stdin.encode("utf-8"))
         stdin_file.seek(0)
@@ -314,13 +327,20 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
             [python, "-I", "-S", "-B", _HELPER, json.dumps(cfg)],
             stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=workdir, env=env, start_new_session=True, close_fds=True,
+            pass_fds=(chan_w,) if chan_w is not None else (),
         )
         stdin_file.close()
         stdin_file = None
+        if chan_w is not None:
+            os.close(chan_w)  # only the sandbox holds the write end now
+            chan_w = None
         sel = selectors.DefaultSelector()
-        for fd_no, pipe in ((1, proc.stdout), (2, proc.stderr)):
-            os.set_blocking(pipe.fileno(), False)
-            sel.register(pipe, selectors.EVENT_READ, fd_no)
+        streams = [(1, proc.stdout.fileno()), (2, proc.stderr.fileno())]
+        if chan_r is not None:
+            streams.append((3, chan_r))
+        for fd_no, fd in streams:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, fd_no)
         deadline = t0 + wall_time_s
         drain_until = None
         exited = False
@@ -336,14 +356,14 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
             ready = sel.select(timeout) if sel.get_map() else time.sleep(timeout) or []
             for key, _ in ready:
                 try:
-                    data = os.read(key.fileobj.fileno(), _READ_CHUNK)
+                    data = os.read(key.fd, _READ_CHUNK)
                 except BlockingIOError:
                     continue
                 if not data:
-                    sel.unregister(key.fileobj)
+                    sel.unregister(key.fd)
                     continue
                 buf = out[key.data]
-                room = max_output_bytes - len(buf)
+                room = caps[key.data] - len(buf)
                 buf += data[:room]
                 if len(data) > room:
                     truncated[key.data] = True
@@ -361,6 +381,8 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
     finally:
         if stdin_file is not None:
             stdin_file.close()
+        if chan_w is not None:
+            os.close(chan_w)
         if proc is not None:
             _kill_sandbox(uid, proc.pid, by_session=True)  # leader not reaped yet: sid valid
             _, st, ru = os.wait4(proc.pid, 0)
@@ -372,6 +394,8 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
                 leftover = _kill_sandbox(uid, proc.pid, by_session=False, settle_s=0.5)
             else:  # count only: after the reap, the session id may name someone else
                 leftover = len(_sandbox_pids(None, proc.pid, by_session=True))
+        if chan_r is not None:  # nothing more is read: the sandbox is dead and was drained
+            os.close(chan_r)
         shutil.rmtree(workdir, ignore_errors=True)
         if uid is not None and not leftover:
             _give_uid(uid)  # a uid with survivors stays retired for this process's lifetime
@@ -396,6 +420,7 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
         stderr_truncated=truncated[2],
         leftover_processes=leftover,
         uid=uid,
+        channel=bytes(out[3]),
     )
 
 
@@ -502,47 +527,6 @@ def run_in_sandbox(code: str, *, stdin: str = "", wall_time_s: float = 5.0,
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PY_TAGS = {"python", "py", "python3"}
 
-_HARNESS = '''\
-def _trustrl_harness():
-    import os, sys, json
-    write = os.write
-    spec = sys.stdin.buffer.read()
-    fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
-    nonce, _, body = spec.decode("utf-8").partition("\\n")
-    del spec
-    steps = json.loads(body)
-    del body
-    def report(text):
-        try:
-            write(1, ("\\n" + nonce + " " + text + "\\n").encode())
-        except BaseException:
-            pass
-    try:
-        with open("solution.py", encoding="utf-8") as f:
-            code = compile(f.read(), "solution.py", "exec")
-    except BaseException:
-        report("syntax_error")
-        return
-    g = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        exec(code, g)
-    except BaseException:
-        pass
-    for i, (source, counted) in enumerate(steps):
-        try:
-            exec(compile(source, "<test %d>" % i, "exec"), g)
-            ok = True
-        except BaseException:
-            ok = False
-        if counted:
-            report("%d %s" % (i, "pass" if ok else "fail"))
-    report("done")
-_trustrl_harness()
-'''
-
-
 def extract_code(completion: Any) -> str:
     """The code in a completion: the last ```python (or ```py / ```python3) fenced block, else
     the last untagged fenced block, else the whole text. Chat-format completions (a list of
@@ -562,59 +546,71 @@ def extract_code(completion: Any) -> str:
     return text
 
 
-def _test_steps(tests: Any, row: int, column: str) -> list[tuple[str, bool]]:
-    """(source, counted) steps for one row. A list: each element is one test case. A string:
-    each top-level ``assert`` is a test case; other top-level statements run as set-up, in
-    order, uncounted (a string with no assert at all is one test case)."""
-    where = f"code_tests_reward: row {row} of column {column!r}"
-    if isinstance(tests, str):
-        try:
-            tree = ast.parse(tests)
-        except SyntaxError as e:
-            raise ValueError(f"{where} is not valid Python: {e}") from None
-        steps = [(ast.get_source_segment(tests, node) or ast.unparse(node),
-                  isinstance(node, ast.Assert)) for node in tree.body]
-        if not any(counted for _, counted in steps):
-            steps = [(tests, True)]
-        return steps
-    if isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
-        if not tests:
-            raise ValueError(f"{where} is an empty list of test cases")
-        return [(t, True) for t in tests]
-    raise ValueError(f"{where} must be a string of asserts or a list of strings, "
-                     f"got {type(tests).__name__}")
+_CHANNEL_CAP = 32 << 20  # bytes of results kept per completion (more ends its run)
+_MAX_STDOUT = 4 << 20  # bytes of stdout kept per program run (stdin/stdout cases; more fails it)
 
 
-def _score_one(code: str, steps: list[tuple[str, bool]], timeout_s: float,
-               memory_mb: int) -> float:
-    n = sum(1 for _, counted in steps if counted)
-    # Not even compiled here: untrusted text is only ever parsed inside the sandbox (the
-    # harness reports a syntax error as "syntax_error", which scores 0).
-    nonce = secrets.token_hex(16)
-    spec = nonce + "\n" + json.dumps(steps)
+@dataclass(frozen=True)
+class CodeGrade:
+    """How one completion was graded (the reward's ``last_grades``, for inspection).
+
+    ``score = passed / total`` (counted test cases); ``answered`` of ``steps``: how many steps
+    got a well-formed answer on the result channel before it ended; ``killed_reason``,
+    ``leftover_processes`` and ``uid`` come from the run's :class:`SandboxResult`
+    (``"grader_error"`` if the sandbox could not be started); ``errors``: the first few error
+    names the sandbox reported (its say-so, for debugging only).
+    """
+
+    score: float
+    passed: int
+    total: int
+    answered: int
+    steps: int
+    killed_reason: str | None
+    leftover_processes: int
+    uid: int | None
+    errors: tuple[str, ...] = ()
+
+
+def _grade_one(code: str, plan: TestPlan, timeout_s: float, memory_mb: int) -> CodeGrade:
+    """Run ``code`` under the fixed harness in one sandbox and judge what comes back."""
+    n = plan.n_cases
     try:
-        res = _run(_HARNESS, stdin=spec, wall_time_s=timeout_s, cpu_time_s=timeout_s,
+        caps = sandbox_capabilities()
+        netns = caps["netns_available"]
+        files = {"solution.py": code}
+        spec: dict[str, Any] = {"fd": 3, "mode": plan.mode}
+        if plan.mode == "stdio":
+            prog = "solution.py"
+            if not netns:  # each run is a fresh interpreter: give it the socket prelude too
+                files["_trustrl_prog.py"] = _SOCKET_PRELUDE.format(main="solution.py")
+                prog = "_trustrl_prog.py"
+            spec.update(steps=[s.payload for s in plan.steps], max_stdout=_MAX_STDOUT,
+                        program=[_interpreter()[0], "-I", "-S", "-B", prog])
+        else:
+            spec["steps"] = [[s.kind, s.payload] for s in plan.steps]
+        res = _run(HARNESS, stdin=json.dumps(spec), wall_time_s=timeout_s, cpu_time_s=timeout_s,
                    memory_mb=memory_mb, max_output_bytes=65536, max_processes=16,
-                   mode=sandbox_capabilities()["mode"],
-                   netns=sandbox_capabilities()["netns_available"], disk_mb=32,
-                   extra_files={"solution.py": code})
-    except Exception:  # noqa: BLE001 - a reward must not take the trainer down
-        return 0.0
-    passed = set()
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == nonce and parts[2] == "pass" and parts[1].isdigit():
-            passed.add(int(parts[1]))
-    counted_idx = {i for i, (_, counted) in enumerate(steps) if counted}
-    return len(passed & counted_idx) / n if n else 0.0
+                   mode=caps["mode"], netns=netns, disk_mb=32, extra_files=files,
+                   channel_cap=_CHANNEL_CAP)
+    except Exception as e:  # noqa: BLE001 - a reward must not take the trainer down
+        return CodeGrade(0.0, 0, n, 0, len(plan.steps), "grader_error", 0, None,
+                         (f"{type(e).__name__}: {e}",))
+    outcomes = read_frames(res.channel, plan.steps)
+    passed = sum(case_passes(plan, outcomes))
+    errors = tuple(o.error for o in outcomes if not o.ok)[:5]
+    return CodeGrade(passed / n if n else 0.0, passed, n, len(outcomes), len(plan.steps),
+                     res.killed_reason, res.leftover_processes, res.uid, errors)
 
 
-def _map_daemon(fn: Callable[[Any], float], items: Sequence[Any], workers: int) -> list[float]:
-    """``[fn(x) for x in items]`` on up to ``workers`` *daemon* threads; a raising item scores
-    0.0. Daemon threads (not a ``concurrent.futures`` pool, whose exit hook joins its workers)
-    so that a call abandoned by :func:`trustrl.rewards.registry.score_completions` never holds
-    up interpreter exit; the sandboxes die with the process (parent-death signals)."""
-    results = [0.0] * len(items)
+def _map_daemon(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                on_error: Callable[[Any, Exception], Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on up to ``workers`` *daemon* threads; an item whose ``fn``
+    raises gets ``on_error(item, exc)``. Daemon threads (not a ``concurrent.futures`` pool,
+    whose exit hook joins its workers) so that a call abandoned by
+    :func:`trustrl.rewards.registry.score_completions` never holds up interpreter exit; the
+    sandboxes die with the process (parent-death signals)."""
+    results: list[Any] = [None] * len(items)
     lock = threading.Lock()
     todo = iter(range(len(items)))
 
@@ -625,9 +621,9 @@ def _map_daemon(fn: Callable[[Any], float], items: Sequence[Any], workers: int) 
             if i is None:
                 return
             try:
-                results[i] = float(fn(items[i]))
-            except Exception:  # noqa: BLE001 - a reward must not take the trainer down
-                results[i] = 0.0
+                results[i] = fn(items[i])
+            except Exception as e:  # noqa: BLE001 - a reward must not take the trainer down
+                results[i] = on_error(items[i], e)
 
     threads = [threading.Thread(target=work, name=f"trustrl-code-tests-{k}", daemon=True)
                for k in range(min(workers, len(items)))]
@@ -639,29 +635,43 @@ def _map_daemon(fn: Callable[[Any], float], items: Sequence[Any], workers: int) 
 
 
 def code_tests_reward(timeout_s: float = 5.0, memory_mb: int = 512, tests_column: str = "tests",
-                      language: str = "python", max_workers: int = 2) -> Callable[..., list[float]]:
+                      language: str = "python", max_workers: int = 2,
+                      numeric_tolerance: float | None = None) -> Callable[..., list[float]]:
     """Reward = fraction of the row's test cases the completion's code passes, in [0, 1].
 
-    Returns ``fn(prompts, completions, **columns) -> list[float]``; ``columns[tests_column]``
-    holds, per row, a string of Python asserts or a list of test-case strings (see
-    :func:`_test_steps`). The code (:func:`extract_code`) is run once per completion in
-    :func:`run_in_sandbox` (``timeout_s`` of wall and CPU time, ``memory_mb``), followed by
-    the test cases, each in its own ``try``; each result is printed on its own line with a
-    per-run random nonce that the parent checks. The nonce and the tests reach the harness
-    through an anonymous stdin file that is swapped for ``/dev/null`` before the solution runs,
-    so they are not in any file, argument or environment variable the solution can read; a
-    solution that introspects the harness's memory (``gc``, frames) could still forge results.
-    The solution module is named ``"solution"`` (its ``if __name__ == "__main__"`` block does
-    not run). A solution that prints more than 64 KiB is stopped there and keeps only the test
-    cases reported before; a timeout likewise keeps the test cases that passed before it. A syntax error, a crash, a timeout or any hostile behaviour scores 0 for the
-    tests not passed; nothing a completion does makes ``fn`` raise. Completions run on
-    ``max_workers`` daemon threads.
+    Returns ``fn(prompts, completions, **columns) -> list[float]``. ``columns[tests_column]``
+    holds per row either Python asserts (a string: each top-level assert is one case, other
+    statements set-up; or a list of strings: each one case) or stdin/stdout cases
+    (``{"inputs": [...], "outputs": [...]}``, its JSON text, or a list of
+    ``{"input", "output"}`` dicts); see :mod:`trustrl.rewards.code_grader` for exactly which
+    assert forms are supported. Tests the grader cannot judge itself raise ``ValueError``
+    naming the row, case and line, before anything runs.
+
+    The code (:func:`extract_code`) runs once per completion in :func:`run_in_sandbox`'s
+    sandbox under a fixed harness: with asserts, the solution is imported as module
+    ``"solution"`` (its ``if __name__ == "__main__"`` block does not run, its prints go
+    nowhere) and each assert's tested expression is evaluated there; with stdin/stdout cases,
+    each input runs the program afresh as ``__main__``. Only plain values come back, through a
+    private pipe, and the grader judges them here (threat model: the module docstring).
+    ``timeout_s`` is the wall-clock and CPU budget of the whole completion, all its cases
+    together: cases not answered by then fail, those answered before count.
+    ``numeric_tolerance`` (stdin/stdout cases only): two output tokens that are both decimal
+    numbers match when within it, relatively or absolutely; ``None`` = exact tokens.
+    A syntax error, a crash, a timeout or any hostile behaviour scores 0 for the cases not
+    passed; nothing a completion does makes ``fn`` raise. Completions are graded on
+    ``max_workers`` daemon threads, each in its own sandbox. After a call, ``fn.last_grades``
+    holds one :class:`CodeGrade` per completion and ``fn.last_isolation`` the
+    :func:`sandbox_capabilities` used.
     """
     if language != "python":
         raise ValueError(f"code_tests_reward: language={language!r} is not supported "
                          "(only 'python')")
     if timeout_s <= 0 or memory_mb <= 0 or max_workers < 1:
         raise ValueError("code_tests_reward: timeout_s, memory_mb and max_workers must be > 0")
+    if numeric_tolerance is not None and not (numeric_tolerance >= 0
+                                              and math.isfinite(numeric_tolerance)):
+        raise ValueError(f"code_tests_reward: numeric_tolerance must be a finite number >= 0 "
+                         f"or None, got {numeric_tolerance!r}")
 
     def code_tests(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
         if tests_column not in columns:
@@ -671,11 +681,20 @@ def code_tests_reward(timeout_s: float = 5.0, memory_mb: int = 512, tests_column
         if len(tests) != len(completions):
             raise ValueError(f"code_tests_reward: column {tests_column!r} has {len(tests)} "
                              f"rows but there are {len(completions)} completions")
-        jobs = [(extract_code(c), _test_steps(t, i, tests_column))
+        # Parsed (and refused) here, before anything runs; the test code is never executed
+        # in this process.
+        jobs = [(extract_code(c),
+                 parse_tests(t, f"code_tests_reward: row {i} of column {tests_column!r}",
+                             numeric_tolerance=numeric_tolerance))
                 for i, (c, t) in enumerate(zip(completions, tests))]
         code_tests.last_isolation = sandbox_capabilities()
-        return _map_daemon(lambda job: _score_one(job[0], job[1], timeout_s, memory_mb),
-                           jobs, max_workers)
+        grades = _map_daemon(
+            lambda job: _grade_one(job[0], job[1], timeout_s, memory_mb), jobs, max_workers,
+            lambda job, e: CodeGrade(0.0, 0, job[1].n_cases, 0, len(job[1].steps),
+                                     "grader_error", 0, None, (f"{type(e).__name__}: {e}",)))
+        code_tests.last_grades = grades
+        return [g.score for g in grades]
 
     code_tests.last_isolation = None
+    code_tests.last_grades = []
     return code_tests
