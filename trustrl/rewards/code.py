@@ -1,9 +1,57 @@
-"""Sandboxed execution of model-written Python, and a unit-test reward built on it.
+"""Sandboxed execution of model-written Python, and a unit-test reward built on it whose
+verdicts the code under test cannot forge.
 
 The reward follows the rule-based "run the tests" rewards of code RL (DeepSeek-R1,
 arXiv:2501.12948, section 2.2.2: "for LeetCode problems, a compiler can be used to generate
 feedback based on predefined test cases"): the completion's code is run against the row's test
-cases and the reward is the fraction that pass.
+cases (asserts on its functions, or stdin/stdout cases) and the reward is the fraction that
+pass.
+
+Threat model of the ``code_tests`` reward
+    *Assumed*: the completion's code is hostile, and once it runs it owns everything in its
+    sandbox: the interpreter it shares with the harness (frames, ``gc``, builtins,
+    ``sys.modules``, ``compile``/``exec``, ``AssertionError``, the harness's variables and file
+    descriptors) and every process it starts there.
+
+    *Guaranteed*, by construction rather than by a list of known tricks:
+
+    - The verdict is decided in this process (the grader,
+      :mod:`trustrl.rewards.code_grader`), which shares no memory with the sandbox and never
+      runs model-written code. Expected values are parsed from the tests here and never sent
+      to the sandbox: only the tested expression (``f(2, 3)`` of ``assert f(2, 3) == 5``) or a
+      program's stdin is.
+    - The only thing read from the sandbox is a private result pipe: length-prefixed JSON
+      frames, exactly one per requested step, in order, parsed strictly; values are rebuilt
+      with exact built-in types (``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``,
+      ``complex``, ``list``, ``tuple``, ``dict``, ``set``, ``frozenset``), so no ``str``
+      subclass and no object with its own ``__eq__`` crosses, and they are compared here with
+      Python's own operators on those types. stdout and stderr are never believed (with
+      asserts the solution's stdout goes to ``/dev/null``): printing "verdicts" does nothing.
+    - A missing, malformed, out-of-order or surplus answer is a failure: exiting early
+      (``sys.exit``, ``os._exit``, a signal), breaking the harness, timing out or flooding
+      the pipe can only lose cases, never pass them. Reading stops when the run is over and
+      every process of the sandbox has been killed, so a forked child cannot answer later.
+    - Hence, to pass a case the sandbox must send back a plain value that satisfies the check,
+      exactly what an honest solution does. Patching builtins, ``compile``/``exec``,
+      ``AssertionError`` or ``sys.modules``, reading the harness's frames, ``gc`` or fds,
+      writing to its descriptors: none of it changes what the grader compares.
+
+    *Not guaranteed*:
+
+    - A solution that hard-codes the expected outputs of tests it has seen (in the prompt, say)
+      passes them; keep the tests that matter hidden.
+    - A test whose tested expression itself holds the expected value (``[5].count(f(x)) == 1``,
+      or a set-up helper that compares) is judged partly inside the sandbox. The grader
+      refuses the visible forms (a comparison, ``and``/``or``, ``not`` or if-else inside the
+      tested expression; asserts inside ``for``/``if``/``def``) but cannot see through method
+      calls or helpers. ``assert f(x)`` passes on any truthy value: weak tests stay weak.
+    - Kernel exploits (there is no seccomp filter), reading world-readable files, and the use
+      of resources up to the limits (per completion: ``timeout_s`` of wall and CPU time,
+      ``memory_mb`` per process, 16 processes, 32 MiB of disk, 64 KiB of stderr, 32 MiB of
+      results).
+    - Mode ``plain`` (below) is weaker: the network block is bypassable and, when not root,
+      clean-up is by session, which ``setsid()`` escapes (such a process may outlive the run;
+      it still cannot answer once the run is over).
 
 Isolation, strongest first (probed once, see :func:`sandbox_capabilities`):
 
@@ -36,9 +84,7 @@ through a bounded buffer (the process is killed as soon as either stream passes 
 afterwards every process of the sandbox killed and the temporary directory deleted.
 
 What this is *not*: a defence against kernel exploits (there is no seccomp filter), and the
-code can still *read* world-readable files (``/etc``, ``/usr``, the repository). In-process
-test harnesses can always be introspected by the code under test, see
-:func:`code_tests_reward`.
+code can still *read* world-readable files (``/etc``, ``/usr``, the repository).
 """
 
 from __future__ import annotations
@@ -546,6 +592,24 @@ def extract_code(completion: Any) -> str:
     return text
 
 
+# ``-S`` (no site) leaves out the ``exit``/``quit`` builtins, which programs commonly call.
+_EXIT_BUILTINS = """\
+def _trustrl_exit_builtins():
+    import builtins
+    def exit(code=None):
+        raise SystemExit(code)
+    builtins.exit = builtins.quit = exit
+_trustrl_exit_builtins()
+del _trustrl_exit_builtins
+"""
+_RUN_AS_MAIN = """\
+import sys as _sys
+_sys.argv[0] = {main!r}
+with open({main!r}, "rb") as _f:
+    _code = compile(_f.read(), {main!r}, "exec")
+del _f, _sys
+exec(_code, {{"__name__": "__main__", "__builtins__": __builtins__, "__file__": {main!r}}})
+"""
 _CHANNEL_CAP = 32 << 20  # bytes of results kept per completion (more ends its run)
 _MAX_STDOUT = 4 << 20  # bytes of stdout kept per program run (stdin/stdout cases; more fails it)
 
@@ -581,12 +645,12 @@ def _grade_one(code: str, plan: TestPlan, timeout_s: float, memory_mb: int) -> C
         files = {"solution.py": code}
         spec: dict[str, Any] = {"fd": 3, "mode": plan.mode}
         if plan.mode == "stdio":
-            prog = "solution.py"
-            if not netns:  # each run is a fresh interpreter: give it the socket prelude too
-                files["_trustrl_prog.py"] = _SOCKET_PRELUDE.format(main="solution.py")
-                prog = "_trustrl_prog.py"
+            # Each run is a fresh interpreter; without a network namespace it gets the socket
+            # prelude too.
+            files["_trustrl_prog.py"] = _EXIT_BUILTINS + (
+                _SOCKET_PRELUDE if not netns else _RUN_AS_MAIN).format(main="solution.py")
             spec.update(steps=[s.payload for s in plan.steps], max_stdout=_MAX_STDOUT,
-                        program=[_interpreter()[0], "-I", "-S", "-B", prog])
+                        program=[_interpreter()[0], "-I", "-S", "-B", "_trustrl_prog.py"])
         else:
             spec["steps"] = [[s.kind, s.payload] for s in plan.steps]
         res = _run(HARNESS, stdin=json.dumps(spec), wall_time_s=timeout_s, cpu_time_s=timeout_s,
