@@ -179,7 +179,7 @@ def worker_trustrl(args, assets: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import trustrl.trainers.common as common_module
-    import trustrl.trainers.grpo as grpo_module
+    import trustrl.algorithms.grpo as grpo_module
     from trustrl.config import GRPOConfig, LoRAConfig
     from trustrl.logging import read_metrics
 
@@ -327,8 +327,8 @@ def profile_trustrl(args, assets: Path) -> dict:
 
     _device_setup(args)
     import trustrl.trainers.common as common_module
-    import trustrl.trainers.grpo as grpo_module
-    import trustrl.trainers.rl_common as rl_module
+    import trustrl.algorithms.grpo as grpo_module
+    import trustrl.loop.experience as rl_module
     from trustrl.config import GRPOConfig, LoRAConfig
 
     common_module.Run.should_save = lambda self, *a, **k: False

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from trustrl.config import GRPOConfig
     from trustrl.tasks.arithmetic import FORMAT_PATTERN, AdditionTask, write_task_data
     from trustrl.tasks.demo import DemoSettings
-    from trustrl.trainers.grpo import GRPOTrainer
+    from trustrl.algorithms.grpo import GRPOTrainer
 
     demo = DemoSettings(seed=args.seed)
     threads = getattr(demo, "torch_threads", None) if args.threads is None else args.threads

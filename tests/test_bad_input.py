@@ -20,7 +20,7 @@ from trustrl.data import DataError
 from trustrl.logging import read_metrics
 from trustrl.models import ModelLoadError
 from trustrl.rewards.registry import RewardError
-from trustrl.trainers.grpo import GRPOTrainer
+from trustrl.algorithms.grpo import GRPOTrainer
 from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
 
 

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import trustrl.trainers.grpo as grpo_module
+import trustrl.algorithms.grpo as grpo_module
+from trustrl.losses import LossSum
 import trustrl.trainers.sft as sft_module
 from trustrl.checkpoint import find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from trustrl.config import GRPOConfig, SFTConfig
 from trustrl.logging import read_metrics
 from trustrl.trainers.common import FaultCounter, NonFiniteError, guarded_step
-from trustrl.trainers.grpo import GRPOTrainer
+from trustrl.algorithms.grpo import GRPOTrainer
 from trustrl.trainers.sft import SFTTrainer
 
 # ------------------------------------------------------------------------------------------
@@ -173,15 +174,15 @@ def test_grpo_nan_loss_with_finite_gradients_is_caught(tiny_model_dir, addition_
         state["calls"] += 1
         return count_a(prompts, completions)
 
-    original = grpo_module.policy_loss
+    original = grpo_module.policy_loss_sum
 
     def nan_valued_loss(*args, **kwargs):
-        loss, metrics = original(*args, **kwargs)
+        part, metrics = original(*args, **kwargs)
         if state["calls"] >= 3:  # NaN value, untouched gradient
-            loss = loss + torch.tensor(float("nan"))
-        return loss, metrics
+            part = LossSum(part.total + torch.tensor(float("nan")), part.count, part.unit)
+        return part, metrics
 
-    monkeypatch.setattr(grpo_module, "policy_loss", nan_valued_loss)
+    monkeypatch.setattr(grpo_module, "policy_loss_sum", nan_valued_loss)
     cfg = grpo_config(tiny_model_dir, addition_data, tmp_path)
     trainer = GRPOTrainer(cfg, reward_funcs=[reward])
     unchanged = _record_steps(monkeypatch, grpo_module)

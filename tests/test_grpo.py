@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import trustrl.trainers.grpo as grpo_module
+import trustrl.algorithms.grpo as grpo_module
 from trustrl.config import GRPOConfig
-from trustrl.trainers.grpo import GRPOTrainer
+from trustrl.algorithms.grpo import GRPOTrainer
 
 
 def count_a(prompts, completions, **columns):
@@ -92,15 +92,15 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_data, tmp_p
 
 def test_ratio_is_exactly_one_at_first_iteration_then_moves_and_clips(tiny_model_dir, addition_data, tmp_path, monkeypatch):
     calls = []
-    original = grpo_module.policy_loss
+    original = grpo_module.policy_loss_sum
 
     def recording(logp, old_logp, advantages, mask, **kwargs):
         calls.append(((logp.detach() - old_logp)[mask], kwargs))
-        loss, metrics = original(logp, old_logp, advantages, mask, **kwargs)
+        part, metrics = original(logp, old_logp, advantages, mask, **kwargs)
         calls[-1] = calls[-1] + (metrics,)
-        return loss, metrics
+        return part, metrics
 
-    monkeypatch.setattr(grpo_module, "policy_loss", recording)
+    monkeypatch.setattr(grpo_module, "policy_loss_sum", recording)
     # a large learning rate so the second iteration's ratio leaves [1 - eps, 1 + eps]
     cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=1, num_iterations=3,
                       learning_rate=5e-2, clip_low=0.05, rewards=[], gradient_accumulation_steps=2)

@@ -11,7 +11,7 @@ import torch
 
 from trustrl.logging import read_metrics
 from trustrl.trainers.common import PromptSampler
-from trustrl.trainers.ppo import PPOConfig, PPOTrainer, apply_missing_eos_penalty, token_rewards
+from trustrl.algorithms.ppo import PPOConfig, PPOTrainer, apply_missing_eos_penalty, token_rewards
 
 
 def count_a(prompts, completions, **columns):
@@ -67,7 +67,7 @@ def test_penalty_zero_critic_and_gae_in_prepare(tiny_model_dir, addition_data, t
     cfg = make_config(tiny_model_dir, addition_data, tmp_path, beta=0.0, whiten_advantages=False,
                       missing_eos_penalty=-7.0, max_completion_length=3)
     trainer = PPOTrainer(cfg, reward_funcs=[constant_one])
-    batch = trainer.collect(PromptSampler(len(trainer.prompts), 0))
+    batch, _ = trainer.collect(PromptSampler(len(trainer.prompts), 0))
     pb = trainer.prepare(batch)
     truncated = batch.rollout.truncated
     assert truncated.any()
@@ -92,7 +92,7 @@ NAMED_METRICS = ["policy/approx_kl", "policy/clip_fraction", "loss/value", "valu
 
 def test_short_run_changes_policy_and_critic_and_logs_metrics(tiny_model_dir, addition_data, tmp_path):
     cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=3, learning_rate=3e-3,
-                      critic_learning_rate=1e-2, ent_coef=0.01, vf_coef=0.5)
+                      critic_learning_rate=1e-2, ent_coef=0.01, )
     trainer = PPOTrainer(cfg, reward_funcs=[count_a])
     policy_before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}

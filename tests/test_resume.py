@@ -25,12 +25,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trustrl.trainers.grpo as grpo_module
+import trustrl.algorithms.grpo as grpo_module
 import trustrl.trainers.sft as sft_module
 from trustrl.checkpoint import list_checkpoints, verify_checkpoint
 from trustrl.config import GRPOConfig, PretrainConfig, SFTConfig
 from trustrl.logging import read_metrics
-from trustrl.trainers.grpo import GRPOTrainer
+from trustrl.algorithms.grpo import GRPOTrainer
 from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
 
 REWARD_MODULE = textwrap.dedent('''

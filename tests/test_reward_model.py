@@ -91,8 +91,11 @@ def test_save_load_round_trip_gives_identical_scores(trained_rm):
     after = score_texts(loaded, tok, prompts, responses, max_length=24)
     assert torch.equal(before, after)
     # the reward function loads the same model and scores the same texts identically
-    fn = reward_model_reward(summary["model_dir"], batch_size=2)
+    fn = reward_model_reward(summary["model_dir"])  # same batching as `before`: bit for bit
     assert fn(prompts, responses, answer=["3", "7", "10"]) == before.tolist()
+    # other batching pads differently: equal to float rounding (5e-7 seen here)
+    fn2 = reward_model_reward(summary["model_dir"], batch_size=2)
+    assert fn2(prompts, responses) == pytest.approx(before.tolist(), rel=0, abs=1e-5)
     assert fn(["1+1="], ["a"])[0] > fn(["1+1="], ["b"])[0]
 
 
@@ -121,7 +124,7 @@ def test_reward_model_reward_inside_grpo(trained_rm, tiny_model_dir, addition_da
     _, summary, _ = trained_rm
     from trustrl.config import GRPOConfig
     from trustrl.logging import read_metrics
-    from trustrl.trainers.grpo import GRPOTrainer
+    from trustrl.algorithms.grpo import GRPOTrainer
 
     cfg = GRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(tmp_path / "grpo"),
                      max_steps=2, prompts_per_step=2, group_size=4, max_completion_length=5, max_prompt_length=16,
@@ -162,3 +165,114 @@ def test_preference_rows_for_the_arithmetic_task(tmp_path):
     held = {r["prompt"] for r in load_rows(paths["eval"]).rows}
     assert all(task.is_held_out(*map(int, p[:-1].split("+"))) for p in held)
     assert not any(task.is_held_out(a, b) for a, b in operands)
+
+
+# ---------------------------------------------------------------- sums, counts, one normalizer
+
+
+def test_loss_sums_by_hand_and_against_the_mean():
+    from trustrl.losses import bradley_terry_loss, bradley_terry_sum, reward_centering_sum
+    from trustrl.trainers.reward_model import reward_model_loss_sum
+
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    # -log sigmoid(2) = 0.126928, -log sigmoid(-1) = log(1 + e) = 1.313262; sum 1.440190
+    bt = bradley_terry_sum(r_c, r_r)
+    assert float(bt.total) == pytest.approx(1.440190, abs=1e-6) and float(bt.count) == 2 and bt.unit == "rows"
+    # the mean-returning public function is the sum over the count (an independent formula)
+    assert float(bradley_terry_loss(r_c, r_r)) == pytest.approx(1.440190 / 2, abs=1e-6)
+    # centering numerator: (2 + 0)^2 + (0 + 1)^2 = 5
+    assert float(reward_centering_sum(r_c, r_r).total) == 5.0
+    part, sums = reward_model_loss_sum(r_c, r_r, None, 0.01)
+    # 1.440190 + 0.01 * 5 = 1.490190; accuracy: 1 pair right; margin sum: 2 + (-1) = 1
+    assert float(part.total) == pytest.approx(1.490190, abs=1e-6) and float(part.count) == 2
+    assert sums["accuracy"] == 1.0 and sums["margin"] == 1.0 and sums["center"] == pytest.approx(0.05)
+
+
+def _first_step_gradients(monkeypatch, trainer) -> dict[str, torch.Tensor]:
+    """Run one optimizer step and return the gradients it applies (captured where the trainer
+    hands them to the data-parallel reduction, i.e. the finished accumulation)."""
+    import trustrl.distributed as dist
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, *args, **kwargs):
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                captured[name] = p.grad.detach().clone()
+
+    monkeypatch.setattr(dist, "all_reduce_gradients", capture)
+    trainer.train()
+    monkeypatch.undo()
+    assert captured
+    return captured
+
+
+@pytest.mark.parametrize("center", [None, 0.05])
+def test_one_micro_batch_of_n_pairs_equals_n_micro_batches_of_one(tiny_model_dir, tmp_path, monkeypatch, center):
+    """Gradient accumulation is exact: 6 pairs (with margins, texts of unequal lengths) in one
+    micro-batch give the gradient of 6 micro-batches of 1 pair and of 4 (2 + 2 + 1 + 1), with
+    and without the centering term. float64 model, so only summation order differs."""
+    rng = random.Random(5)
+    rows = _pairs(rng, 6)
+    for i, row in enumerate(rows):
+        row["margin"] = 0.25 * i
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    grads = {}
+    for accum in (1, 4, 6):
+        tok = load_tokenizer(tiny_model_dir)
+        model = scalar_model_from_lm(tiny_model_dir, kind="reward", zero_head=False, seed=4).double()
+        cfg = RewardConfig(model=str(tiny_model_dir), dataset=str(tmp_path / "pairs.jsonl"),
+                           output_dir=str(tmp_path / f"run{accum}"), max_steps=1, batch_size=6,
+                           gradient_accumulation_steps=accum, center_rewards_coef=center, max_length=24,
+                           progress=False, tensorboard=False, seed=0, device="cpu")
+        grads[accum] = _first_step_gradients(monkeypatch, RewardTrainer(cfg, model=model, tokenizer=tok))
+    for accum in (4, 6):
+        assert grads[accum].keys() == grads[1].keys()
+        for name, g in grads[1].items():
+            torch.testing.assert_close(grads[accum][name], g, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert max(float(g.abs().max()) for g in grads[1].values()) > 1e-4  # not a vacuous comparison
+
+
+def test_epochs_sets_the_number_of_steps_and_refuses_a_conflicting_max_steps(tiny_model_dir, tmp_path):
+    from trustrl.config import ConfigError
+
+    write_jsonl(tmp_path / "pairs.jsonl", _pairs(random.Random(1), 10))
+    base = dict(model=str(tiny_model_dir), dataset=str(tmp_path / "pairs.jsonl"), batch_size=4, max_length=24,
+                progress=False, tensorboard=False)
+    # 2.5 epochs of 10 pairs in batches of 4: ceil(25 / 4) = 7 steps
+    trainer = RewardTrainer(RewardConfig(**base, output_dir=str(tmp_path / "a"), epochs=2.5))
+    assert trainer.max_steps == 7 and trainer.config.max_steps == 7
+    assert RewardTrainer(RewardConfig(**base, output_dir=str(tmp_path / "b"), epochs=2.5, max_steps=7)).max_steps == 7
+    with pytest.raises(ConfigError, match=r"epochs=2.5 means 7 steps \(10 training pairs, batch_size=4\) but "
+                                          r"max_steps=100 is also set"):
+        RewardTrainer(RewardConfig(**base, output_dir=str(tmp_path / "c"), epochs=2.5, max_steps=100))
+
+
+def test_scored_text_has_exactly_one_bos(tmp_path):
+    """Reward-model inputs under the BOS policy: a template that writes the BOS is not given a
+    second one; plain text gets the tokenizer's."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from trustrl.data import format_prompt
+    from trustrl.value_model import encode_scored_text
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}  # then a=4 ... z=29, "<"=30, ">"=31, "\n"=32
+    for ch in "abcdefghijklmnopqrstuvwxyz<>\n":
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.add_special_tokens(specials)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    # plain: BOS "hi" "ok" EOS = 1, 11 12, 18 14, 2 (h=11 i=12 o=18 k=14)
+    assert encode_scored_text(tok, "hi", "ok") == [1, 11, 12, 18, 14, 2]
+    templated = format_prompt(tok, "hi")
+    assert templated == "<s>hi\n"
+    # the template's BOS only (before: [1, 1, ...])
+    assert encode_scored_text(tok, templated, "ok") == [1, 11, 12, 32, 18, 14, 2]
+    # left truncation keeps the end: the last 3 ids
+    assert encode_scored_text(tok, templated, "ok", max_length=3) == [18, 14, 2]

@@ -13,7 +13,7 @@ import torch
 from trustrl.logging import read_metrics
 from trustrl.rollout import positions_from_mask
 from trustrl.trainers.common import PromptSampler
-from trustrl.trainers.trpo import TRPOConfig, TRPOTrainer, select_trpo_parameters
+from trustrl.algorithms.trpo import TRPOConfig, TRPOTrainer, select_trpo_parameters
 
 
 def count_a(prompts, completions, **columns):
@@ -52,7 +52,7 @@ def surrogate_and_kl(old_all, new_all, rollout, adv):
 
 
 def one_step(trainer):
-    batch = trainer.collect(PromptSampler(len(trainer.prompts), 0))
+    batch, _ = trainer.collect(PromptSampler(len(trainer.prompts), 0))
     adv = trainer.advantages(batch)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     old_all = full_logprobs(trainer.policy, batch.rollout)

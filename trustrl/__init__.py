@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GRPOTrainer": "trustrl.trainers.grpo",
+    "GRPOTrainer": "trustrl.algorithms.grpo",
     "GRPOConfig": "trustrl.config",
     "SFTTrainer": "trustrl.trainers.sft",
     "SFTConfig": "trustrl.config",
@@ -21,9 +21,9 @@ _LAZY = {
     "PretrainConfig": "trustrl.config",
     "RewardTrainer": "trustrl.trainers.reward_model",
     "RewardConfig": "trustrl.config",
-    "PPOTrainer": "trustrl.trainers.ppo",
+    "PPOTrainer": "trustrl.algorithms.ppo",
     "PPOConfig": "trustrl.config",
-    "TRPOTrainer": "trustrl.trainers.trpo",
+    "TRPOTrainer": "trustrl.algorithms.trpo",
     "TRPOConfig": "trustrl.config",
 }
 

@@ -8,6 +8,8 @@ References
   Advantage Estimation", arXiv 1506.02438.
 * Whitening: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 * Soft overlong punishment: Yu et al. 2025, "DAPO", arXiv 2503.14476, eq. 13.
+* RLOO: Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740.
+* REINFORCE++-baseline: Hu et al. 2025, arXiv 2501.03262.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ __all__ = [
     "gae_time_major",
     "whiten",
     "soft_overlong_penalty",
+    "rloo_advantages",
+    "reinforce_pp_baseline_advantages",
+    "ADVANTAGE_ESTIMATORS",
+    "outcome_advantages",
 ]
 
 GROUP_SCALES: tuple[str, ...] = ("group", "batch", "none")
@@ -209,3 +215,54 @@ def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -
         inside = torch.zeros_like(lf)
     out = torch.where(lf <= expected, torch.zeros_like(lf), inside)
     return torch.where(lf > max_len, torch.full_like(lf, -1.0), out)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, arXiv 2402.14740): each completion's
+    baseline is the mean reward of the *other* completions of its prompt.
+
+    Shapes: ``rewards [N]`` (consecutive groups of ``group_size`` >= 2) -> ``[N]`` float::
+
+        A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean_g(r))
+
+    Example: ``[1, 0, 0, 0]`` -> baselines ``[0, 1/3, 1/3, 1/3]`` -> ``[1, -1/3, -1/3, -1/3]``.
+    """
+    fn = "rloo_advantages"
+    if rewards.dim() != 1:
+        raise ValueError(f"{fn}: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"{fn}: need group_size >= 2 dividing N={rewards.shape[0]}, got {group_size}")
+    r = (rewards if rewards.dtype.is_floating_point else rewards.float()).view(-1, group_size)
+    others = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1)
+
+
+def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262): subtract the group mean, then
+    whiten over the whole batch (global statistics tame the variance of small groups).
+
+    Shapes: ``rewards [N]`` -> ``[N]`` float::
+
+        c_i = r_i - mean_g(r);   A_i = (c_i - mean(c)) / sqrt(var(c) + eps)   (population var)
+    """
+    centered = group_advantages(rewards, group_size, "none")
+    return whiten(centered, eps=eps)
+
+
+#: Outcome-level advantage estimators (one scalar per completion from its group's rewards),
+#: selected by name in the GRPO config (``advantage_estimator``). GAE, which needs a critic
+#: and per-token rewards, is :func:`gae`.
+ADVANTAGE_ESTIMATORS = {
+    "group_zscore": lambda r, g: group_advantages(r, g, "group"),   # GRPO
+    "dr_grpo": lambda r, g: group_advantages(r, g, "none"),         # Dr. GRPO
+    "batch_scale": lambda r, g: group_advantages(r, g, "batch"),    # group mean, batch std
+    "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def outcome_advantages(estimator: str, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``ADVANTAGE_ESTIMATORS[estimator](rewards [N], group_size) -> [N]``."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"outcome_advantages: unknown estimator {estimator!r}; allowed: {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)

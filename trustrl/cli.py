@@ -13,10 +13,10 @@ from pathlib import Path
 TRAINERS = {
     "pretrain": ("trustrl.trainers.sft", "PretrainTrainer"),
     "sft": ("trustrl.trainers.sft", "SFTTrainer"),
-    "grpo": ("trustrl.trainers.grpo", "GRPOTrainer"),
+    "grpo": ("trustrl.algorithms.grpo", "GRPOTrainer"),
     "rm": ("trustrl.trainers.reward_model", "RewardTrainer"),
-    "ppo": ("trustrl.trainers.ppo", "PPOTrainer"),
-    "trpo": ("trustrl.trainers.trpo", "TRPOTrainer"),
+    "ppo": ("trustrl.algorithms.ppo", "PPOTrainer"),
+    "trpo": ("trustrl.algorithms.trpo", "TRPOTrainer"),
 }
 
 
@@ -100,7 +100,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from trustrl.report import write_report
 
-    path = write_report(args.run_dir)
+    try:
+        path = write_report(args.run_dirs, output=args.output)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"trustrl report: {err}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
@@ -140,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0 lora.r=8")
     train.set_defaults(func=cmd_train)
 
-    report = sub.add_parser("report", help="(re)generate report.html and plots for a run directory")
-    report.add_argument("run_dir")
+    report = sub.add_parser("report", help="(re)generate report.html for a run directory, or compare several runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="one run directory (writes RUN_DIR/report.html and RUN_DIR/plots/), or several to overlay")
+    report.add_argument("--output", default=None, metavar="FILE",
+                        help="HTML file to write (default: RUN_DIR/report.html; report-compare.html for several runs)")
     report.set_defaults(func=cmd_report)
 
     helpc = sub.add_parser("config-help", help="list a trainer's config keys with defaults and docs")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trustrl.rewards.registry import RewardSpec
 
@@ -60,6 +60,9 @@ class TrainConfig(_Strict):
     """Parameter dtype. bfloat16 on GPUs; float32 on CPUs."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (bitwise-reproducible resume on CPU)."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """torch's intra-op CPU threads, set once at start (None: torch's default, one per core).
+    A setting, never a timing decision: the same config and seed give the same numbers."""
     learning_rate: float = Field(1e-5, gt=0)
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0)
@@ -88,7 +91,12 @@ class TrainConfig(_Strict):
     resume: str = "never"
     """"never", "auto" (the newest complete checkpoint in output_dir), or a checkpoint path."""
     tensorboard: bool = True
-    """Also write TensorBoard scalars to output_dir/tb."""
+    """Also write TensorBoard scalars to output_dir/tb (false: none, whatever report_to says)."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides output_dir/metrics.jsonl (always written): "tensorboard",
+    "wandb" (pip install 'trustrl[wandb]'), "trackio" (pip install 'trustrl[trackio]'); TensorBoard
+    is written when listed here and ``tensorboard`` is true. The run config goes with them; a
+    resumed run continues the same W&B / trackio run (id kept in output_dir/trackers.json)."""
     progress: bool = True
     """Show progress bars."""
     skip_bad_rows: bool = False
@@ -100,6 +108,18 @@ class TrainConfig(_Strict):
     """Train LoRA adapters instead of all weights (needs peft)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_installed(cls, v: list[str]) -> list[str]:
+        from trustrl.logging import check_report_to  # a leaf module: no import circle
+
+        return check_report_to(v)
 
 
 class PretrainConfig(TrainConfig):
@@ -178,6 +198,9 @@ class RLConfig(TrainConfig):
     """Tokens per chunk when computing log-probs from hidden states and the LM head."""
     forward_batch_size: int = Field(64, ge=1)
     """Sequences per no-grad forward pass (old and reference log-probs)."""
+    sample_every: int = Field(10, ge=0)
+    """Write a sample table (prompt, completion, rewards; the first 8 completions) to
+    output_dir/samples.jsonl and the report_to trackers at step 1 and every N steps (0: never)."""
 
 
 class GRPOConfig(RLConfig):
@@ -185,17 +208,22 @@ class GRPOConfig(RLConfig):
 
     group_size: int = Field(8, ge=2)
     """G: completions sampled per prompt."""
-    advantage_scale: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std ("group"), the batch std ("batch", Dr.GRPO/LitePPO
-    style), or not at all ("none", Dr. GRPO)."""
+    advantage_estimator: Literal["group_zscore", "dr_grpo", "batch_scale", "rloo", "reinforce_pp_baseline"] = (
+        "group_zscore")
+    """One advantage per completion from its group's rewards: group_zscore (GRPO: (r - mean) / std
+    of the group), dr_grpo (r - group mean), batch_scale (group mean, batch std), rloo (leave-one-out
+    baseline), reinforce_pp_baseline (group mean, then whitened over the batch). The older key
+    ``advantage_scale: group | none | batch`` maps to the first three."""
     loss_aggregation: Literal["seq_mean", "token_mean", "seq_sum_constant"] = "token_mean"
     """seq_mean: GRPO paper; token_mean: DAPO; seq_sum_constant: Dr. GRPO (sum / (B * max_len))."""
     importance_level: Literal["token", "sequence"] = "token"
     """Token-level ratios (GRPO) or the GSPO sequence ratio exp(mean_t log r_t)."""
     clip_low: float = Field(0.2, ge=0, lt=1)
-    """epsilon_low: the ratio is clipped below at 1 - clip_low."""
+    """epsilon_low: the ratio is clipped below at 1 - clip_low. Default 0.2 for token ratios;
+    with importance_level=sequence and no value given, GSPO's paper value 3e-4."""
     clip_high: float | None = Field(None, ge=0)
-    """epsilon_high (DAPO clip-higher, e.g. 0.28); None means clip_low."""
+    """epsilon_high (DAPO clip-higher, e.g. 0.28); None means clip_low. With
+    importance_level=sequence and neither clip given, GSPO's paper value 4e-4."""
     beta: float = Field(0.04, ge=0)
     """KL coefficient to the reference model; 0 loads no reference model at all."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -212,6 +240,29 @@ class GRPOConfig(RLConfig):
     """DAPO soft overlong penalty buffer L_cache (None: off); added to the reward."""
     learning_rate: float = Field(1e-6, gt=0)
     """Peak learning rate of AdamW (DeepSeekMath uses 1e-6 on 7B models)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """The older ``advantage_scale`` key, mapped. GSPO's sequence ratios sit far closer to 1 than token ratios: a token-level 0.2 would
+        leave them unclipped, so the paper's 3e-4 / 4e-4 (Zheng et al. 2025, arXiv 2507.18071)
+        apply when the user gives no clip range."""
+        if isinstance(data, dict) and "advantage_scale" in data:
+            data = dict(data)
+            old = data.pop("advantage_scale")
+            mapped = {"group": "group_zscore", "none": "dr_grpo", "batch": "batch_scale"}
+            if old not in mapped:
+                raise ValueError(f"advantage_scale: {old!r} is not one of 'group', 'batch', 'none' "
+                                 "(or use advantage_estimator)")
+            if data.get("advantage_estimator", mapped[old]) != mapped[old]:
+                raise ValueError("set advantage_estimator or the older advantage_scale, not both")
+            data["advantage_estimator"] = mapped[old]
+        if isinstance(data, dict) and data.get("importance_level") == "sequence" and data.get("clip_low") is None:
+            data = dict(data)
+            data["clip_low"] = 3e-4
+            if data.get("clip_high") is None:
+                data["clip_high"] = 4e-4
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
@@ -342,8 +393,8 @@ def describe(cls: type[BaseModel]) -> str:
 # loops; ``from trustrl.config import PPOConfig`` (and ``trustrl.PPOConfig``) import them lazily.
 _TRAINER_CONFIGS = {
     "RewardConfig": "trustrl.trainers.reward_model",
-    "PPOConfig": "trustrl.trainers.ppo",
-    "TRPOConfig": "trustrl.trainers.trpo",
+    "PPOConfig": "trustrl.algorithms.ppo",
+    "TRPOConfig": "trustrl.algorithms.trpo",
 }
 
 

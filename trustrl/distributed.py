@@ -488,7 +488,7 @@ def _rollout_to(rollout, device):
 
 
 def gather_scored_batches(local, concat: Callable[[list, int], Any], pad_id: int, device):
-    """The global :class:`~trustrl.trainers.rl_common.ScoredBatch` of one draw, on every rank:
+    """The global :class:`~trustrl.loop.experience.ScoredBatch` of one draw, on every rank:
     each rank's shard (``None`` for a rank that held no prompts) concatenated in rank order,
     i.e. in the order of the draw. Cheap next to generation (token ids and scores only)."""
     if not is_distributed():

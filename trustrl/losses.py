@@ -5,6 +5,13 @@ Conventions: masks are ``torch.bool`` with True = the position counts; every los
 returns the scalar loss only). Metric keys here are un-namespaced (``clip_fraction``,
 ``approx_kl``, ...); trainers prefix them (``policy/clip_fraction``) when logging.
 
+Sums and counts: each loss also exists as ``*_sum`` returning a :class:`LossSum` -- the
+differentiable masked *sum* and the *unit* it is averaged over (``tokens``, ``sequences``,
+``rows``). The training loop divides every sum by its unit's count over the whole batch (all
+micro-batches, all data-parallel ranks, see :func:`unit_counts`), once, so gradient
+accumulation and data parallelism are exact by construction (1 x N == N x 1). The public
+``(loss, metrics)`` functions are ``LossSum.mean()`` on one batch.
+
 References
 ----------
 * PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv 1707.06347.
@@ -21,10 +28,19 @@ References
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "LossSum",
+    "unit_counts",
+    "aggregate_sum",
+    "policy_loss_sum",
+    "sequence_policy_loss_sum",
+    "value_loss_sum",
+    "huber_value_loss_sum",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "masked_sum",
@@ -42,6 +58,38 @@ __all__ = [
 
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_constant")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+UNITS: tuple[str, ...] = ("tokens", "sequences", "rows")
+
+
+@dataclass(frozen=True)
+class LossSum:
+    """One loss term before normalization.
+
+    ``total``: scalar, differentiable sum over this batch's units; ``count``: how many units it
+    holds (a float tensor, no gradient); ``unit``: ``"tokens"`` (valid tokens), ``"sequences"``
+    (rows with at least one valid token) or ``"rows"`` (all rows). ``mean() = total / max(count, 1)``.
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor
+    unit: str
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count.clamp_min(1).to(self.total.dtype)
+
+
+def unit_counts(mask: torch.Tensor) -> dict[str, int]:
+    """Counts of every normalization unit under ``mask [B, T]`` (bool):
+    ``tokens = sum(mask)``, ``sequences = #rows with a True``, ``rows = B``."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"unit_counts: mask must be a [B, T] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    return {"tokens": int(mask.sum()), "sequences": int(mask.any(dim=1).sum()), "rows": int(mask.shape[0])}
+
+
+def _count(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(dtype=like.dtype if like.dtype.is_floating_point else torch.float32, device=like.device)
 
 
 def _check_mask(fn: str, mask: torch.Tensor, x: torch.Tensor) -> None:
@@ -87,6 +135,39 @@ def masked_mean(
     return total / count.clamp_min(1).to(total.dtype)
 
 
+def aggregate_sum(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    max_len: int | None = None,
+) -> LossSum:
+    """Numerator and unit of :func:`aggregate` (``aggregate = aggregate_sum(...).mean()``).
+
+    * ``"token_mean"``: ``sum_{i,t} m_it x_it`` over ``tokens``.
+    * ``"seq_mean"``: ``sum_i (1/|o_i|) sum_t m_it x_it`` over ``sequences`` (non-empty rows).
+    * ``"seq_sum_constant"``: ``sum_{i,t} m_it x_it / max_len`` over ``rows``
+      (``max_len`` defaulting to ``T``), i.e. Dr. GRPO's ``/ (B * max_len)``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregate: unknown aggregation {aggregation!r}; allowed: {AGGREGATIONS}")
+    if values.dim() != 2:
+        raise ValueError(f"aggregate: values must be [B, T], got {tuple(values.shape)}")
+    _check_mask("aggregate", mask, values)
+    if mask.shape != values.shape:
+        mask = torch.broadcast_to(mask, values.shape)
+    if aggregation == "token_mean":
+        return LossSum(masked_sum(values, mask), _count(mask.sum(), values), "tokens")
+    if aggregation == "seq_mean":
+        per_seq = masked_mean(values, mask, dim=1)
+        nonempty = mask.any(dim=1)
+        return LossSum(masked_sum(per_seq, nonempty), _count(nonempty.sum(), values), "sequences")
+    if max_len is None:
+        max_len = values.shape[1]
+    if max_len < 1:
+        raise ValueError(f"aggregate: max_len must be >= 1, got {max_len}")
+    return LossSum(masked_sum(values, mask) / max_len, _count(torch.tensor(values.shape[0]), values), "rows")
+
+
 def aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -103,24 +184,7 @@ def aggregate(
 
     Raises ``ValueError`` for an unknown ``aggregation`` (the message lists the allowed ones).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregate: unknown aggregation {aggregation!r}; allowed: {AGGREGATIONS}")
-    if values.dim() != 2:
-        raise ValueError(f"aggregate: values must be [B, T], got {tuple(values.shape)}")
-    _check_mask("aggregate", mask, values)
-    if mask.shape != values.shape:
-        mask = torch.broadcast_to(mask, values.shape)
-    if aggregation == "token_mean":
-        return masked_mean(values, mask)
-    if aggregation == "seq_mean":
-        per_seq = masked_mean(values, mask, dim=1)
-        nonempty = mask.any(dim=1)
-        return masked_mean(per_seq, nonempty)
-    if max_len is None:
-        max_len = values.shape[1]
-    if max_len < 1:
-        raise ValueError(f"aggregate: max_len must be >= 1, got {max_len}")
-    return masked_sum(values, mask) / (values.shape[0] * max_len)
+    return aggregate_sum(values, mask, aggregation, max_len).mean()
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -166,6 +230,21 @@ def policy_loss(
     aggregation: str = "token_mean",
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate loss on one batch: :func:`policy_loss_sum` divided by its count."""
+    part, metrics = policy_loss_sum(logp, old_logp, advantages, mask, clip_low, clip_high, aggregation, max_len)
+    return part.mean(), metrics
+
+
+def policy_loss_sum(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    aggregation: str = "token_mean",
+    max_len: int | None = None,
+) -> tuple[LossSum, dict[str, float]]:
     """PPO clipped surrogate loss (token-level importance ratios), GRPO/DAPO/Dr. GRPO variants.
 
     Shapes: ``logp, old_logp [B, T]``, ``advantages [B]`` (broadcast over tokens) or ``[B, T]``,
@@ -176,6 +255,8 @@ def policy_loss(
         r_t = exp(logp_t - old_logp_t)
         J_t = min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)
         loss = -aggregate(J, mask, aggregation, max_len)     # see :func:`aggregate`
+
+    Returned as a :class:`LossSum` (``-numerator`` of the aggregation and its unit).
 
     ``clip_high=None`` means ``clip_high = clip_low``. The log-ratio is zeroed at masked
     positions before ``exp`` so garbage padding can't produce inf/NaN gradients.
@@ -201,7 +282,8 @@ def policy_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     objective = torch.minimum(unclipped, clipped)
-    loss = -aggregate(objective, mask, aggregation, max_len)
+    part = aggregate_sum(objective, mask, aggregation, max_len)
+    loss = LossSum(-part.total, part.count, part.unit)
 
     with torch.no_grad():
         # All four metrics in one batched reduction and a single host conversion: on small
@@ -235,6 +317,19 @@ def sequence_policy_loss(
     clip_low: float = 3e-4,
     clip_high: float | None = 4e-4,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO loss on one batch: :func:`sequence_policy_loss_sum` divided by its count."""
+    part, metrics = sequence_policy_loss_sum(logp, old_logp, advantages, mask, clip_low, clip_high)
+    return part.mean(), metrics
+
+
+def sequence_policy_loss_sum(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float | None = 4e-4,
+) -> tuple[LossSum, dict[str, float]]:
     """GSPO: clipped surrogate with a length-normalised *sequence* importance ratio.
 
     Shapes: ``logp, old_logp [B, T]``, ``advantages [B]``, ``mask [B, T]`` bool -> scalar.
@@ -245,7 +340,8 @@ def sequence_policy_loss(
         J   = (1/B') sum_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)
         loss = -J
 
-    ``B'`` counts sequences with at least one valid token. Defaults ``clip_low=3e-4`` and
+    ``B'`` counts sequences with at least one valid token (the unit ``sequences`` of the
+    returned :class:`LossSum`, whose total is ``-sum_i min(...)``). Defaults ``clip_low=3e-4`` and
     ``clip_high=4e-4`` are the paper's ranges (sequence ratios sit much closer to 1 than token
     ratios); ``clip_high=None`` means ``clip_high = clip_low``.
 
@@ -268,7 +364,7 @@ def sequence_policy_loss(
     adv = advantages.to(logp.dtype)
     objective = torch.minimum(s * adv, s.clamp(1.0 - clip_low, 1.0 + clip_high) * adv)
     nonempty = m.any(dim=1)
-    loss = -masked_mean(objective, nonempty)
+    loss = LossSum(-masked_sum(objective, nonempty), _count(nonempty.sum(), logp), "sequences")
     with torch.no_grad():
         binding = ((adv > 0) & (s > 1.0 + clip_high)) | ((adv < 0) & (s < 1.0 - clip_low))
         any_valid = bool(nonempty.any())
@@ -288,6 +384,18 @@ def value_loss(
     mask: torch.Tensor,
     clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Value loss on one batch: :func:`value_loss_sum` divided by its count."""
+    part, metrics = value_loss_sum(values, old_values, returns, mask, clip)
+    return part.mean(), metrics
+
+
+def value_loss_sum(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = None,
+) -> tuple[LossSum, dict[str, float]]:
     """(Clipped) squared-error value loss.
 
     Shapes: ``values, old_values, returns [B, T]`` (or any equal shape), ``mask`` bool -> scalar.
@@ -297,20 +405,21 @@ def value_loss(
         V_clip = V_old + clip(V - V_old, -c, c)
         loss   = 0.5 * masked_mean( max((V - R)^2, (V_clip - R)^2) )
 
-    With ``clip=None``: ``0.5 * masked_mean((V - R)^2)``.
+    With ``clip=None``: ``0.5 * masked_mean((V - R)^2)``. Returned as a :class:`LossSum`
+    over ``tokens`` (valid positions of ``mask`` broadcast to ``values``).
     Metrics: ``value_clip_fraction`` -- fraction of valid positions where the clipped error is
     strictly larger (the clipped branch binds; 0 when ``clip`` is None).
     """
     _check_mask("value_loss", mask, values)
     err = (values - returns).square()
+    count = _count(torch.broadcast_to(mask, values.shape).sum(), values)
     if clip is None:
-        loss = 0.5 * masked_mean(err, mask)
-        return loss, {"value_clip_fraction": 0.0}
+        return LossSum(0.5 * masked_sum(err, mask), count, "tokens"), {"value_clip_fraction": 0.0}
     if clip < 0:
         raise ValueError(f"value_loss: clip must be >= 0 or None, got {clip}")
     v_clip = old_values + (values - old_values).clamp(-clip, clip)
     err_clip = (v_clip - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    loss = LossSum(0.5 * masked_sum(torch.maximum(err, err_clip), mask), count, "tokens")
     with torch.no_grad():
         m = torch.broadcast_to(mask, values.shape)
         frac = float(masked_mean((err_clip > err).to(values.dtype), m))
@@ -320,7 +429,15 @@ def value_loss(
 def huber_value_loss(
     values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, delta: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Huber (smooth-L1) value loss, masked mean.
+    """Huber value loss on one batch: :func:`huber_value_loss_sum` divided by its count."""
+    part, metrics = huber_value_loss_sum(values, returns, mask, delta)
+    return part.mean(), metrics
+
+
+def huber_value_loss_sum(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, delta: float = 1.0
+) -> tuple[LossSum, dict[str, float]]:
+    """Huber (smooth-L1) value loss, masked sum over ``tokens``.
 
     Shapes: ``values, returns [...]``, ``mask`` bool -> scalar. Per element, ``e = V - R``::
 
@@ -335,7 +452,7 @@ def huber_value_loss(
         raise ValueError(f"huber_value_loss: delta must be > 0, got {delta}")
     _check_mask("huber_value_loss", mask, values)
     per = F.huber_loss(values, returns, reduction="none", delta=delta)
-    loss = masked_mean(per, mask)
+    loss = LossSum(masked_sum(per, mask), _count(torch.broadcast_to(mask, values.shape).sum(), values), "tokens")
     with torch.no_grad():
         m = torch.broadcast_to(mask, values.shape)
         frac = float(masked_mean(((values - returns).abs() > delta).to(values.dtype), m))
@@ -430,3 +547,56 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         if float(var_r) == 0.0:
             return float("nan")
         return float(1.0 - pvar(r - v) / var_r)
+
+
+# ------------------------------------------------------------ SFT and reward-model sums
+# Each returns a LossSum (see the module docstring): the training loop divides the total by the
+# count of its unit over the whole batch (all micro-batches, all data-parallel ranks), once.
+
+
+def token_nll_sum(target_logp: torch.Tensor, mask: torch.Tensor) -> LossSum:
+    """Next-token negative log-likelihood (pre-training, SFT), summed over ``tokens``.
+
+    Shapes: ``target_logp [B, T]`` (log-prob of each target token), ``mask [B, T]`` bool
+    (True = the token is a prediction target) -> ``LossSum`` with
+    ``total = -sum_{i,t} m_it log p_it`` and ``count = sum_{i,t} m_it``. Masked positions count
+    exactly 0 (``torch.where``), even where the log-prob there is ``-inf``.
+    """
+    _check_mask("token_nll_sum", mask, target_logp)
+    m = torch.broadcast_to(mask, target_logp.shape)
+    return LossSum(-masked_sum(target_logp, m), _count(m.sum(), target_logp), "tokens")
+
+
+def bradley_terry_sum(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> LossSum:
+    """Numerator and count of :func:`bradley_terry_loss`: ``total = sum_i -log sigmoid(r_c,i -
+    r_r,i - margin_i)`` (``logsigmoid``, stable), ``count = N`` pairs (unit ``rows``: one row
+    per pair). Shapes: ``chosen_rewards [N]``, ``rejected_rewards [N]``, ``margin`` scalar or
+    ``[N]``. Bradley & Terry 1952; Ouyang et al. 2022; margin as in Llama 2 (Touvron et al. 2023).
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"bradley_terry_sum: chosen {tuple(chosen_rewards.shape)} and rejected "
+            f"{tuple(rejected_rewards.shape)} shapes differ"
+        )
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    n = torch.tensor(float(diff.numel()))
+    return LossSum(-F.logsigmoid(diff).sum(), _count(n, diff), "rows")
+
+
+def reward_centering_sum(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> LossSum:
+    """The reward-centering penalty's numerator, ``total = sum_i (r_c,i + r_r,i)^2``, over
+    ``N`` pairs (unit ``rows``); the loss adds ``coef * total / N`` (Eisenstein et al. 2023,
+    "Helping or Herding?", arXiv 2312.09244). Shapes: ``[N]`` and ``[N]``."""
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"reward_centering_sum: chosen {tuple(chosen_rewards.shape)} and rejected "
+            f"{tuple(rejected_rewards.shape)} shapes differ"
+        )
+    both = chosen_rewards + rejected_rewards
+    return LossSum(both.square().sum(), _count(torch.tensor(float(both.numel())), both), "rows")

@@ -7,19 +7,21 @@ the completion mask (bool, True = a real completion token, EOS included) and tru
 
 ``completion_logprobs`` runs the trunk once over prompt + completion and turns only the
 completion positions' hidden states into log-probs, chunk by chunk, so no [B, T, V] float32
-logits tensor is ever built for the batch.
+logits tensor is ever built for the batch. Every log-prob here applies the model's own
+final-logit transform (:func:`trustrl.models.logit_transform`: Gemma's soft-cap, Cohere's
+logit scale, Granite's logits scaling), so it is the log-prob of the distribution ``generate``
+samples from: ``log_softmax(model(input_ids, attention_mask, position_ids).logits / T)``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from trustrl.logprobs import chunked_token_logprobs
-from trustrl.models import lm_backbone_and_head
+from trustrl.logprobs import apply_logit_transform, chunked_token_logprobs
+from trustrl.models import lm_backbone_and_head, logit_transform, positions_from_mask, trunk_hidden_states
 
 
 @dataclass
@@ -65,11 +67,6 @@ def left_pad(sequences: list[list[int]], pad_id: int, max_length: int | None = N
             ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = True
     return ids, mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 _MASK64 = (1 << 64) - 1
@@ -213,8 +210,8 @@ def generate(
     per sequence through the cache. The attention mask is preallocated at its final width and
     passed as a growing view (no per-step concatenation); when no prompt is padded it is not
     passed at all (a causal mask alone is then exact). Sampling draws two uniforms per row
-    (two-level inverse CDF, no ``[B, V]`` random numbers). On a CPU with several threads the
-    decode loop picks its thread count by timing its first steps (see ``_DecodeThreads``).
+    (two-level inverse CDF, no ``[B, V]`` random numbers). The thread count is the caller's
+    (``cpu_threads``): nothing here depends on timing, so results never depend on machine load.
     Runs under ``torch.inference_mode``; the returned tensors are ordinary tensors, usable in
     autograd."""
     was_training = model.training
@@ -256,122 +253,22 @@ def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, p
     tokens: list[torch.Tensor] = []
     valid: list[torch.Tensor] = []
     next_pos = positions[:, -1:] + 1
-    threads = _DecodeThreads(device)
-    try:
-        for step in range(max_new_tokens):
-            threads.start()
-            uniforms = counter_uniforms(row_seeds, step) if row_seeds is not None and temperature != 0 else None
-            # the step's logits are ours: the sampler may overwrite them (no [B, V] copy per step)
-            token = _sample_inplace(logits, temperature, top_p, generator, uniforms)
-            token = torch.where(finished, pad, token)
-            valid.append(~finished)
-            tokens.append(token)
-            finished = finished | (token == eos_token_id)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            out = model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1] if padded else None,
-                        position_ids=next_pos, past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
-            del out
-            next_pos = next_pos + 1
-            threads.stop()
-    finally:
-        threads.restore()
+    for step in range(max_new_tokens):
+        uniforms = counter_uniforms(row_seeds, step) if row_seeds is not None and temperature != 0 else None
+        # the step's logits are ours: the sampler may overwrite them (no [B, V] copy per step)
+        token = _sample_inplace(logits, temperature, top_p, generator, uniforms)
+        token = torch.where(finished, pad, token)
+        valid.append(~finished)
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        out = model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1] if padded else None,
+                    position_ids=next_pos, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        del out
+        next_pos = next_pos + 1
     return tokens, valid, finished
-
-
-class _DecodeThreads:
-    """CPU thread count for the decode loop, chosen by measurement.
-
-    A decode step is a few hundred small operators (one token per sequence). With several
-    intra-op threads each operator ends in a barrier, and when another process holds one of
-    the cores a preempted thread stalls every barrier: on a 2-core machine with one busy core a
-    decode step took 400 ms with two threads and 27 ms with one. On an idle machine more
-    threads can win. So the first steps alternate between one thread and torch's current
-    setting, timing each; the loop continues with the faster (median of up to ``trials`` each,
-    decided after one pair when one is over twice as slow), and the caller's setting is restored
-    at the end. Only on CPU, when more than one thread is set and deterministic algorithms are
-    off (the thread count can change float rounding)."""
-
-    def __init__(self, device: torch.device, trials: int = 3):
-        self.default = torch.get_num_threads()
-        # timing-based choices would make results depend on machine load: off in deterministic mode
-        self.active = (device.type == "cpu" and self.default > 1
-                       and not torch.are_deterministic_algorithms_enabled())
-        self.trials = trials
-        self.times: dict[int, list[float]] = {1: [], self.default: []}
-        self.choice: int | None = None
-        self.current = 1
-        self.t0 = 0.0
-
-    def start(self) -> None:
-        if not self.active or self.choice is not None:
-            return
-        self.current = 1 if len(self.times[1]) <= len(self.times[self.default]) else self.default
-        torch.set_num_threads(self.current)
-        self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if not self.active or self.choice is not None:
-            return
-        self.times[self.current].append(time.perf_counter() - self.t0)
-        one, many = self.times[1], self.times[self.default]
-        if len(one) != len(many):
-            return
-        median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
-        lopsided = max(median.values()) > 2 * min(median.values())
-        if lopsided or len(one) >= self.trials:
-            self.choice = min(median, key=median.__getitem__)
-            torch.set_num_threads(self.choice)
-            _DECODE_VERDICT[0] = self.choice
-
-    def restore(self) -> None:
-        if self.active:
-            torch.set_num_threads(self.default)
-
-
-#: The thread count the most recent decode loop in this process found faster (None: no
-#: verdict yet). Read by ``StepThreads.follow_decode``; a performance hint only.
-_DECODE_VERDICT: list[int | None] = [None]
-
-
-class StepThreads:
-    """Intra-op CPU threads for one RL step: torch's setting, or one thread when the step's
-    decode loop measured one thread to be faster.
-
-    torch's default (one thread per core) is right on an idle machine and badly wrong when
-    other processes share the cores: a descheduled thread stalls the barrier that ends every
-    parallel operator. On the 2-core development machine with one core busy elsewhere, a
-    GRPO step's log-prob, backward and optimizer phases ran about 2x slower with two threads
-    than with one (decoding 3-15x slower); with both cores free, two threads ran ~1.7x faster.
-    Short synthetic probes misjudge this (a 2 ms burst often finds both cores free); the
-    decode loop's timing of its own steps (``_DecodeThreads``) is sustained real work, so the
-    training phase of the same step follows its verdict.
-
-    Use: ``start_step()`` before generating (puts the configured count back, so the decode loop
-    compares one thread against it afresh), ``follow_decode()`` after generating, ``restore()``
-    at the end. Inactive (a no-op) off the CPU, with one thread configured, or with
-    deterministic algorithms on (bitwise-reproducible runs must not depend on machine load)."""
-
-    def __init__(self, device: torch.device | str):
-        self.default = torch.get_num_threads()
-        self.active = (torch.device(device).type == "cpu" and self.default > 1
-                       and not torch.are_deterministic_algorithms_enabled())
-
-    def start_step(self) -> None:
-        if self.active:
-            torch.set_num_threads(self.default)
-            _DECODE_VERDICT[0] = None
-
-    def follow_decode(self) -> int:
-        """Adopt the decode loop's verdict (if any) for the rest of the step; returns the count."""
-        if self.active and _DECODE_VERDICT[0] is not None:
-            torch.set_num_threads(_DECODE_VERDICT[0])
-        return torch.get_num_threads()
-
-    def restore(self) -> None:
-        if self.active:
-            torch.set_num_threads(self.default)
 
 
 def completion_hidden_states(model: nn.Module, rollout_or_ids, attention_mask=None, completion_start: int | None = None) -> torch.Tensor:
@@ -385,9 +282,7 @@ def completion_hidden_states(model: nn.Module, rollout_or_ids, attention_mask=No
     else:
         input_ids = rollout_or_ids
     backbone, _ = lm_backbone_and_head(model)
-    positions = positions_from_mask(attention_mask)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
-                      use_cache=False).last_hidden_state
+    hidden = trunk_hidden_states(backbone, input_ids, attention_mask)
     return hidden[:, completion_start - 1: -1]
 
 
@@ -400,13 +295,17 @@ def completion_logprobs(
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(completion token | prefix) for every completion position: [B, C] (0 at padding is
-    not guaranteed; use the completion mask). Gradients flow when called outside no_grad."""
+    not guaranteed; use the completion mask), with ``return_entropy`` also the (detached)
+    entropy of each position's tempered distribution. Formula:
+    ``log_softmax(f(h W^T + b) / T)[y]``, ``f`` = :func:`trustrl.models.logit_transform`.
+    Gradients flow when called outside no_grad."""
+    transform = logit_transform(model)
     _, head = lm_backbone_and_head(model)
     hidden = completion_hidden_states(model, rollout)
     bias = getattr(head, "bias", None)
     return chunked_token_logprobs(
         hidden, head.weight, rollout.completion_ids, bias=bias, temperature=temperature,
-        chunk_size=chunk_size, return_entropy=return_entropy,
+        chunk_size=chunk_size, return_entropy=return_entropy, transform=transform,
     )
 
 
@@ -430,10 +329,30 @@ def completion_logprobs_for_targets(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """log pi(input_ids[:, t + 1] | input_ids[:, :t + 1]) for every t: [B, T - 1] (teacher forcing,
-    used by pre-training and SFT)."""
+    used by pre-training and SFT), with the model's final-logit transform as in
+    :func:`completion_logprobs`."""
+    transform = logit_transform(model)
     backbone, head = lm_backbone_and_head(model)
-    positions = positions_from_mask(attention_mask)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
-                      use_cache=False).last_hidden_state
+    hidden = trunk_hidden_states(backbone, input_ids, attention_mask)
     return chunked_token_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], bias=getattr(head, "bias", None),
-                                  temperature=temperature, chunk_size=chunk_size)
+                                  temperature=temperature, chunk_size=chunk_size, transform=transform)
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Full tempered logits ``f(head(hidden)) / T`` in float32: ``hidden [..., H] -> [..., V]``,
+    ``f`` the model's final-logit transform (:func:`trustrl.models.logit_transform`), so
+    ``log_softmax`` of the result is what :func:`completion_logprobs` gathers from. Plain torch
+    ops: differentiable any number of times (TRPO's KL needs second derivatives), at the cost
+    of ``[..., V]`` float32 tensors; prefer :func:`completion_logprobs` when only the chosen
+    tokens' log-probs (and a detached entropy) are needed."""
+    if not temperature > 0:
+        raise ValueError(f"lm_logits: temperature must be > 0, got {temperature}")
+    transform = logit_transform(model)
+    _, head = lm_backbone_and_head(model)
+    return apply_logit_transform(head(hidden).float(), transform) / temperature
+
+
+def completion_logits(model: nn.Module, rollout: Rollout, *, temperature: float = 1.0) -> torch.Tensor:
+    """:func:`lm_logits` at the completion positions: ``[B, C, V]`` float32 (e.g. for an entropy
+    bonus that carries gradients, or a full-vocabulary KL)."""
+    return lm_logits(model, completion_hidden_states(model, rollout), temperature=temperature)

@@ -1,24 +1,34 @@
 """PPO with a clipped surrogate for classic control (Schulman et al. 2017, arXiv 1707.06347).
 
-Recipe of one update (numbered as in :meth:`PPO.train`):
+One iteration, as :meth:`PPO.update` reads after the rollout:
 
-1. Roll out ``n_envs x n_steps`` transitions with the current stochastic policy
-   (:func:`~trustrl.classic.common.collect_rollout`; observation / reward normalisation for
-   continuous control).
+1. Roll out ``n_envs x n_steps`` steps with the current stochastic policy
+   (:func:`~trustrl.classic.common.collect_rollout`, Gymnasium vector envs; observation /
+   reward normalisation by Gymnasium's wrappers for continuous control).
 2. GAE(gamma, lambda) with :func:`trustrl.advantages.gae_time_major`: no bootstrap through
    termination, bootstrap through time-limit truncation from the final observation's value.
-3. Whiten the advantages over the batch (:func:`trustrl.advantages.whiten`); then
-   ``n_epochs`` passes over shuffled minibatches, each minimising
-   ``L = policy_loss + vf_coef * value_loss - ent_coef * entropy`` with
+   Then keep the real transitions only (autoreset steps are not transitions).
+3. Whiten the advantages over the batch (:func:`trustrl.advantages.whiten`).
+4. Anneal the learning rate (and optionally the clip range) linearly to 0 over the run.
+5. ``n_epochs`` passes over the batch in shuffled minibatches of ``minibatch_size``
+   (:func:`~trustrl.classic.common.minibatches`): every sample is used in every epoch; when
+   the size does not divide the batch the last minibatch is smaller (10 samples, size 4 ->
+   4, 4, 2) and is, like every minibatch, one Adam step on the *mean* loss over its own
+   samples, so each of its samples weighs ``1 / len(minibatch)`` in that step. Each
+   minibatch minimises ``L = policy_loss + vf_coef * value_loss - ent_coef * entropy`` with
    :func:`trustrl.losses.policy_loss` (clipped ratio) and :func:`trustrl.losses.value_loss`
-   (optionally clipped around the rollout values), global grad-norm clipping, Adam.
-4. Anneal the learning rate (and optionally the clip range) linearly to 0.
+   (optionally clipped around the rollout values), one Adam over actor and critic, global
+   grad-norm clipping.
+   ``target_kl``: the epochs stop early once a minibatch's approx KL to the old policy
+   exceeds ``target_kl`` (that minibatch is not applied) -- the same rule as the language-model
+   PPO trainer (:mod:`trustrl.algorithms.ppo`). The approx KL is ``policy_loss``'s k3 estimate
+   ``mean((r - 1) - log r)`` on the minibatch, measured before its update.
 
 Per-sample classic losses use the library's ``[B, T]`` signatures with ``T = 1`` and an
 all-True mask. Departures from the paper: none beyond the common implementation details
 (Huang et al. 2022, "The 37 Implementation Details of PPO"): orthogonal init, Adam eps 1e-5,
-advantages whitened per batch (SB3 and CleanRL whiten per minibatch; identical when
-the batch is one minibatch, as in the CartPole preset), optional early stop on ``approx_kl > target_kl``.
+advantages whitened per batch (SB3 and CleanRL whiten per minibatch; identical when the
+batch is one minibatch, as in the CartPole preset).
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ import torch
 
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
+from trustrl.classic.common import (OnPolicyTrainer, PolicyRunSettings, Rollout, adam, linear_schedule,
+                                    minibatches, preset_config)
 
 
 @dataclass
@@ -51,7 +62,8 @@ class PPOConfig(PolicyRunSettings):
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     max_grad_norm: float = 0.5
-    target_kl: float | None = None   # stop the epochs early when approx KL exceeds this
+    target_kl: float | None = None   # stop the epochs once a minibatch's approx KL(pi_old || pi)
+                                     # exceeds this; that minibatch is not applied (None: never)
 
 
 #: Defaults per env id: ``--algo ppo --env ID`` with nothing else reproduces the numbers in
@@ -92,83 +104,68 @@ class PPO(OnPolicyTrainer):
 
     def __init__(self, env_id: str, cfg: PPOConfig | None = None, seed: int = 0) -> None:
         super().__init__(env_id, cfg or ppo_config_for(env_id), seed)
-        c = self.cfg
-        # one Adam over actor + critic (a shared optimizer, separate networks)
-        self.flat = FlatParams([self.actor, self.critic])
-        self.opt = self.flat.adam(c.lr, c.adam_eps)
+        # one Adam over actor + critic (one combined loss, two separate networks)
+        self.params = [*self.actor.parameters(), *self.critic.parameters()]
+        self.opt = adam(self.params, self.cfg.lr, self.cfg.adam_eps)
 
-    # -------------------------------------------------------------- update
-    def update(self, ro, progress_remaining: float) -> dict[str, float]:
-        c = self.cfg
-        # 2. GAE with termination vs truncation handled by the rollout's next_values.
+    def update(self, ro: Rollout, progress_remaining: float) -> dict[str, float]:
+        c, actor, critic = self.cfg, self.actor, self.critic
+        # 2. GAE over the time-major rollout, then the real transitions only, flattened
         adv, returns = gae_time_major(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.done,
                                       c.gamma, c.gae_lambda)
-        obs, act = ro.flat(ro.obs), ro.flat(ro.actions)
-        old_logp, old_v = ro.flat(ro.logp), ro.flat(ro.values)
-        adv, returns = ro.flat(adv), ro.flat(returns)
-        batch = obs.shape[0]
-        mb = min(c.minibatch_size, batch)
+        obs, act, old_logp, old_v = (ro.flat_valid(x) for x in (ro.obs, ro.actions, ro.logp, ro.values))
+        adv, returns = ro.flat_valid(adv), ro.flat_valid(returns)
+        # 3. whitened advantages (once per batch)
+        adv = whiten(adv)
+        # 4. schedules
         lr = linear_schedule(c.lr, progress_remaining) if c.anneal_lr else c.lr
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         clip = linear_schedule(c.clip_range, progress_remaining) if c.anneal_clip else c.clip_range
-        ones = torch.ones((mb, 1), dtype=torch.bool)
 
-        # 3. epochs of minibatch SGD on the clipped surrogate + value loss - entropy bonus
-        adv = whiten(adv)  # once per batch (identical to per-minibatch when one minibatch)
-        # Per-minibatch bookkeeping stays cheap: the two loss values are kept as detached
-        # tensors and converted once per update (policy_loss returns its metrics with one
-        # conversion of its own).
-        loss_vals: list[torch.Tensor] = []
-        clip_frac = approx_kl = grad_norm = v_clip_frac = 0.0
-        n_mb = 0
-        stop = False
-        opt, flat, actor, critic = self.opt, self.flat, self.actor, self.critic
+        # 5. epochs of minibatch updates; early stop on target_kl
+        losses: list[torch.Tensor] = []       # (policy loss, value loss) per evaluated minibatch
+        grad_norms: list[torch.Tensor] = []   # per applied minibatch
+        clip_frac = approx_kl = v_clip_frac = 0.0
+        evaluated = applied = 0
+        stopped = False
         for _epoch in range(c.n_epochs):
-            perm = torch.randperm(batch) if mb < batch else None
-            for start in range(0, batch - mb + 1, mb):
-                if perm is None:  # one minibatch = the whole batch: order is irrelevant
-                    o_mb, a_mb, lp_mb, v_mb, adv_mb, r_mb = obs, act, old_logp, old_v, adv, returns
-                else:
-                    idx = perm[start:start + mb]
-                    o_mb, a_mb, lp_mb, v_mb = obs[idx], act[idx], old_logp[idx], old_v[idx]
-                    adv_mb, r_mb = adv[idx], returns[idx]
-                params = actor(o_mb)
-                logp = actor.log_prob(params, a_mb)
-                pl, pm = policy_loss(logp[:, None], lp_mb[:, None], adv_mb, ones, clip_low=clip)
-                v = critic(o_mb)
-                vl, vm = value_loss(v[:, None], v_mb[:, None], r_mb[:, None], ones, clip=c.clip_range_vf)
+            for idx in minibatches(len(adv), c.minibatch_size):
+                mask = torch.ones((len(idx), 1), dtype=torch.bool)
+                params = actor(obs[idx])
+                logp = actor.log_prob(params, act[idx])
+                pl, pm = policy_loss(logp[:, None], old_logp[idx, None], adv[idx], mask, clip_low=clip)
+                vl, vm = value_loss(critic(obs[idx])[:, None], old_v[idx, None], returns[idx, None], mask,
+                                    clip=c.clip_range_vf)
                 loss = pl + c.vf_coef * vl
                 if c.ent_coef:
-                    entropy = actor.entropy(params).mean()
-                    loss = loss - c.ent_coef * entropy
-                flat.zero_grad()
-                loss.backward()
-                grad_norm += flat.clip_grad_norm_(c.max_grad_norm)
-                opt.step()
-                n_mb += 1
-                loss_vals.append(pl.detach())
-                loss_vals.append(vl.detach())
+                    loss = loss - c.ent_coef * actor.entropy(params).mean()
+                evaluated += 1
+                losses.append(torch.stack([pl.detach(), vl.detach()]))
                 clip_frac += pm["clip_fraction"]
                 approx_kl += pm["approx_kl"]
                 v_clip_frac += vm["value_clip_fraction"]
-                if c.target_kl is not None and pm["approx_kl"] > 1.5 * c.target_kl:
-                    stop = True
+                if c.target_kl is not None and pm["approx_kl"] > c.target_kl:
+                    stopped = True  # too far from the old policy: this minibatch is not applied
                     break
-            if stop:
+                self.opt.zero_grad()
+                loss.backward()
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+                self.opt.step()
+                applied += 1
+            if stopped:
                 break
-        out: dict[str, float] = {}
-        if n_mb:
-            pl_sum, vl_sum = torch.stack(loss_vals).double().view(-1, 2).sum(0).tolist()
-            out.update({"loss/policy": pl_sum / n_mb, "loss/value": vl_sum / n_mb,
-                        "policy/clip_fraction": clip_frac / n_mb, "policy/approx_kl": approx_kl / n_mb,
-                        "optim/grad_norm": grad_norm / n_mb, "value/clip_fraction": v_clip_frac / n_mb})
-        out["value/explained_variance"] = explained_variance(old_v, returns)
+
+        pl_mean, vl_mean = torch.stack(losses).double().mean(0).tolist()
+        out = {"loss/policy": pl_mean, "loss/value": vl_mean,
+               "policy/clip_fraction": clip_frac / evaluated, "policy/approx_kl": approx_kl / evaluated,
+               "value/clip_fraction": v_clip_frac / evaluated,
+               "optim/grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else 0.0,
+               "optim/lr": lr, "policy/clip_range": clip,
+               "optim/minibatch_steps": float(applied), "policy/early_stop": float(stopped),
+               "value/explained_variance": explained_variance(old_v, returns)}
         with torch.no_grad():
-            out["policy/entropy"] = float(self.actor.entropy(self.actor(obs)).mean())
-        out["optim/lr"] = lr
-        out["policy/clip_range"] = clip
-        out["optim/minibatch_steps"] = float(n_mb)
-        if not self.actor.discrete:
-            out["policy/std_mean"] = float(self.actor.log_std.detach().exp().mean())
+            out["policy/entropy"] = float(actor.entropy(actor(obs)).mean())
+        if not actor.discrete:
+            out["policy/std_mean"] = float(actor.log_std.detach().exp().mean())
         return out

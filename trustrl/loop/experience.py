@@ -1,9 +1,9 @@
-"""What every RL loop (GRPO, PPO, TRPO) shares: the prompt set, sampling a batch of
-completions for it, scoring them with the configured rewards, and greedy held-out evaluation."""
+"""Experience for the RL loop: the prompt set, sampling a batch of completions for it,
+scoring them with the configured rewards (a :class:`ScoredBatch`), stacking and selecting
+scored batches, and greedy held-out evaluation. Shared by every algorithm plug-in."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,7 +16,7 @@ from trustrl.config import RLConfig
 from trustrl.data import DataError, format_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
-from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop, warn_skipped
+from trustrl.trainers.common import warn_skipped
 
 
 class PromptSet:
@@ -211,62 +211,37 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
     return RLModels(rewards, tokenizer, prompts, eval_prompts, model, reference)
 
 
-@dataclass
-class LoopState:
-    """What an RL loop carries from step to step besides models, optimizers and generators,
-    checkpointed with them: the prompt sampler's position, the non-finite fault counter and
-    the held-out evaluation history. One place for the set-up, evaluation schedule and
-    summary that GRPO, PPO and TRPO share."""
+def concat_batches(batches: list[ScoredBatch], pad: int) -> ScoredBatch:
+    """Stack scored batches (different prompt/completion widths) into one."""
+    prompt_rows, completion_rows, completion_masks = [], [], []
+    for b in batches:
+        for i in range(b.rollout.prompt_ids.shape[0]):
+            prompt_rows.append(b.rollout.prompt_ids[i][b.rollout.prompt_mask[i]].tolist())
+            completion_rows.append(b.rollout.completion_ids[i])
+            completion_masks.append(b.rollout.completion_mask[i])
+    device = batches[0].rollout.prompt_ids.device
+    p_ids, p_mask = left_pad(prompt_rows, pad_id=pad)
+    width = max(c.shape[0] for c in completion_rows)
+    c_ids = torch.full((len(completion_rows), width), pad, dtype=torch.long)
+    c_mask = torch.zeros((len(completion_rows), width), dtype=torch.bool)
+    for i, (c, m) in enumerate(zip(completion_rows, completion_masks)):
+        c_ids[i, :c.shape[0]], c_mask[i, :m.shape[0]] = c, m
+    rollout = Rollout(p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device),
+                      torch.cat([b.rollout.truncated for b in batches]))
+    per_fn = {k: torch.cat([b.scores.per_function[k] for b in batches]) for k in batches[0].scores.per_function}
+    faults = {k: sum(b.scores.n_faults.get(k, 0) for b in batches) for k in batches[0].scores.n_faults}
+    scores = ScoreResult(total=torch.cat([b.scores.total for b in batches]), per_function=per_fn, n_faults=faults)
+    return ScoredBatch(rollout, [i for b in batches for i in b.row_indices], [p for b in batches for p in b.prompts],
+                       [c for b in batches for c in b.completions], scores)
 
-    trainer: Any  # GRPOTrainer | PPOTrainer | TRPOTrainer: config, prompts, eval_prompts, rewards, ...
-    sampler: PromptSampler
-    faults: FaultCounter
-    history: list[dict[str, float]]
 
-    @classmethod
-    def start(cls, trainer: Any, run: Run, models: dict, optimizers: dict, schedulers: dict,
-              generators: dict) -> tuple["LoopState", dict[str, Any]]:
-        """Restore a resumed run (or start fresh), then evaluate the starting policy at step 0
-        of a fresh run. Returns the loop state and the checkpoint's extra state."""
-        cfg = trainer.config
-        sampler, faults, state = restore_loop(run, cfg, len(trainer.prompts), models, optimizers, schedulers,
-                                              generators)
-        trainer.rewards.fault_totals.update(state.get("reward_faults", {}))
-        run.set_skipped_rows(trainer.prompts.skipped + (trainer.eval_prompts.skipped if trainer.eval_prompts else 0))
-        loop = cls(trainer, sampler, faults, list(state.get("eval_history", [])))
-        if run.start_step == 0 and trainer.eval_prompts is not None:
-            run.logger.log(0, loop.evaluate(0))
-        return loop, state
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
-        t = self.trainer
-        ev = dist.evaluate_sharded(evaluate_greedy, t.policy, t.tokenizer, t.eval_prompts, t.config, t.rewards, t.device)
-        self.history.append({"step": step, **ev})
-        return ev
-
-    def evaluate_if_due(self, step: int) -> dict[str, float]:
-        """Evaluate every ``eval_every`` steps and after the last one; {} otherwise."""
-        cfg = self.trainer.config
-        if self.trainer.eval_prompts is None:
-            return {}
-        if step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            return self.evaluate(step)
-        return {}
-
-    def checkpoint_state(self, **extra: Any) -> dict[str, Any]:
-        """The loop's part of a checkpoint's extra state (plus ``extra``)."""
-        return {"sampler": self.sampler.state_dict(), "eval_history": self.history, "faults": self.faults.state_dict(),
-                "reward_faults": dict(self.trainer.rewards.fault_totals), **extra}
-
-    def summary(self, run: Run, step: int, started: float, model_dir: Any, **extra: Any) -> dict[str, Any]:
-        """train_summary.json's common fields (plus ``extra``)."""
-        h = self.history
-        return {
-            "steps": step, "wall_seconds": time.time() - started, "model_dir": str(model_dir), **extra,
-            "accuracy_first": h[0]["eval/accuracy"] if h else None,
-            "accuracy_last": h[-1]["eval/accuracy"] if h else None,
-            "eval_history": h, "nonfinite_skips": self.faults.total,
-            "data/skipped_rows": run.skipped_rows, "reward_faults": dict(self.trainer.rewards.fault_totals),
-            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-        }
+def select_groups(batch: ScoredBatch, groups: list[int], group_size: int) -> ScoredBatch:
+    """Keep whole groups (by group index) of a scored batch."""
+    rows = [g * group_size + j for g in groups for j in range(group_size)]
+    index = torch.tensor(rows, dtype=torch.long)
+    s = batch.scores
+    scores = ScoreResult(total=s.total[index], per_function={k: v[index] for k, v in s.per_function.items()},
+                         n_faults=dict(s.n_faults))
+    return ScoredBatch(batch.rollout.select(index.to(batch.rollout.prompt_ids.device)),
+                       [batch.row_indices[r] for r in rows], [batch.prompts[r] for r in rows],
+                       [batch.completions[r] for r in rows], scores)

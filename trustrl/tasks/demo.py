@@ -281,7 +281,7 @@ def _rule_rewards(task: AdditionTask, correct_weight: float = 1.0, format_weight
 
 
 def _grpo_stage(s, out, task, data, model_dir, timings):
-    from trustrl.trainers.grpo import GRPOTrainer
+    from trustrl.algorithms.grpo import GRPOTrainer
 
     cfg = GRPOConfig(**_rl_common(s, out, data, model_dir), max_steps=s.grpo_steps, prompts_per_step=s.grpo_prompts,
                      group_size=s.group_size, learning_rate=s.grpo_lr, beta=s.beta, rewards=_rule_rewards(task))
@@ -291,7 +291,7 @@ def _grpo_stage(s, out, task, data, model_dir, timings):
 def _rlhf_stage(s, out, task, data, model_dir, timings):
     """A Bradley-Terry reward model on preference pairs, then PPO against it alone: the rule
     reward ``correct`` has weight 0 and only measures held-out accuracy."""
-    from trustrl.trainers.ppo import PPOConfig, PPOTrainer
+    from trustrl.algorithms.ppo import PPOConfig, PPOTrainer
     from trustrl.trainers.reward_model import RewardConfig, RewardTrainer
     from trustrl.tasks.preferences import write_preference_data
 
@@ -325,7 +325,7 @@ def _rlhf_stage(s, out, task, data, model_dir, timings):
 
 
 def _trpo_stage(s, out, task, data, model_dir, timings):
-    from trustrl.trainers.trpo import TRPOConfig, TRPOTrainer
+    from trustrl.algorithms.trpo import TRPOConfig, TRPOTrainer
 
     cfg = TRPOConfig(**_rl_common(s, out, data, model_dir), max_steps=s.trpo_steps, prompts_per_step=s.grpo_prompts,
                      group_size=s.group_size, rewards=_rule_rewards(task), advantage="group", max_kl=s.trpo_max_kl,

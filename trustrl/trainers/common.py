@@ -133,34 +133,55 @@ def guarded_step(
     Returns:
         (global gradient norm before clipping, applied).
     """
-    # data parallel: each rank holds its share of the global loss's gradient -> sum them; skip
-    # jointly (no-ops in one process)
-    dist.all_reduce_gradients(model)
-    params = [p for p in model.parameters() if p.grad is not None]
-    loss_ok = dist.all_true(loss is None or math.isfinite(_as_float(loss)))
-    if params:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-        grad_norm = float(norm)
-    else:
-        grad_norm = 0.0
-    ok = loss_ok and math.isfinite(grad_norm)
-    if ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None and ok:
-        scheduler.step()
-    elif scheduler is not None:
-        with warnings.catch_warnings():
-            # torch warns when the schedule moves before any optimizer.step(): on purpose here
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    (norm,), ok = guarded_steps([(model, optimizer, scheduler, loss)], max_grad_norm, faults, where)
+    return norm, ok
+
+
+def guarded_steps(
+    parts: list[tuple[nn.Module, torch.optim.Optimizer, Any, float | torch.Tensor | None]],
+    max_grad_norm: float | None,
+    faults: FaultCounter,
+    where: str,
+) -> tuple[list[float], bool]:
+    """:func:`guarded_step` for several models updated together from one batch (PPO's actor
+    and critic): each ``(model, optimizer, scheduler, loss)`` is clipped on its own norm, and
+    all are applied, or -- when any loss or gradient is non-finite -- none is, recorded as
+    ONE fault. Returns (each model's gradient norm before clipping, applied)."""
+    norms: list[float] = []
+    ok = losses_ok = True
+    for model, _, _, loss in parts:
+        # data parallel: each rank holds its share of the global loss's gradient -> sum them;
+        # skip jointly (no-ops in one process)
+        dist.all_reduce_gradients(model)
+        params = [p for p in model.parameters() if p.grad is not None]
+        loss_ok = dist.all_true(loss is None or math.isfinite(_as_float(loss)))
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+            norms.append(float(norm))
+        else:
+            norms.append(0.0)
+        losses_ok = losses_ok and loss_ok
+        ok = ok and loss_ok and math.isfinite(norms[-1])
+    for model, optimizer, scheduler, _ in parts:
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None and ok:
             scheduler.step()
+        elif scheduler is not None:
+            with warnings.catch_warnings():
+                # torch warns when the schedule moves before any optimizer.step(): on purpose here
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
     if not ok:
-        what = "loss" if not loss_ok else "gradient norm"
-        shown = None if loss is None else _as_float(loss)
-        warnings.warn(f"{where}: non-finite {what} (loss {shown!r}, grad norm {grad_norm!r}); update skipped",
-                      stacklevel=2)
+        what = "loss" if not losses_ok else "gradient norm"
+        losses = [None if loss is None else _as_float(loss) for *_, loss in parts]
+        shown = losses[0] if len(parts) == 1 else losses
+        norm_shown = norms[0] if len(parts) == 1 else norms
+        warnings.warn(f"{where}: non-finite {what} (loss {shown!r}, grad norm {norm_shown!r}); update skipped",
+                      stacklevel=3)
     faults.record(ok, where)
-    return grad_norm, ok
+    return norms, ok
 
 
 class PromptSampler:
@@ -293,9 +314,14 @@ class Run:
         return state
 
     def _logger(self, resume_step: int):
-        if not dist.is_main():
-            return dist.NullLogger()
-        return MetricsLogger(self.output_dir, tensorboard=self.config.tensorboard, resume_step=resume_step)
+        from trustrl.logging import NullMetricsLogger
+
+        if not dist.is_main():  # data parallel: rank 0 writes metrics, samples and trackers
+            return NullMetricsLogger()
+        cfg = self.config
+        return MetricsLogger(self.output_dir, tensorboard=cfg.tensorboard and "tensorboard" in cfg.report_to,
+                             resume_step=resume_step, report_to=cfg.report_to, config=cfg,
+                             sample_every=getattr(cfg, "sample_every", 0))
 
     def save(self, step: int, models: dict[str, nn.Module], optimizers: dict, schedulers: dict,
              trainer_state: dict[str, Any], generators: dict, tokenizer=None) -> Path:

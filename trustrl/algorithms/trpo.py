@@ -7,7 +7,7 @@ One training step:
   2. advantages: ``advantage: group`` -> one per completion, (r - mean_group) / std_group
      (the reward minus beta * its KL to the reference when beta > 0); ``advantage: gae`` -> per
      token, GAE on the PPO-RLHF per-token reward (score at the last token, -beta * k1 KL) with
-     the critic's values, as in :mod:`trustrl.trainers.ppo`;
+     the critic's values, as in :mod:`trustrl.algorithms.ppo`;
   3. the natural-gradient step on the chosen parameter subset (:mod:`trustrl.trpo`):
      surrogate ``L(theta) = token_mean(r_t(theta) A_t)`` with ``r_t = pi_theta / pi_old`` of the
      sampled token; ``g = grad L``; conjugate gradient on ``(F + damping I) s = g`` where ``F v``
@@ -19,7 +19,7 @@ One training step:
      the parameters are restored bit for bit;
   4. ``advantage: gae`` only: ``value_epochs`` passes of minibatch regression of the critic on
      the returns (0.5 (V - R)^2, AdamW);
-  5. log, evaluate, checkpoint.
+  5. log, evaluate, checkpoint (the loop's, as steps 1's sampling and scoring).
 
 Parameter subset (``trpo_params``). Every Fisher-vector product is a double backward pass
 through everything between the chosen parameters and the logits, and the conjugate gradient
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -52,20 +51,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trustrl.advantages import gae, group_advantages, whiten
+from trustrl.algorithms.base import RLAlgorithm
+from trustrl.algorithms.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
 from trustrl.config import register_config
 from trustrl.distributed import require_single_process
-from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.loop.experience import ScoredBatch, reward_metrics
+from trustrl.loop.rl_loop import TrainingState
 from trustrl.losses import explained_variance, masked_mean, value_loss
-from trustrl.models import is_peft, lm_backbone_and_head, reference_context, resolve_device, save_model
+from trustrl.models import is_peft, lm_backbone_and_head, reference_context
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states
-from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
-                                     make_scheduler)
-from trustrl.trainers.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
-from trustrl.trainers.rl_common import (
-    LoopState, ScoredBatch, load_rl_models, reward_metrics, sample_and_score,
-)
+from trustrl.trainers.common import FaultCounter, guarded_step, make_optimizer, make_scheduler
 from trustrl.trpo import TRPOResult, trpo_update
-from trustrl.utils import seed_everything
 
 _PARAMS_RE = re.compile(r"^(all|lm_head|last_layers:[1-9]\d*)$")
 
@@ -196,17 +192,20 @@ def build_problem(model: nn.Module, rollout: Rollout, advantages: torch.Tensor, 
     the full vocabulary, both twice differentiable (plain log_softmax on [B, C, V] logits).
 
     ``reuse_trunk``: the trunk is frozen and not tied to the head, so its hidden states are
-    computed once here and only the LM head runs in each evaluation."""
-    _, head = lm_backbone_and_head(model)
+    computed once here and only the LM head runs in each evaluation. The logits are the model's
+    own (its final-logit transform applied, :func:`trustrl.rollout.lm_logits`)."""
+    from trustrl.rollout import lm_logits
+
     if reuse_trunk:
         with torch.no_grad():
             hidden = completion_hidden_states(model, rollout)
 
         def log_probs() -> torch.Tensor:
-            return torch.log_softmax(F.linear(hidden, head.weight, head.bias).float() / temperature, dim=-1)
+            return torch.log_softmax(lm_logits(model, hidden, temperature=temperature), dim=-1)
     else:
         def log_probs() -> torch.Tensor:
-            return torch.log_softmax(head(completion_hidden_states(model, rollout)).float() / temperature, dim=-1)
+            return torch.log_softmax(lm_logits(model, completion_hidden_states(model, rollout), temperature=temperature),
+                                     dim=-1)
 
     ids = rollout.completion_ids.unsqueeze(-1)
     with torch.no_grad():
@@ -228,21 +227,19 @@ def build_problem(model: nn.Module, rollout: Rollout, advantages: torch.Tensor, 
     return TRPOProblem(surrogate, kl, old_tok)
 
 
-class TRPOTrainer:
-    """``TRPOTrainer(config).train()``; ``reward_funcs`` adds Python callables
-    ``fn(prompts, completions, **columns) -> list[float]`` to the configured rewards."""
+class TRPOTrainer(RLAlgorithm):
+    """``TRPOTrainer(config).train()``; ``critic`` replaces building the critic (advantage = gae).
+    See :class:`trustrl.algorithms.base.RLAlgorithm`. Single process only."""
+
+    name = "trpo"
+    config: TRPOConfig
+    postfix_keys = ["reward/mean", "trpo/kl", "eval/accuracy"]
+    allow_gradient_checkpointing = False  # the double backward of Fisher-vector products needs activations
 
     def __init__(self, config: TRPOConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None,
                  critic=None):
-        self.config = config
-        check_resume_setting(config)
-        seed_everything(config.seed, deterministic=config.deterministic)
         require_single_process("trpo")  # no data parallelism yet: fail clearly under torchrun
-        self.device = resolve_device(config.device)
-        loaded = load_rl_models(config, self.device, who="TRPOTrainer", reward_funcs=reward_funcs, model=model,
-                                tokenizer=tokenizer, gradient_checkpointing=False)  # double backward needs activations
-        self.rewards, self.tokenizer, self.policy, self.reference = loaded.rewards, loaded.tokenizer, loaded.policy, loaded.reference
-        self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
+        super().__init__(config, reward_funcs=reward_funcs, model=model, tokenizer=tokenizer)
         # the subset the natural-gradient step moves; everything else is frozen
         self.trpo_named_params = select_trpo_parameters(self.policy, config.trpo_params)
         keep = {id(p) for _, p in self.trpo_named_params}
@@ -254,16 +251,45 @@ class TRPOTrainer:
         self.critic = None
         if config.advantage == "gae":
             self.critic = critic if critic is not None else make_critic(config, self.tokenizer, self.device)
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.shuffle_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-        self.last_metrics: dict[str, float] = {}
 
-    # -- the pieces of one step ------------------------------------------------------------
-
-    def collect(self, sampler: PromptSampler) -> ScoredBatch:
+    def setup(self) -> TrainingState:
         cfg = self.config
-        return sample_and_score(self.policy, self.tokenizer, self.prompts, sampler.take(cfg.prompts_per_step),
-                                cfg.group_size, cfg, self.rewards, self.generator, self.device)
+        state = TrainingState({"policy": self.policy}, generators={"sampling": self.generator,
+                                                                    "shuffle": self.shuffle_generator})
+        self.critic_opt = self.critic_sched = None
+        if self.critic is not None:
+            n_updates = cfg.max_steps * cfg.value_epochs * -(-cfg.rollout_batch_size // cfg.value_minibatch_size)
+            self.critic_opt = make_optimizer(self.critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
+            self.critic_sched = make_scheduler(self.critic_opt, cfg, n_updates)
+            state.models["critic"], state.optimizers["critic"] = self.critic, self.critic_opt
+            state.schedulers["critic"] = self.critic_sched
+        return state
+
+    # 1. the loop samples and scores with pi_old
+
+    def update(self, batch: ScoredBatch, step: int, faults: FaultCounter) -> dict[str, float]:
+        rollout = batch.rollout
+        # 2. advantages
+        adv = self.advantages(batch)
+        # 3. natural-gradient step in the trust region, line search, restore on failure
+        result = self.trpo_step(rollout, adv["advantages"])
+        # a NaN/inf surrogate gradient leaves the policy untouched (nothing is accepted); it
+        # counts as a fault like a non-finite gradient in the other trainers
+        faults.record(math.isfinite(result.grad_norm), f"trpo step {step} (policy)")
+        metrics = self.step_metrics(batch, adv, result)
+        # 4. critic regression (gae)
+        if self.critic is not None:
+            metrics.update(self.fit_critic(rollout, adv["values"], adv["returns"], self.critic_opt, self.critic_sched,
+                                           faults, step))
+            metrics["optim/critic_lr"] = self.critic_sched.get_last_lr()[0]
+        return metrics
+
+    def save_final(self, output_dir: Path) -> dict[str, Any]:
+        out = super().save_final(output_dir)
+        if self.critic is not None:
+            out["critic_dir"] = str(self.critic.save_pretrained(output_dir / "final_critic", tokenizer=self.tokenizer))
+        return out
 
     @torch.no_grad()
     def advantages(self, batch: ScoredBatch) -> dict[str, torch.Tensor]:
@@ -335,69 +361,6 @@ class TRPOTrainer:
                                        loss=loss.detach())
                 losses.append(float(loss.detach()))
         return {"loss/value": sum(losses) / max(len(losses), 1), "optim/critic_grad_norm": norm}
-
-    # -- the loop --------------------------------------------------------------------------
-
-    def train(self) -> dict[str, Any]:
-        cfg = self.config
-        run = Run.open(cfg)
-        policy = self.policy
-        models: dict[str, nn.Module] = {"policy": policy}
-        optimizers: dict[str, Any] = {}
-        schedulers: dict[str, Any] = {}
-        critic_opt = critic_sched = None
-        if self.critic is not None:
-            n_updates = cfg.max_steps * cfg.value_epochs * -(-cfg.rollout_batch_size // cfg.value_minibatch_size)
-            critic_opt = make_optimizer(self.critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
-            critic_sched = make_scheduler(critic_opt, cfg, n_updates)
-            models["critic"], optimizers["critic"], schedulers["critic"] = self.critic, critic_opt, critic_sched
-        generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
-        started = time.time()
-        loop, _ = LoopState.start(self, run, models, optimizers, schedulers, generators)
-        sampler, faults = loop.sampler, loop.faults
-        bar = progress(total=cfg.max_steps, initial=run.start_step, desc="trpo", disable=not cfg.progress or None)
-        step = run.start_step
-        while step < cfg.max_steps:
-            t0 = time.time()
-            # 1. sample and score with pi_old
-            batch = self.collect(sampler)
-            gen_seconds = time.time() - t0
-            rollout = batch.rollout
-            mask = rollout.completion_mask
-            # 2. advantages
-            adv = self.advantages(batch)
-            # 3. natural-gradient step in the trust region, line search, restore on failure
-            result = self.trpo_step(rollout, adv["advantages"])
-            # a NaN/inf surrogate gradient leaves the policy untouched (nothing is accepted); it
-            # counts as a fault like a non-finite gradient in the other trainers
-            faults.record(math.isfinite(result.grad_norm), f"trpo step {step + 1} (policy)")
-            step += 1
-            metrics = self.step_metrics(batch, adv, result)
-            # 4. critic regression (gae)
-            if self.critic is not None:
-                metrics.update(self.fit_critic(rollout, adv["values"], adv["returns"], critic_opt, critic_sched,
-                                               faults, step))
-                metrics["optim/critic_lr"] = critic_sched.get_last_lr()[0]
-            # 5. log, evaluate, checkpoint
-            metrics.update({"perf/step_seconds": time.time() - t0, "perf/generation_seconds": gen_seconds,
-                            "perf/tokens_per_second": int(mask.sum()) / max(gen_seconds, 1e-9)})
-            metrics.update(loop.evaluate_if_due(step))
-            run.log(step, metrics)
-            self.last_metrics = metrics
-            bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["reward/mean", "trpo/kl", "eval/accuracy"]))
-            if run.should_save(step, cfg.max_steps, faults):
-                run.save(step, models, optimizers, schedulers, loop.checkpoint_state(), generators,
-                         tokenizer=self.tokenizer)
-        bar.close()
-        final_dir = save_model(policy, self.tokenizer, Path(cfg.output_dir) / "final")
-        summary = loop.summary(run, step, started, final_dir)
-        if self.critic is not None:
-            summary["critic_dir"] = str(self.critic.save_pretrained(Path(cfg.output_dir) / "final_critic",
-                                                                    tokenizer=self.tokenizer))
-        write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
-        run.close()
-        return summary
 
     def step_metrics(self, batch: ScoredBatch, adv: dict[str, torch.Tensor], result: TRPOResult) -> dict[str, float]:
         mask = batch.rollout.completion_mask

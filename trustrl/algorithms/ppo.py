@@ -20,13 +20,17 @@ One training step, in four phases:
      score at the last valid token (completions without EOS get ``missing_eos_penalty``
      instead of their score); GAE(gamma, lambda) over the masked tokens (V after the last
      token = 0); returns = A + V_old; advantages whitened over the valid tokens.
-  4. optimization: ``ppo_epochs`` passes over shuffled minibatches of
-     ``loss = policy_loss(clip) + vf_coef * value_loss - ent_coef * entropy`` (token means),
-     i.e. L = L_clip - c_V L_V + c_H H written as a loss to minimize; each minibatch is one
-     update of the actor and one of the critic (two AdamW optimizers, separate learning rates,
-     separate grad-norm clipping). The epochs stop early once a minibatch's approx KL to the
-     old policy exceeds ``target_kl`` (that minibatch is not applied). Then the KL
-     controller (fixed or adaptive) updates beta from the step's per-sequence KL.
+  4. optimization: ``ppo_epochs`` passes over shuffled minibatches (the last one may be
+     smaller: every completion is used in every epoch); each minibatch is one update of the
+     actor on ``policy_loss(clip) - ent_coef * entropy`` and one of the critic on the value
+     loss (token means over the minibatch, normalized once over its micro-batches and ranks).
+     Actor and critic are separate models with separate AdamW optimizers, learning rates and
+     grad-norm clipping, so there is no ``vf_coef``: Adam's update does not depend on a
+     constant loss weight, and the critic's step size is ``critic_learning_rate``. A
+     minibatch whose actor or critic gradient is non-finite updates neither (one fault).
+     ``target_kl``: the epochs end as soon as a minibatch's approx KL to the old policy exceeds
+     it, and that minibatch's update is not applied. Then the KL controller (fixed or
+     adaptive) updates beta from the step's per-sequence KL.
 
 Where this departs from the papers: the KL controller receives the mean *per-sequence* sum of
 the k1 estimate measured on the rollout (Ziegler et al.'s KL per sample), and ``kl/ref`` is
@@ -35,7 +39,6 @@ logged as the per-token mean (the scale GRPO logs) with ``kl/ref_sequence`` besi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -45,27 +48,27 @@ from pydantic import Field, model_validator
 
 from trustrl import distributed as dist
 from trustrl.advantages import gae
+from trustrl.algorithms.base import RLAlgorithm
 from trustrl.config import RLConfig, register_config
 from trustrl.kl_control import make_kl_controller
-from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.logprobs import selective_log_softmax
+from trustrl.loop.accumulate import BatchNormalizer, MetricMeans
+from trustrl.loop.experience import ScoredBatch, reward_metrics
+from trustrl.loop.rl_loop import TrainingState
 from trustrl.losses import (
+    LossSum,
     entropy_from_logits,
     explained_variance,
-    huber_value_loss,
+    huber_value_loss_sum,
     kl_penalty,
     masked_mean,
-    policy_loss,
-    value_loss,
+    masked_sum,
+    policy_loss_sum,
+    value_loss_sum,
 )
-from trustrl.models import check_vocab, lm_backbone_and_head, load_tokenizer, reference_context, save_model
+from trustrl.models import check_vocab, lm_backbone_and_head, load_tokenizer, reference_context
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states, completion_logprobs
-from trustrl.trainers.common import (FaultCounter, PromptSampler, Run, check_resume_setting, guarded_step, make_optimizer,
-                                     make_scheduler)
-from trustrl.trainers.rl_common import (
-    LoopState, ScoredBatch, load_rl_models, reward_metrics, sample_and_score,
-)
-from trustrl.utils import seed_everything
+from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
 from trustrl.value_model import ScalarHeadModel, last_token_index, load_scalar_model, scalar_model_from_lm
 
 
@@ -119,18 +122,28 @@ class PPOConfig(ActorCriticConfig):
     """Clip range of the value around V_old (value_loss_type = clipped)."""
     huber_delta: float = Field(1.0, gt=0)
     """delta of the Huber value loss."""
-    vf_coef: float = Field(0.1, ge=0)
-    """c_V: weight of the value loss."""
     ent_coef: float = Field(0.0, ge=0)
     """c_H: weight of the entropy bonus (> 0 computes full [mb, T, V] logits for its gradient)."""
     target_kl: float | None = Field(None, gt=0)
-    """Stop this step's epochs once a minibatch's approx KL(pi_old || pi) exceeds this (None: never)."""
+    """Early stop: the step's epochs end as soon as a minibatch's approx KL(pi_old || pi) exceeds
+    this, and that minibatch's update is not applied (None: never). Not the KL controller's
+    target (kl_target)."""
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     """fixed beta, or the adaptive controller of Ziegler et al. 2019."""
     kl_target: float = Field(6.0, gt=0)
     """Adaptive control: target KL per completion (the sum over its tokens), in nats."""
     kl_horizon: float = Field(10000.0, gt=0)
     """Adaptive control: horizon in samples (beta *= 1 + clip(KL/target - 1, +-0.2) * B / horizon)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vf_coef(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "vf_coef" in data:
+            raise ValueError(
+                "vf_coef: not a setting here. Actor and critic are separate models with separate AdamW "
+                "optimizers, and Adam's step does not depend on a constant loss weight; set the critic's step "
+                "size with critic_learning_rate")
+        return data
 
     @model_validator(mode="after")
     def _check_batch(self) -> "PPOConfig":
@@ -241,51 +254,66 @@ class PPOBatch:
     raw_advantages: torch.Tensor  # [B, C] before whitening
 
 
-class PPOTrainer:
-    """``PPOTrainer(config).train()``; ``reward_funcs`` adds Python callables
-    ``fn(prompts, completions, **columns) -> list[float]`` to the configured rewards."""
+class PPOTrainer(RLAlgorithm):
+    """``PPOTrainer(config).train()``; ``critic`` replaces building the critic from the config.
+    See :class:`trustrl.algorithms.base.RLAlgorithm`."""
+
+    name = "ppo"
+    config: PPOConfig
+    postfix_keys = ["reward/score", "kl/ref", "eval/accuracy"]
+    repeats_field = "samples_per_prompt"
+    collects_local_share = True
 
     def __init__(self, config: PPOConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None,
                  critic: ScalarHeadModel | None = None):
-        self.config = config
-        check_resume_setting(config)
-        seed_everything(config.seed, deterministic=config.deterministic)
-        self.device = dist.setup_device(config.device)  # joins the process group under torchrun
-        # 1. preparation: rewards, tokenizer, prompts, actor, reference, critic, KL controller
-        loaded = load_rl_models(config, self.device, who="PPOTrainer", reward_funcs=reward_funcs, model=model,
-                                tokenizer=tokenizer)
-        self.rewards, self.tokenizer, self.policy, self.reference = loaded.rewards, loaded.tokenizer, loaded.policy, loaded.reference
-        self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
+        # 1. preparation: rewards, tokenizer, prompts, actor, reference (base class), critic, KL controller
+        super().__init__(config, reward_funcs=reward_funcs, model=model, tokenizer=tokenizer)
         self.critic = critic if critic is not None else make_critic(config, self.tokenizer, self.device)
         if critic is not None:
             check_vocab(critic.trunk, self.tokenizer, "the critic passed to PPOTrainer")
         self.kl_ctl = make_kl_controller(config.kl_control, config.beta, config.kl_target, config.kl_horizon)
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.shuffle_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-        self.last_metrics: dict[str, float] = {}
 
-    # -- phase 2: trajectories ---------------------------------------------------------------
+    def setup(self) -> TrainingState:
+        cfg = self.config
+        n_minibatches = -(-cfg.rollout_batch_size // cfg.minibatch_size)
+        total_updates = cfg.max_steps * cfg.ppo_epochs * n_minibatches
+        self.actor_opt = make_optimizer(self.policy.parameters(), cfg)
+        self.critic_opt = make_optimizer(self.critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
+        self.actor_sched = make_scheduler(self.actor_opt, cfg, total_updates)
+        self.critic_sched = make_scheduler(self.critic_opt, cfg, total_updates)
+        return TrainingState({"policy": self.policy, "critic": self.critic},
+                             {"policy": self.actor_opt, "critic": self.critic_opt},
+                             {"policy": self.actor_sched, "critic": self.critic_sched, "kl_controller": self.kl_ctl},
+                             {"sampling": self.generator, "shuffle": self.shuffle_generator})
 
-    def collect(self, sampler: PromptSampler) -> ScoredBatch:
-        """This rank's share of the step's prompts, each sampled ``samples_per_prompt`` times with
-        counter-based sampling (seeded by the sampler position and the prompt's index in the
-        draw), so the completions do not depend on the number of data-parallel ranks."""
-        cfg, S = self.config, self.config.samples_per_prompt
-        draw = (sampler.epoch, sampler.cursor)
-        indices = sampler.take(cfg.prompts_per_step)
-        seeds = dist.sampling_row_seeds(cfg.seed, draw, len(indices), S)
-        mine = dist.shard_batch(list(range(len(indices))), "prompts_per_step")
-        lo, hi = mine[0], mine[-1] + 1
-        batch = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], S, cfg, self.rewards,
-                                 self.generator, self.device, row_seeds=seeds[lo * S:hi * S])
-        if dist.is_distributed():  # each rank counted its own reward faults; keep the run's totals global
-            mine = batch.scores.n_faults
-            for name, n in dist.sum_across_ranks(mine).items():
-                self.rewards.fault_totals[name] = self.rewards.fault_totals.get(name, 0) + int(n) - mine.get(name, 0)
-        return batch
+    # 2. trajectories: the loop samples and scores (this rank's share of the prompts)
+
+    def update(self, batch: ScoredBatch, step: int, faults: FaultCounter) -> dict[str, float]:
+        # 3. old log-probs, reference log-probs, old values -> rewards -> GAE -> whitening
+        beta = self.kl_ctl.value
+        pb = self.prepare(batch)
+        # 4. K epochs of minibatch updates of actor and critic (early stop on target_kl)
+        update = self.optimize(pb, faults, step)
+        # KL controller from the rollout's per-sequence KL; old <- new is the next rollout
+        kl_seq = dist.gather_rows(pb.kl.sum(dim=1))  # (data parallel: every rank's sequences)
+        self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
+        # (data parallel: row means are exact, token means and spreads are rank-weighted)
+        metrics = dist.reduce_metrics(self.step_metrics(batch, pb, beta), weight=pb.mask.shape[0])
+        metrics.update(update)
+        metrics.update({"optim/lr": self.actor_sched.get_last_lr()[0], "optim/critic_lr": self.critic_sched.get_last_lr()[0],
+                        "kl/coef_next": self.kl_ctl.value})
+        return metrics
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_ctl.value}
+
+    def save_final(self, output_dir: Path) -> dict[str, Any]:
+        out = super().save_final(output_dir)
+        critic_dir = dist.on_main(self.critic.save_pretrained, output_dir / "final_critic", tokenizer=self.tokenizer)
+        return {**out, "critic_dir": str(critic_dir), "kl_coef": self.kl_ctl.value}
 
     # -- phase 3: old log-probs, values, rewards, advantages ---------------------------------
-
     @torch.no_grad()
     def prepare(self, batch: ScoredBatch) -> PPOBatch:
         cfg = self.config
@@ -315,52 +343,52 @@ class PPOTrainer:
         (then full logits are built for the minibatch)."""
         cfg = self.config
         if cfg.ent_coef > 0:
-            _, head = lm_backbone_and_head(self.policy)
-            logits = head(completion_hidden_states(self.policy, rollout)).float() / cfg.temperature
+            from trustrl.rollout import completion_logits  # the model's own logits (final-logit transform applied)
+
+            logits = completion_logits(self.policy, rollout, temperature=cfg.temperature)
             return selective_log_softmax(logits, rollout.completion_ids), entropy_from_logits(logits)
         return completion_logprobs(self.policy, rollout, temperature=cfg.temperature,
                                    chunk_size=cfg.logprob_chunk_size, return_entropy=True)
 
-    def critic_loss(self, values, old_values, returns, mask) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, values, old_values, returns, mask) -> tuple[LossSum, dict[str, float]]:
         cfg = self.config
         if cfg.value_loss_type == "clipped":
-            return value_loss(values, old_values, returns, mask, clip=cfg.value_clip)
+            return value_loss_sum(values, old_values, returns, mask, clip=cfg.value_clip)
         if cfg.value_loss_type == "huber":
-            return huber_value_loss(values, returns, mask, delta=cfg.huber_delta)
-        return value_loss(values, old_values, returns, mask, clip=None)
+            return huber_value_loss_sum(values, returns, mask, delta=cfg.huber_delta)
+        return value_loss_sum(values, old_values, returns, mask, clip=None)
 
-    def minibatch_loss(self, pb: PPOBatch, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """policy_loss + vf_coef * value_loss - ent_coef * entropy on the rows (token means)."""
+    def minibatch_terms(self, pb: PPOBatch, rows: torch.Tensor) -> tuple[list, list, dict[str, float]]:
+        """One micro-batch: actor terms (clipped surrogate, -ent_coef * entropy) and critic term
+        (value loss), each a token-level :class:`LossSum`; plus metrics (token means)."""
         cfg = self.config
         rollout = pb.rollout.select(rows)
         mask = pb.mask[rows]
         logp, entropy = self.policy_logprobs(rollout)
-        p_loss, pm = policy_loss(logp, pb.old_logp[rows], pb.advantages[rows], mask, clip_low=cfg.clip_range,
-                                 aggregation="token_mean")
+        p_loss, pm = policy_loss_sum(logp, pb.old_logp[rows], pb.advantages[rows], mask, clip_low=cfg.clip_range,
+                                     aggregation="token_mean")
         values = self.critic.completion_values(rollout).float()
         v_loss, vm = self.critic_loss(values, pb.old_values[rows], pb.returns[rows], mask)
-        ent = masked_mean(entropy, mask)
-        loss = p_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+        ent = LossSum(masked_sum(entropy, mask), p_loss.count, "tokens")
+        actor_terms = [(1.0, p_loss)] + ([(-cfg.ent_coef, ent)] if cfg.ent_coef > 0 else [])
         metrics = {
-            "loss/policy": float(p_loss.detach()), "loss/value": float(v_loss.detach()),
-            "loss/total": float(loss.detach()), "policy/entropy": float(ent.detach()),
+            "loss/policy": float(p_loss.mean().detach()), "loss/value": float(v_loss.mean().detach()),
+            "policy/entropy": float(ent.mean().detach()),
             **{f"policy/{k}": v for k, v in pm.items()}, **{f"value/{k.removeprefix('value_')}": v for k, v in vm.items()},
         }
-        return loss, metrics
+        return actor_terms, [(1.0, v_loss)], metrics
 
-    def optimize(self, pb: PPOBatch, actor_opt, critic_opt, actor_sched, critic_sched,
-                 faults: FaultCounter, step: int) -> dict[str, float]:
+    def optimize(self, pb: PPOBatch, faults: FaultCounter, step: int) -> dict[str, float]:
         """K epochs of shuffled minibatches; early stop on approx KL > target_kl.
 
         Data parallel: the permutation is drawn over the global rollout (the shuffle generator
-        is equal on every rank); each rank computes the members of a minibatch it holds,
-        weighted by their share of the minibatch's global tokens; losses and metrics are summed
-        over ranks, gradients by ``guarded_step``, so every rank takes the same decisions."""
+        is equal on every rank); each rank computes the members of a minibatch it holds; the
+        minibatch's token counts are global (:class:`BatchNormalizer`), so the summed
+        gradients are the minibatch's mean-loss gradients; every rank takes the same decisions."""
         cfg = self.config
         n_local = pb.mask.shape[0]
         counts = dist.all_gather_objects(n_local)
         offset, n = sum(counts[:dist.rank()]), sum(counts)
-        row_tokens = dist.gather_rows(pb.mask.sum(dim=1).cpu())  # valid tokens of every global row
         self.policy.train()
         self.critic.train()
         sums: dict[str, float] = {}
@@ -370,35 +398,36 @@ class PPOTrainer:
         for epoch in range(cfg.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(n, generator=self.shuffle_generator)
-            for mb in order.split(cfg.minibatch_size):
-                n_tokens = max(int(row_tokens[mb].sum()), 1)
-                mine = mb[(mb >= offset) & (mb < offset + n_local)] - offset  # all of mb in one process
-                mb_metrics: dict[str, float] = {}
-                mb_loss = 0.0
-                for micro in mine.tensor_split(min(cfg.gradient_accumulation_steps, len(mine))) if len(mine) else ():
+            for mb in order.split(cfg.minibatch_size):  # the last minibatch may be smaller: none is dropped
+                mine = mb[(mb >= offset) & (mb < offset + n_local)] - offset
+                micros = list(mine.tensor_split(min(cfg.gradient_accumulation_steps, len(mine)))) if len(mine) else []
+                normalizer = BatchNormalizer([pb.mask[m.to(self.device)] for m in micros])
+                means = MetricMeans()
+                actor_loss = critic_loss = 0.0
+                for micro in micros:
                     micro = micro.to(self.device)
-                    weight = int(pb.mask[micro].sum()) / n_tokens  # token means -> exact accumulation
-                    loss, m = self.minibatch_loss(pb, micro)
-                    (loss * weight).backward()
-                    mb_loss += float(loss.detach()) * weight
-                    for k, v in m.items():
-                        mb_metrics[k] = mb_metrics.get(k, 0.0) + v * weight
-                mb_loss, mb_metrics = dist.all_reduce_sum(mb_loss), dist.sum_across_ranks(mb_metrics)
+                    actor_terms, critic_terms, m = self.minibatch_terms(pb, micro)
+                    a_loss, c_loss = normalizer.loss(actor_terms), normalizer.loss(critic_terms)
+                    (a_loss + c_loss).backward()  # disjoint parameters: one backward fills both
+                    actor_loss += float(a_loss.detach())
+                    critic_loss += float(c_loss.detach())
+                    means.add(m, normalizer.weight(actor_terms[0][1]))
+                actor_loss, critic_loss = dist.all_reduce_sum(actor_loss), dist.all_reduce_sum(critic_loss)
+                mb_metrics = {**means.reduce(), "loss/total": actor_loss + critic_loss}
                 evaluated += 1
                 for k, v in mb_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if cfg.target_kl is not None and mb_metrics["policy/approx_kl"] > cfg.target_kl:
-                    actor_opt.zero_grad(set_to_none=True)  # too far from the old policy: do not apply
-                    critic_opt.zero_grad(set_to_none=True)
+                    self.actor_opt.zero_grad(set_to_none=True)  # too far from the old policy: do not apply
+                    self.critic_opt.zero_grad(set_to_none=True)
                     stopped = True
                     break
-                where = f"ppo step {step} epoch {epoch + 1}"
-                actor_norm, ok_actor = guarded_step(self.policy, actor_opt, actor_sched, cfg.max_grad_norm, faults,
-                                                    where + " (actor)", loss=mb_loss)
-                critic_norm, ok_critic = guarded_step(self.critic, critic_opt, critic_sched, cfg.max_grad_norm, faults,
-                                                      where + " (critic)", loss=mb_loss)
+                (actor_norm, critic_norm), ok = guarded_steps(
+                    [(self.policy, self.actor_opt, self.actor_sched, actor_loss),
+                     (self.critic, self.critic_opt, self.critic_sched, critic_loss)],
+                    cfg.max_grad_norm, faults, f"ppo step {step} epoch {epoch + 1}")
                 updates += 1
-                skipped += (not ok_actor) + (not ok_critic)
+                skipped += not ok
             if stopped:
                 break
         out = {k: v / max(evaluated, 1) for k, v in sums.items()}
@@ -406,66 +435,6 @@ class PPOTrainer:
                     "ppo/early_stopped": float(stopped), "optim/skipped": float(skipped), "optim/grad_norm": actor_norm,
                     "optim/critic_grad_norm": critic_norm})
         return out
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def train(self) -> dict[str, Any]:
-        cfg = self.config
-        run = Run.open(cfg)
-        policy, critic = self.policy, self.critic
-        n_minibatches = -(-cfg.rollout_batch_size // cfg.minibatch_size)
-        total_updates = cfg.max_steps * cfg.ppo_epochs * n_minibatches
-        actor_opt = make_optimizer(policy.parameters(), cfg)
-        critic_opt = make_optimizer(critic.parameters(), cfg, lr=cfg.critic_learning_rate or cfg.learning_rate)
-        actor_sched = make_scheduler(actor_opt, cfg, total_updates)
-        critic_sched = make_scheduler(critic_opt, cfg, total_updates)
-        models = {"policy": policy, "critic": critic}
-        optimizers = {"policy": actor_opt, "critic": critic_opt}
-        schedulers = {"policy": actor_sched, "critic": critic_sched, "kl_controller": self.kl_ctl}
-        generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
-        started = time.time()
-        loop, _ = LoopState.start(self, run, models, optimizers, schedulers, generators)
-        sampler, faults = loop.sampler, loop.faults
-        bar = progress(total=cfg.max_steps, initial=run.start_step, desc="ppo", disable=not cfg.progress or None)
-        step = run.start_step
-        while step < cfg.max_steps:
-            t0 = time.time()
-            # 2. trajectories from the old policy (the weights as they stand), scored
-            batch = self.collect(sampler)
-            gen_seconds = time.time() - t0
-            # 3. old log-probs, reference log-probs, old values -> rewards -> GAE -> whitening
-            beta = self.kl_ctl.value
-            pb = self.prepare(batch)
-            # 4. K epochs of minibatch updates of actor and critic (early stop on target_kl)
-            update = self.optimize(pb, actor_opt, critic_opt, actor_sched, critic_sched, faults, step + 1)
-            # KL controller from the rollout's per-sequence KL; old <- new is the next rollout
-            kl_seq = dist.gather_rows(pb.kl.sum(dim=1))  # (data parallel: every rank's sequences)
-            self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
-            step += 1
-            # (data parallel: row means are exact, token means and spreads are rank-weighted)
-            metrics = dist.reduce_metrics(self.step_metrics(batch, pb, beta), weight=pb.mask.shape[0])
-            metrics.update(update)
-            metrics.update({
-                "optim/lr": actor_sched.get_last_lr()[0], "optim/critic_lr": critic_sched.get_last_lr()[0],
-                "kl/coef_next": self.kl_ctl.value, "perf/step_seconds": time.time() - t0,
-                "perf/generation_seconds": gen_seconds,
-                "perf/tokens_per_second": dist.all_reduce_sum(int(pb.mask.sum())) / max(gen_seconds, 1e-9),
-            })
-            metrics.update(loop.evaluate_if_due(step))
-            run.log(step, metrics)
-            self.last_metrics = metrics
-            bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["reward/score", "kl/ref", "eval/accuracy"]))
-            if run.should_save(step, cfg.max_steps, faults):
-                run.save(step, models, optimizers, schedulers, loop.checkpoint_state(kl_coef=self.kl_ctl.value),
-                         generators, tokenizer=self.tokenizer)
-        bar.close()
-        final_dir = dist.on_main(save_model, policy, self.tokenizer, Path(cfg.output_dir) / "final")
-        critic_dir = dist.on_main(critic.save_pretrained, Path(cfg.output_dir) / "final_critic", tokenizer=self.tokenizer)
-        summary = loop.summary(run, step, started, final_dir, critic_dir=str(critic_dir), kl_coef=self.kl_ctl.value)
-        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
-        run.close()
-        return summary
 
     def step_metrics(self, batch: ScoredBatch, pb: PPOBatch, beta: float) -> dict[str, float]:
         """Rollout-side metrics of one step (the update adds its own)."""

@@ -1,0 +1,159 @@
+"""The one RL loop: sample -> score -> advantages -> update -> refresh.
+
+Every RL algorithm (GRPO, PPO, TRPO, and agents on top of them) is a plug-in of this loop
+(:class:`trustrl.algorithms.base.RLAlgorithm`): the loop owns the run directory, resume,
+held-out evaluation, checkpoints, non-finite faults, clean stops, progress and metrics, and
+calls the plug-in for the two things that differ between algorithms::
+
+    for step in 1..max_steps:
+        batch, metrics = algorithm.collect(sampler)     # 1-3: prompts -> completions -> rewards
+        metrics |= algorithm.update(batch, step)        # 4-6: advantages -> optimizer updates
+        log, evaluate, checkpoint                       # 7: refresh (the updated policy samples next)
+
+A stop signal (Ctrl-C, SIGTERM) ends the loop after the step in progress, with a checkpoint
+of it and the command that resumes the run (:mod:`trustrl.loop.stops`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trustrl import distributed as dist
+from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.loop.experience import evaluate_greedy
+from trustrl.loop.stops import GracefulStop
+from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trustrl.algorithms.base import RLAlgorithm
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds besides the loop's own state: named models, optimizers,
+    schedulers (anything with ``state_dict``: LR schedules, a KL controller) and generators."""
+
+    models: dict[str, Any]
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    schedulers: dict[str, Any] = field(default_factory=dict)
+    generators: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step and checkpoints: the prompt sampler's position,
+    the non-finite fault counter and the held-out evaluation history."""
+
+    sampler: PromptSampler
+    faults: FaultCounter
+    history: list[dict[str, float]]
+
+    def checkpoint_state(self, algorithm: "RLAlgorithm") -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "eval_history": self.history,
+                "faults": self.faults.state_dict(), "reward_faults": dict(algorithm.rewards.fault_totals),
+                **algorithm.checkpoint_extra()}
+
+
+def evaluate(algorithm: "RLAlgorithm", history: list[dict[str, float]], step: int) -> dict[str, float]:
+    """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
+    a = algorithm
+    ev = dist.evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
+    history.append({"step": step, **ev})
+    return ev
+
+
+def _due_for_eval(algorithm: "RLAlgorithm", step: int) -> bool:
+    cfg = algorithm.config
+    if algorithm.eval_prompts is None:
+        return False
+    return step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+
+
+def resume_command(algorithm: "RLAlgorithm") -> str:
+    """The command that continues this run (its resolved config is saved in the run directory)."""
+    out = Path(algorithm.config.output_dir)
+    return f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
+
+
+def run_rl_loop(algorithm: "RLAlgorithm") -> dict[str, Any]:
+    """Train ``algorithm`` for ``config.max_steps`` steps (from its checkpoint when resuming);
+    returns the run summary (also written to ``train_summary.json``)."""
+    cfg = algorithm.config
+    run = Run.open(cfg)
+    state = algorithm.setup()
+    started = time.time()
+    sampler, faults, saved = restore_loop(run, cfg, len(algorithm.prompts), state.models, state.optimizers,
+                                          state.schedulers, state.generators)
+    algorithm.rewards.fault_totals.update(saved.get("reward_faults", {}))
+    algorithm.load_extra(saved)
+    eval_prompts = algorithm.eval_prompts
+    run.set_skipped_rows(algorithm.prompts.skipped + (eval_prompts.skipped if eval_prompts else 0))
+    loop = LoopState(sampler, faults, list(saved.get("eval_history", [])))
+    if run.start_step == 0 and eval_prompts is not None:
+        run.logger.log(0, evaluate(algorithm, loop.history, 0))
+
+    def checkpoint(step: int, force: bool = False) -> Path | None:
+        if force or run.should_save(step, cfg.max_steps, faults):
+            return run.save(step, state.models, state.optimizers, state.schedulers, loop.checkpoint_state(algorithm),
+                            state.generators, tokenizer=algorithm.tokenizer)
+        return None
+
+    bar = progress(total=cfg.max_steps, initial=run.start_step, desc=algorithm.name,
+                   disable=not cfg.progress or None)
+    step = run.start_step
+    stopped_by: str | None = None
+    with GracefulStop() as stop:
+        while step < cfg.max_steps:
+            t0 = time.time()
+            # 1-3. prompts -> completions from the current (old) policy -> rewards
+            batch, metrics = algorithm.collect(sampler)
+            gen_seconds = time.time() - t0
+            # 4-6. advantages -> updates (None: nothing to learn from, e.g. all groups equal)
+            if batch is None:
+                metrics["optim/skipped"] = 1.0
+            else:
+                metrics.update(algorithm.update(batch, step + 1, faults))
+                algorithm.log_samples(step + 1, batch)
+            # 7. refresh: the updated policy samples the next step; log, evaluate, checkpoint
+            step += 1
+            metrics["perf/step_seconds"] = time.time() - t0
+            metrics["perf/generation_seconds"] = gen_seconds
+            if batch is not None:
+                n_tokens = int(batch.rollout.completion_mask.sum())
+                if algorithm.collects_local_share:  # data parallel: each rank generated its share
+                    n_tokens = dist.all_reduce_sum(n_tokens)
+                metrics["perf/tokens_per_second"] = n_tokens / max(gen_seconds, 1e-9)
+            if _due_for_eval(algorithm, step):
+                metrics.update(evaluate(algorithm, loop.history, step))
+            run.log(step, metrics)
+            algorithm.last_metrics = metrics
+            bar.update(1)
+            bar.set_postfix(format_postfix(metrics, algorithm.postfix_keys))
+            if stop.requested() and step < cfg.max_steps:
+                stopped_by = stop.signal_name or "a signal on another rank"
+                path = checkpoint(step, force=True)
+                if dist.is_main():
+                    print(f"\ntrustrl: stopped after step {step} of {cfg.max_steps} ({stopped_by}); checkpoint "
+                          f"{path}\nresume with: {resume_command(algorithm)}", file=sys.stderr, flush=True)
+                break
+            checkpoint(step)
+    bar.close()
+    extra = {} if stopped_by else algorithm.save_final(Path(cfg.output_dir))
+    h = loop.history
+    summary = {
+        "steps": step, "wall_seconds": time.time() - started, **extra,
+        "accuracy_first": h[0]["eval/accuracy"] if h else None,
+        "accuracy_last": h[-1]["eval/accuracy"] if h else None,
+        "eval_history": h, "nonfinite_skips": faults.total,
+        "data/skipped_rows": run.skipped_rows, "reward_faults": dict(algorithm.rewards.fault_totals),
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "stopped_early": stopped_by,
+    }
+    if stopped_by is None:
+        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
+    run.close()
+    return summary
