@@ -1,10 +1,8 @@
-"""Tests for trustrl.logging (MetricsLogger, read_metrics, atomic JSON, progress) and
-trustrl.report (write_report)."""
+"""Tests for trustrl.logging (MetricsLogger, read_metrics, atomic JSON, progress)."""
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from trustrl.logging import (
     read_metrics,
     write_json_atomic,
 )
-from trustrl.report import write_report
 
 
 def _lines(path: Path) -> list[str]:
@@ -177,90 +174,4 @@ def test_progress_env_disable(monkeypatch: pytest.MonkeyPatch) -> None:
     bar.close()
 
 
-# ------------------------------------------------------------------------------- report
-
-
-def _synthetic_run(run: Path, steps: int = 20) -> None:
-    recs = []
-    for s in range(1, steps + 1):
-        r = {
-            "step": s,
-            "reward/mean": s / steps,
-            "reward/correctness/mean": s / (2 * steps),
-            "reward/format/mean": 1.0,
-            "reward/format/std": 0.0,
-            "kl/ref": 0.01 * s,
-            "policy/entropy": 2.0 - s / steps,
-            "completion/mean_length": 30.0 + s,
-            "loss/policy": -0.1,
-            "optim/lr": 1e-5,
-        }
-        if s % 5 == 0:
-            r["eval/accuracy"] = s / 40
-        if s == 7:
-            r["kl/ref"] = None  # was NaN at logging time
-        recs.append(r)
-    _write_raw(run, "".join(json.dumps(r) + "\n" for r in recs))
-
-
-def test_report_files(tmp_path: Path) -> None:
-    _synthetic_run(tmp_path)
-    (tmp_path / "summary.json").write_text(json.dumps({"final": {"eval/accuracy": 0.5}, "seed": 1}))
-    (tmp_path / "config.yaml").write_text("algo: grpo\nlr: 1.0e-5  # <tuned>\n")
-    out = write_report(tmp_path)
-    assert out == tmp_path / "report.html"
-    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == sorted(
-        [
-            "reward.png",
-            "eval_accuracy.png",
-            "kl.png",
-            "entropy.png",
-            "completion_length.png",
-            "group_reward.png",  # reward/format/std, not in reward.png
-            "group_loss.png",
-            "group_optim.png",
-        ]
-    )
-    for p in (tmp_path / "plots").glob("*.png"):
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = out.read_text()
-    for name in pngs:
-        assert f"src='plots/{name}'" in page  # relative references
-    assert "data:image" not in page and "http" not in page  # self-contained, no remote assets
-    assert "final.eval/accuracy" in page and "seed" in page  # summary table, flattened
-    assert "&lt;tuned&gt;" in page  # config, escaped
-    # final-metrics table: eval/accuracy last logged at step 20 with 20/40 = 0.5
-    assert "<td>eval/accuracy</td><td>20</td><td>0.5</td>" in page
-
-
-def test_report_edge_cases(tmp_path: Path) -> None:
-    # single step, a metric that is only ever null, a non-numeric value
-    single = tmp_path / "single"
-    _write_raw(single, json.dumps({"step": 0, "reward/mean": 0.25, "kl/ref": None, "note": "x"}) + "\n")
-    write_report(single)
-    assert sorted(p.name for p in (single / "plots").glob("*.png")) == ["reward.png"]
-
-    # no metrics file at all, no summary
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    page = write_report(empty).read_text()
-    assert "No metrics logged" in page
-    assert list((empty / "plots").glob("*.png")) == []
-
-    # all values null for every metric
-    nulls = tmp_path / "nulls"
-    _write_raw(nulls, "".join(json.dumps({"step": s, "kl/ref": None}) + "\n" for s in range(3)))
-    write_report(nulls)
-
-    with pytest.raises(FileNotFoundError):
-        write_report(tmp_path / "nope")
-
-
-def test_report_from_logger_with_nan(tmp_path: Path) -> None:
-    with MetricsLogger(tmp_path, tensorboard=False) as log:
-        for s in range(1, 4):
-            log.log(s, {"reward/mean": math.nan if s == 2 else float(s), "policy/entropy": 1.0})
-    write_report(tmp_path)
-    assert (tmp_path / "plots" / "reward.png").is_file()
-    assert (tmp_path / "plots" / "entropy.png").is_file()
+# The run report (trustrl.report) is tested in test_report.py and test_report_browser.py.
