@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup browser test demo bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test,lora,wandb,trackio]"
 	touch $(STAMP)
 
-test: setup
+# Headless Chromium for the browser tests (Debian's chromium + chromium-driver; selenium drives
+# them and downloads nothing): installed when missing and apt-get is there (root, or sudo -n).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make browser: no apt-get; install Chromium and chromedriver, or the browser tests are skipped"; \
+	  fi; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
