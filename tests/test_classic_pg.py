@@ -1,5 +1,6 @@
-"""Policy-gradient side of trustrl.classic: distributions, the rollout buffer's handling of
-termination vs truncation (a hand-worked GAE example), normalisers, a short PPO run, the CLI."""
+"""Policy-gradient side of trustrl.classic: distributions, the rollout's handling of
+termination vs truncation on Gymnasium's NEXT_STEP autoreset (a hand-worked GAE example),
+the wrapper stack, minibatches (none dropped), PPO's target_kl rule, a short PPO run, the CLI."""
 
 from __future__ import annotations
 
@@ -15,15 +16,9 @@ import gymnasium as gym
 
 import trustrl.classic  # noqa: F401
 from trustrl.advantages import gae_time_major
-from trustrl.classic.common import (
-    FlatAdam,
-    FlatParams,
-    ObsNormalizer,
-    RewardScaler,
-    RunningMeanStd,
-    VecEnv,
-    collect_rollout,
-)
+from gymnasium.wrappers.vector import NormalizeObservation
+
+from trustrl.classic.common import collect_rollout, find_wrapper, make_vec_env, minibatches
 from trustrl.classic.policies import CategoricalActor, Critic, GaussianActor, gaussian_log_prob
 
 
@@ -64,23 +59,6 @@ def test_categorical_matches_torch_distributions():
     torch.testing.assert_close(actor.kl(logits, logits.flip(-1)), torch.distributions.kl_divergence(ref, ref2))
     act, logp = actor.act(obs)
     torch.testing.assert_close(logp, actor.log_prob(actor(obs), act))
-
-
-@pytest.mark.parametrize("discrete", [True, False])
-def test_numpy_rollout_policy_matches_torch(discrete):
-    torch.manual_seed(0)
-    actor = CategoricalActor(4, 3) if discrete else GaussianActor(4, 2)
-    with torch.no_grad():
-        for p in actor.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # move away from the near-uniform init
-    critic = Critic(4)
-    obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
-    a, logp = actor.numpy_policy()(obs, np.random.default_rng(2))
-    with torch.no_grad():
-        ref = actor.log_prob(actor(torch.from_numpy(obs)), torch.from_numpy(a))
-        v_ref = critic(torch.from_numpy(obs))
-    np.testing.assert_allclose(logp, ref.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(critic.numpy_value()(obs), v_ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_gumbel_sampling_frequencies():
@@ -128,112 +106,155 @@ class ObsAsValue(nn.Module):
     def forward(self, obs):
         return obs[:, 0]
 
-    def numpy_value(self):
-        return lambda obs: obs[:, 0]
-
 
 gym.register(id="trustrl_test/Scripted-v0", entry_point=ScriptedEnv)
 
 
+def test_vector_env_uses_next_step_autoreset():
+    envs = make_vec_env("CartPole-v1", 2)
+    assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    envs.close()
+
+
 def test_rollout_gae_bootstraps_truncation_not_termination_by_hand():
-    vec = VecEnv("trustrl_test/Scripted-v0", 1, seed=0)
-    actor = CategoricalActor(1, 2)
-    ro, obs_next = collect_rollout(vec, actor, ObsAsValue(), vec.reset(), 3,
-                                   ObsNormalizer(1, enabled=False), RewardScaler(1, 0.9, enabled=False),
-                                   np.random.default_rng(0))
-    assert ro.obs[:, 0, 0].tolist() == [0.0, 1.0, 10.0]
-    assert ro.rewards[:, 0].tolist() == [1.0, 3.0, 1.0]
-    assert ro.terminated[:, 0].tolist() == [False, True, False]
-    assert ro.done[:, 0].tolist() == [False, True, True]
-    assert ro.values[:, 0].tolist() == [0.0, 1.0, 10.0]
-    # next values: V(1) = 1; after the truncation the value of the *final* observation 11 --
-    # not of the reset observation 20. (After the termination, t = 1, the entry is whatever
-    # comes next: GAE multiplies it by 1 - terminated = 0, checked below by perturbing it.)
-    assert ro.next_values[0, 0].item() == 1.0 and ro.next_values[2, 0].item() == 11.0
-    assert obs_next.tolist() == [[20.0]]
-    assert vec.drain_episodes() == ([4.0, 1.0], [2, 1])
+    envs = make_vec_env("trustrl_test/Scripted-v0", 1)
+    obs, _ = envs.reset(seed=0)
+    ro, obs_next, valid_next = collect_rollout(envs, CategoricalActor(1, 2), ObsAsValue(),
+                                               torch.as_tensor(obs), torch.ones(1, dtype=torch.bool), 5)
+    # NEXT_STEP autoreset: the step after an episode's end (t = 2 and t = 4) only resets the
+    # env (action ignored, reward 0): not a transition, so valid = False there.
+    assert ro.obs[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0]
+    assert ro.rewards[:, 0].tolist() == [1.0, 3.0, 0.0, 1.0, 0.0]
+    assert ro.terminated[:, 0].tolist() == [False, True, False, False, False]
+    assert ro.done[:, 0].tolist() == [False, True, False, True, False]
+    assert ro.valid[:, 0].tolist() == [True, True, False, True, False]
+    assert ro.values[:, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0]
+    # next values: after the truncation (t = 3) the value of the *final* observation 11, not
+    # of the reset observation 20. (After the termination, t = 1, the entry is whatever comes
+    # next: GAE multiplies it by 1 - terminated = 0, checked below by perturbing it.)
+    assert ro.next_values[:, 0].tolist() == [1.0, 2.0, 10.0, 11.0, 20.0]
+    assert obs_next.tolist() == [[20.0]] and valid_next.tolist() == [True]
+    # raw undiscounted returns and lengths of the two episodes, from RecordEpisodeStatistics
+    assert (ro.episode_returns, ro.episode_lengths) == ([4.0, 1.0], [2, 1])
 
     adv, ret = gae_time_major(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.done, 0.9, 0.8)
     # delta_0 = 1 + 0.9 * 1 - 0 = 1.9
     # delta_1 = 3 + 0 (terminated: no bootstrap) - 1 = 2
-    # delta_2 = 1 + 0.9 * 11 (bootstrap through truncation) - 10 = 0.9
-    # A_2 = 0.9 ; A_1 = 2 (episode ends, no carry from A_2) ; A_0 = 1.9 + 0.9 * 0.8 * 2 = 3.34
-    torch.testing.assert_close(adv[:, 0], torch.tensor([3.34, 2.0, 0.9]))
-    torch.testing.assert_close(ret[:, 0], torch.tensor([3.34, 3.0, 10.9]))
+    # delta_3 = 1 + 0.9 * 11 (bootstrap through truncation) - 10 = 0.9
+    # A_3 = 0.9 ; A_1 = 2 (episode ends, no carry) ; A_0 = 1.9 + 0.9 * 0.8 * 2 = 3.34
+    # (t = 2 and t = 4 are autoreset steps: computed, then dropped by flat_valid)
+    torch.testing.assert_close(ro.flat_valid(adv), torch.tensor([3.34, 2.0, 0.9]))
+    torch.testing.assert_close(ro.flat_valid(ret), torch.tensor([3.34, 3.0, 10.9]))
     poked = ro.next_values.clone()
     poked[1, 0] = 1e6
     adv2, _ = gae_time_major(ro.rewards, ro.values, poked, ro.terminated, ro.done, 0.9, 0.8)
-    torch.testing.assert_close(adv2, adv)
+    torch.testing.assert_close(ro.flat_valid(adv2), ro.flat_valid(adv))
+    envs.close()
 
 
-# ------------------------------------------------------------------------------ normalisers
-def test_running_mean_std_matches_numpy_over_batches():
-    rng = np.random.default_rng(0)
-    data = rng.normal(3.0, 2.0, size=(1000, 2))
-    rms = RunningMeanStd((2,), eps=0.0)
-    for chunk in np.array_split(data, 7):
-        rms.update(chunk)
-    np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
+# ------------------------------------------------------------------------ wrapper stack
+def test_wrappers_normalise_and_clip_for_the_agent_but_record_raw_returns():
+    envs = make_vec_env("trustrl_test/Scripted-v0", 1, normalize_obs=True, normalize_reward=True,
+                        clip_obs=1.5, clip_reward=0.5)
+    norm = find_wrapper(envs, NormalizeObservation)
+    norm.obs_rms.mean[:] = 0.0
+    norm.obs_rms.var[:] = 1.0
+    norm.update_running_mean = False
+    obs, _ = envs.reset(seed=0)
+    obs1, r1, *_ = envs.step(np.array([0]))
+    obs2, r2, term, _, info = envs.step(np.array([0]))
+    # (o - 0) / sqrt(1 + 1e-8), clipped to +-1.5: 0 -> 0, 1 -> 1, 2 -> 1.5
+    np.testing.assert_allclose([obs[0, 0], obs1[0, 0], obs2[0, 0]], [0.0, 1.0, 1.5], rtol=1e-6)
+    # the first discounted return has a tiny running variance (about 2e-4), so the scaled
+    # rewards 1 and 3 are far above the clip: the agent sees 0.5 twice ...
+    assert r1.tolist() == [0.5] and r2.tolist() == [0.5] and term.tolist() == [True]
+    # ... while the episode statistics see the raw rewards: 1 + 3
+    assert info["episode"]["r"].tolist() == [4.0] and info["episode"]["l"].tolist() == [2]
+    envs.close()
 
 
-def test_obs_normalizer_clips_and_reward_scaler_resets_return():
-    norm = ObsNormalizer(1, enabled=True, clip=10.0)
-    norm.rms.mean[:] = 0.0
-    norm.rms.var[:] = 1.0
-    assert norm(np.array([[1e6], [-0.5]]), update=False).tolist() == [[10.0], [-0.5]]
-    sc = RewardScaler(2, gamma=0.5, enabled=True)
-    sc(np.array([1.0, 2.0]), np.array([True, False]))
-    # env 0's episode ended: its running return restarts at 0; env 1's is 2 (not yet discounted)
-    assert sc.ret.tolist() == [0.0, 2.0]
+def test_discrete_observations_are_one_hot_float32():
+    envs = make_vec_env("trustrl/Maze-v0", 2)
+    obs, _ = envs.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.shape == (2, 24)
+    assert obs[:, 0].tolist() == [1.0, 1.0] and obs.sum(axis=1).tolist() == [1.0, 1.0]  # start = cell 0
+    envs.close()
 
 
-def test_flat_params_share_storage_and_gradients():
-    torch.manual_seed(0)
-    a, c = GaussianActor(3, 2), nn.Linear(3, 1)
-    before = [p.detach().clone() for p in list(a.parameters()) + list(c.parameters())]
-    fp = FlatParams([a, c])
-    assert all(torch.equal(p, b) for p, b in zip(fp.params, before))
-    x = torch.randn(4, 3)
-    (a(x)[0].sum() + c(x).sum()).backward()
-    # gradient of sum(mean) wrt the last layer's bias is the batch size, 4, per output
-    torch.testing.assert_close(a.net[-1].bias.grad, torch.full((2,), 4.0))
-    assert fp.flat.grad.abs().sum() > 0
-    with torch.no_grad():
-        fp.flat.add_(1.0)
-    torch.testing.assert_close(c.bias.detach(), before[-1] + 1.0)
-
-
-def test_flat_adam_is_bit_identical_to_torch_fused_adam():
-    torch.manual_seed(0)
-    p0 = torch.randn(300)
-    pa, pb = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
-    pa.grad, pb.grad = torch.zeros(300), torch.zeros(300)
-    ref = torch.optim.Adam([pa], lr=1e-3, eps=1e-5, fused=True)
-    ours = FlatAdam(pb, lr=1e-3, eps=1e-5)
-    for i in range(60):
-        g = torch.randn(300) * (10.0 ** (i % 5 - 2))
-        pa.grad.copy_(g)
-        pb.grad.copy_(g)
-        lr = 1e-3 * (1.0 - i / 60)  # annealed through param_groups, as the trainers do
-        ref.param_groups[0]["lr"] = lr
-        ours.param_groups[0]["lr"] = lr
-        ref.step()
-        ours.step()
-    assert torch.equal(pa.detach(), pb.detach())
-    assert torch.equal(ref.state[pa]["exp_avg"], ours.exp_avg)
-    assert torch.equal(ref.state[pa]["exp_avg_sq"], ours.exp_avg_sq)
-
-
-def test_mlp_forward_matches_sequential():
+def test_mlp_layers_run_through_module_call():
     from trustrl.classic.policies import mlp
 
     torch.manual_seed(0)
     net = mlp(4, (64, 64), 2)
-    seq = nn.Sequential(*net)  # same layer objects, stock forward
-    x = torch.randn(16, 4)
-    assert torch.equal(net(x), seq(x))
-    assert list(net.state_dict()) == list(seq.state_dict())
+    seen = []
+    for layer in net:
+        layer.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    net(torch.randn(3, 4))
+    # every layer's hooks run: nothing bypasses Module.__call__
+    assert seen == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]
+
+
+# --------------------------------------------------------------------------- minibatches
+def test_minibatches_use_every_sample_once_partial_last():
+    g = torch.Generator().manual_seed(0)
+    mbs = minibatches(10, 4, g)
+    assert [len(m) for m in mbs] == [4, 4, 2]  # 10 = 4 + 4 + 2: the partial one is kept
+    assert sorted(torch.cat(mbs).tolist()) == list(range(10))
+    assert [len(m) for m in minibatches(8, 4, g)] == [4, 4]
+    assert [len(m) for m in minibatches(3, 8, g)] == [3]
+    with pytest.raises(ValueError, match="minibatch_size"):
+        minibatches(3, 0)
+
+
+def _tiny_ppo(**overrides):
+    from trustrl.classic.ppo import PPO, ppo_config_for
+
+    # 2 envs x 5 steps of CartPole from reset: no episode can end in 5 steps (the pole needs
+    # more than 5 steps to pass 12 degrees), so the batch is 10 valid samples.
+    cfg = ppo_config_for("CartPole-v1", dict(n_envs=2, n_steps=5, hidden=(8,), **overrides))
+    return PPO("CartPole-v1", cfg, seed=0)
+
+
+def test_ppo_partial_minibatch_is_used_every_epoch():
+    ppo = _tiny_ppo(minibatch_size=4, n_epochs=2)
+    sizes = []
+    ppo.actor.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    obs, _ = ppo.envs.reset(seed=0)
+    ro, *_ = collect_rollout(ppo.envs, ppo.actor, ppo.critic, torch.as_tensor(obs),
+                             torch.ones(2, dtype=torch.bool), 5)
+    assert bool(ro.valid.all())
+    sizes.clear()
+    out = ppo.update(ro, 1.0)
+    # two epochs of 4, 4, 2 (then one forward of all 10 for the entropy metric)
+    assert sizes == [4, 4, 2, 4, 4, 2, 10]
+    assert out["optim/minibatch_steps"] == 6.0
+
+
+def test_ppo_target_kl_stops_before_applying_the_minibatch_that_exceeds_it():
+    # One minibatch (= the batch of 10) per epoch. Epoch 1 starts at the old policy (approx KL
+    # exactly 0, not > target) and is applied; epoch 2 measures KL > 0 > 1e-12 and must stop
+    # WITHOUT applying its update. So the result equals one epoch without target_kl. (A rule
+    # "apply, then stop when KL > 1.5 target" would apply two epochs.)
+    params = []
+    for overrides in (dict(n_epochs=5, target_kl=1e-12), dict(n_epochs=1, target_kl=None)):
+        ppo = _tiny_ppo(minibatch_size=10, **overrides)
+        obs, _ = ppo.envs.reset(seed=0)
+        ro, *_ = collect_rollout(ppo.envs, ppo.actor, ppo.critic, torch.as_tensor(obs),
+                                 torch.ones(2, dtype=torch.bool), 5)
+        out = ppo.update(ro, 1.0)
+        assert out["optim/minibatch_steps"] == 1.0
+        params.append(torch.cat([p.detach().reshape(-1) for p in ppo.params]))
+    assert out["policy/early_stop"] == 0.0
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=0)
+
+
+def test_ppo_target_kl_large_never_stops():
+    ppo = _tiny_ppo(minibatch_size=4, n_epochs=3, target_kl=10.0)
+    obs, _ = ppo.envs.reset(seed=0)
+    ro, *_ = collect_rollout(ppo.envs, ppo.actor, ppo.critic, torch.as_tensor(obs),
+                             torch.ones(2, dtype=torch.bool), 5)
+    out = ppo.update(ro, 1.0)
+    assert out["optim/minibatch_steps"] == 9.0 and out["policy/early_stop"] == 0.0
 
 
 # ------------------------------------------------------------------------------- training

@@ -1,18 +1,31 @@
-"""Shared machinery of the classic trainers: vectorised envs, normalisers, evaluation,
-run outputs (``metrics.jsonl``, ``summary.json``, learning-curve PNG).
+"""What the classic policy-gradient trainers (REINFORCE, PPO, TRPO) share: Gymnasium vector
+envs with Gymnasium's own wrappers, the rollout, minibatches, evaluation, the outer loop and
+the run directory (``metrics.jsonl``, ``summary.json``, learning-curve PNG).
 
-Vectorised stepping is our own small loop over ``gym.make`` envs (no subprocesses: these
-envs step in microseconds, so process pipes would cost more than they save). It resets an
-env in the *same* step that ends its episode and returns the true final observation
-separately, which is what GAE needs to bootstrap through a time-limit truncation:
+The math (GAE, losses, the trust-region step) is not here: it lives in
+:mod:`trustrl.advantages`, :mod:`trustrl.losses` and :mod:`trustrl.trpo`, shared with the
+language-model trainers.
 
-    obs_next[i]  -- the observation to act on next (the reset observation if env i finished)
-    final_obs[i] -- s_{t+1} of the transition just taken (the last observation of the
-                    finished episode, or obs_next[i] if it did not finish)
+Environments (:func:`make_vec_env`) are ``gymnasium.vector.SyncVectorEnv`` in its
+``NEXT_STEP`` autoreset mode, the default of gymnasium >= 1.0 and the only mode that
+Gymnasium's ``NormalizeObservation`` vector wrapper accepts (see
+https://farama.org/Vector-Autoreset-Mode). When env ``i``'s episode ends at step ``t``:
+
+* step ``t`` returns the episode's *final* observation with ``terminated`` or ``truncated``;
+* step ``t + 1`` ignores env ``i``'s action, resets it and returns the new episode's first
+  observation with reward 0 and both flags False. This *autoreset step* is no transition of
+  the MDP: :func:`collect_rollout` marks it ``valid = False`` and every trainer leaves it out
+  of its losses.
+
+So ``obs[t + 1]`` is always the true next state of transition ``t``, and ``V(obs[t + 1])`` is
+what GAE needs: after a time-limit truncation it is the value of the final observation (we
+bootstrap through truncation); after a termination GAE multiplies it by 0 (we do not
+bootstrap through termination). See ``tests/test_classic_pg.py`` for a hand-worked example.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -25,198 +38,108 @@ import numpy as np
 import torch
 
 import gymnasium as gym
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+from gymnasium.wrappers import vector as vector_wrappers
 
 from trustrl.logging import MetricsLogger, write_json_atomic
 
 
 # ----------------------------------------------------------------------------- vector env
-def encode_obs_batch(space: gym.Space, obs: Sequence[Any]) -> np.ndarray:
-    """Stack observations into float32 ``[N, D]``: one-hot for ``Discrete``, flattened ``Box``."""
-    if isinstance(space, gym.spaces.Discrete):
-        out = np.zeros((len(obs), int(space.n)), dtype=np.float32)
-        out[np.arange(len(obs)), np.asarray(obs, dtype=np.int64) - int(space.start)] = 1.0
-        return out
-    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+def make_vec_env(
+    env_id: str,
+    n_envs: int,
+    *,
+    gamma: float = 0.99,
+    normalize_obs: bool = False,
+    normalize_reward: bool = False,
+    clip_obs: float = 10.0,
+    clip_reward: float = 10.0,
+    env_kwargs: Mapping[str, Any] | None = None,
+) -> VectorEnv:
+    """``n_envs`` copies of ``gym.make(env_id, **env_kwargs)`` in a ``SyncVectorEnv``, wrapped,
+    from the inside out, in Gymnasium's vector wrappers:
 
+    1. ``RecordEpisodeStatistics`` -- undiscounted returns and lengths of finished episodes in
+       ``info["episode"]`` (on the raw rewards: it sits below the reward normalisation);
+    2. ``Discrete`` observations only: ``FlattenObservation`` + ``DtypeObservation`` -- a
+       float32 one-hot vector of the state index (the maze);
+    3. ``Box`` actions only: ``ClipAction`` -- the env receives the action clipped to its
+       bounds; the trainer keeps the unclipped sample for its log-probabilities;
+    4. ``normalize_obs``: ``NormalizeObservation`` (running mean / variance over all envs),
+       then ``TransformObservation`` clipping to ``[-clip_obs, clip_obs]``;
+    5. ``normalize_reward``: ``NormalizeReward(gamma)`` (reward / running std of the
+       discounted return; Engstrom et al. 2020), then ``ClipReward`` to ``+-clip_reward``.
 
-class VecEnv:
-    """``n`` copies of a Gymnasium env stepped in lockstep, same-step autoreset.
-
-    ``step(actions)`` returns ``(obs_next, rewards, terminated, truncated, final_obs)`` as
-    numpy arrays (``[N, D]`` float32, ``[N]`` float64, ``[N]`` bool, ``[N]`` bool,
-    ``[N, D]`` float32). Undiscounted raw episode returns/lengths of episodes that ended are
-    appended to ``self.finished_returns`` / ``self.finished_lengths`` (drain them yourself).
-    ``Box`` actions are clipped to the action bounds here; the caller keeps the unclipped
-    sample for its log-probabilities.
+    Observations and rewards of 4-5 are what the agent trains on; evaluation reads raw
+    returns. Raises ``ValueError`` if the vector env does not use ``NEXT_STEP`` autoreset
+    (see the module docstring for why that matters).
     """
-
-    def __init__(self, env_id: str, n: int, seed: int, env_kwargs: Mapping[str, Any] | None = None) -> None:
-        if n < 1:
-            raise ValueError("common.VecEnv: need n >= 1 envs")
-        self.env_id = env_id
-        # disable_env_checker: the passive checker re-validates every step; our envs are
-        # checked once in the tests instead.
-        self.envs = [gym.make(env_id, disable_env_checker=True, **dict(env_kwargs or {})) for _ in range(n)]
-        self.n = n
-        self.seed = seed
-        self.observation_space = self.envs[0].observation_space
-        self.action_space = self.envs[0].action_space
-        box = isinstance(self.action_space, gym.spaces.Box)
-        self._low = self.action_space.low if box else None
-        self._high = self.action_space.high if box else None
-        self._ret = np.zeros(n)
-        self._len = np.zeros(n, dtype=np.int64)
-        self.finished_returns: list[float] = []
-        self.finished_lengths: list[int] = []
-        for i, env in enumerate(self.envs):
-            env.action_space.seed(seed + i)
-
-    def reset(self) -> np.ndarray:
-        obs = [env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)]
-        self._ret[:] = 0.0
-        self._len[:] = 0
-        return encode_obs_batch(self.observation_space, obs)
-
-    def step(self, actions: np.ndarray):
-        if self._low is not None:
-            actions = np.clip(actions, self._low, self._high)
-        n = self.n
-        rewards = np.empty(n)
-        terminated = np.zeros(n, dtype=bool)
-        truncated = np.zeros(n, dtype=bool)
-        next_raw: list[Any] = [None] * n
-        final_raw: list[Any] = [None] * n
-        for i, env in enumerate(self.envs):
-            o, r, term, trunc, _ = env.step(actions[i])
-            rewards[i] = r
-            final_raw[i] = o
-            if term or trunc:
-                terminated[i], truncated[i] = term, trunc
-                self.finished_returns.append(float(self._ret[i] + r))
-                self.finished_lengths.append(int(self._len[i] + 1))
-                self._ret[i] = 0.0
-                self._len[i] = 0
-                o, _ = env.reset()
-            else:
-                self._ret[i] += r
-                self._len[i] += 1
-            next_raw[i] = o
-        obs_next = encode_obs_batch(self.observation_space, next_raw)
-        done = terminated | truncated
-        final_obs = encode_obs_batch(self.observation_space, final_raw) if done.any() else obs_next
-        return obs_next, rewards, terminated, truncated, final_obs
-
-    def drain_episodes(self) -> tuple[list[float], list[int]]:
-        r, l = self.finished_returns, self.finished_lengths
-        self.finished_returns, self.finished_lengths = [], []
-        return r, l
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
+    if n_envs < 1:
+        raise ValueError(f"common.make_vec_env: need n_envs >= 1, got {n_envs}")
+    kwargs = dict(env_kwargs or {})
+    envs: VectorEnv = SyncVectorEnv([lambda: gym.make(env_id, **kwargs) for _ in range(n_envs)],
+                                    autoreset_mode=AutoresetMode.NEXT_STEP)
+    if envs.metadata.get("autoreset_mode") != AutoresetMode.NEXT_STEP:
+        raise ValueError(f"common.make_vec_env: {env_id} vector env autoreset mode is "
+                         f"{envs.metadata.get('autoreset_mode')}, expected NEXT_STEP")
+    envs = vector_wrappers.RecordEpisodeStatistics(envs)
+    if isinstance(envs.single_observation_space, gym.spaces.Discrete):
+        envs = vector_wrappers.DtypeObservation(vector_wrappers.FlattenObservation(envs), np.float32)
+    if isinstance(envs.single_action_space, gym.spaces.Box):
+        envs = vector_wrappers.ClipAction(envs)
+    if normalize_obs:
+        envs = vector_wrappers.NormalizeObservation(envs)
+        box = gym.spaces.Box(-clip_obs, clip_obs, envs.single_observation_space.shape, np.float32)
+        envs = vector_wrappers.TransformObservation(envs, lambda o: np.clip(o, -clip_obs, clip_obs),
+                                                    single_observation_space=box)
+    if normalize_reward:
+        envs = vector_wrappers.NormalizeReward(envs, gamma=gamma)
+        envs = vector_wrappers.ClipReward(envs, -clip_reward, clip_reward)
+    return envs
 
 
-# ---------------------------------------------------------------------------- normalisers
-class RunningMeanStd:
-    """Running mean / population variance merged batch by batch (Chan, Golub & LeVeque 1979)."""
-
-    def __init__(self, shape: tuple[int, ...] = (), eps: float = 1e-4) -> None:
-        self.mean = np.zeros(shape)
-        self.var = np.ones(shape)
-        self.count = eps
-
-    def update(self, x: np.ndarray) -> None:
-        b_mean, b_var, b_n = x.mean(axis=0), x.var(axis=0), x.shape[0]
-        delta = b_mean - self.mean
-        tot = self.count + b_n
-        self.mean = self.mean + delta * b_n / tot
-        m2 = self.var * self.count + b_var * b_n + delta**2 * self.count * b_n / tot
-        self.var = m2 / tot
-        self.count = tot
+def find_wrapper(envs: VectorEnv, cls: type) -> Any | None:
+    """The outermost wrapper of type ``cls`` around ``envs`` (None if there is none)."""
+    e: Any = envs
+    while e is not None:
+        if isinstance(e, cls):
+            return e
+        e = getattr(e, "env", None)
+    return None
 
 
-class ObsNormalizer:
-    """``clip((o - mean) / sqrt(var + eps), -clip, clip)`` with running statistics.
-
-    ``update=True`` during training rollouts; evaluation uses the frozen statistics.
-    Disabled (identity) when ``enabled`` is False.
-    """
-
-    def __init__(self, dim: int, enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
-        self.enabled = enabled
-        self.rms = RunningMeanStd((dim,))
-        self.clip = clip
-        self.eps = eps
-
-    def __call__(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
-        if not self.enabled:
-            return obs
-        if update:
-            self.rms.update(obs)
-        z = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
-        return np.clip(z, -self.clip, self.clip).astype(np.float32)
-
-
-class RewardScaler:
-    """Divide rewards by the running std of the discounted return, then clip.
-
-    Keeps ``G_i <- gamma G_i + r_i`` per env (reset to 0 when env i's episode ends) and
-    returns ``clip(r / sqrt(Var[G] + eps), -clip, clip)`` -- the scaling of Engstrom et al.
-    2020 ("Implementation Matters in Deep Policy Gradients"). Identity when disabled.
-    """
-
-    def __init__(self, n_envs: int, gamma: float, enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
-        self.enabled = enabled
-        self.gamma = gamma
-        self.ret = np.zeros(n_envs)
-        self.rms = RunningMeanStd(())
-        self.clip = clip
-        self.eps = eps
-
-    def __call__(self, rewards: np.ndarray, done: np.ndarray) -> np.ndarray:
-        if not self.enabled:
-            return rewards
-        self.ret = self.ret * self.gamma + rewards
-        self.rms.update(self.ret)
-        self.ret[done] = 0.0
-        return np.clip(rewards / math.sqrt(float(self.rms.var) + self.eps), -self.clip, self.clip)
-
-
-# ------------------------------------------------------------------------------ evaluation
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate_policy(
     env_id: str,
     act_fn: Callable[[np.ndarray], np.ndarray],
     n_episodes: int = 10,
     seed: int = 10_000,
     env_kwargs: Mapping[str, Any] | None = None,
+    obs_rms: Any | None = None,
+    clip_obs: float = 10.0,
 ) -> list[float]:
-    """Run ``n_episodes`` episodes in parallel (one env each), return their undiscounted returns.
+    """Undiscounted returns of ``n_episodes`` episodes, one per env of a fresh vector env.
 
-    ``act_fn(obs [k, D] float32) -> actions [k, ...]`` should be deterministic for a
-    deterministic evaluation (argmax / Gaussian mean). Env ``i`` is seeded ``seed + i``.
+    ``act_fn(obs [k, D]) -> actions [k, ...]`` sees observations as the trainer's envs give
+    them (one-hot for ``Discrete``; normalised with the frozen training statistics
+    ``obs_rms`` -- a ``NormalizeObservation.obs_rms`` -- when given, then clipped). It should
+    be deterministic for a deterministic evaluation (argmax / Gaussian mean). Env ``i`` is
+    seeded ``seed + i``; each env's first episode is counted, whatever it does afterwards.
     """
-    envs = [gym.make(env_id, disable_env_checker=True, **dict(env_kwargs or {})) for _ in range(n_episodes)]
-    space = envs[0].observation_space
-    box = isinstance(envs[0].action_space, gym.spaces.Box)
-    low, high = (envs[0].action_space.low, envs[0].action_space.high) if box else (None, None)
-    raw = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    envs = make_vec_env(env_id, n_episodes, normalize_obs=obs_rms is not None, clip_obs=clip_obs,
+                        env_kwargs=env_kwargs)
+    if obs_rms is not None:
+        norm = find_wrapper(envs, vector_wrappers.NormalizeObservation)
+        norm.obs_rms = copy.deepcopy(obs_rms)
+        norm.update_running_mean = False
+    obs, _ = envs.reset(seed=seed)
     returns = np.zeros(n_episodes)
-    alive = list(range(n_episodes))
-    while alive:
-        acts = act_fn(encode_obs_batch(space, [raw[i] for i in alive]))
-        if box:
-            acts = np.clip(acts, low, high)
-        still = []
-        for k, i in enumerate(alive):
-            o, r, term, trunc, _ = envs[i].step(acts[k])
-            returns[i] += r
-            raw[i] = o
-            if not (term or trunc):
-                still.append(i)
-        alive = still
-    for env in envs:
-        env.close()
+    running = np.ones(n_episodes, dtype=bool)
+    while running.any():
+        obs, reward, terminated, truncated, _ = envs.step(act_fn(obs))
+        returns += np.where(running, reward, 0.0)
+        running &= ~(terminated | truncated)
+    envs.close()
     return returns.tolist()
 
 
@@ -380,182 +303,110 @@ def set_seed(seed: int, threads: int = 1) -> None:
         torch.set_num_threads(threads)
 
 
-# ------------------------------------------------------------------------- flat parameters
-class FlatParams:
-    """Re-home the parameters of ``modules`` (and their gradients) into one contiguous buffer.
-
-    After construction every ``p`` is a view into ``self.flat`` and ``p.grad`` a view into
-    ``self.flat.grad``; backward accumulates into those views in place. An optimizer over
-    ``[self.flat]`` then updates all parameters with a handful of tensor ops instead of a
-    handful *per parameter tensor* -- for 64x64 MLPs that per-tensor overhead is most of
-    the optimizer's time. Zero gradients with :meth:`zero_grad` (never ``set_to_none``).
-    """
-
-    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
-        self.params = [p for m in modules for p in m.parameters()]
-        total = sum(p.numel() for p in self.params)
-        self.flat = torch.nn.Parameter(torch.empty(total))
-        self.flat.grad = torch.zeros(total)
-        off = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                self.flat[off:off + n].copy_(p.reshape(-1))
-                p.data = self.flat.data[off:off + n].view_as(p)
-                p.grad = self.flat.grad[off:off + n].view_as(p)
-                off += n
-
-    def zero_grad(self) -> None:
-        self.flat.grad.zero_()
-
-    def adam(self, lr: float, eps: float) -> "FlatAdam | torch.optim.Optimizer":
-        """Adam over the flat buffer: :class:`FlatAdam` (the fused kernel, called directly)
-        where this torch build has it, else ``torch.optim.Adam``. Both expose
-        ``param_groups[0]["lr"]`` and ``step()``, which is all the trainers use."""
-        if FlatAdam.available():
-            return FlatAdam(self.flat, lr=lr, eps=eps)
-        try:
-            return torch.optim.Adam([self.flat], lr=lr, eps=eps, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # fused unsupported on this build/device
-            return torch.optim.Adam([self.flat], lr=lr, eps=eps)
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale the gradient to norm ``<= max_norm`` (as ``torch.nn.utils.clip_grad_norm_``);
-        returns the norm before clipping."""
-        g = self.flat.grad
-        norm = float(torch.linalg.vector_norm(g))
-        if norm > max_norm:
-            g.mul_(max_norm / (norm + 1e-6))
-        return norm
-
-
-class FlatAdam:
-    """Adam (Kingma & Ba 2015; no weight decay, no amsgrad) on one flat parameter tensor,
-    bit-identical to ``torch.optim.Adam([flat], lr, eps=eps, fused=True)``.
-
-    It calls the same fused kernel (``torch._fused_adam_``) with the same arguments, minus
-    ``Optimizer.step``'s generic machinery (hooks, profiler regions, grouping tensors by
-    device and dtype), which costs ~100-150 us per step: as much as the whole backward pass
-    of a small MLP, on the ~8k tiny steps of a CartPole PPO run. ``param_groups[0]["lr"]``
-    is read at every step, so learning-rate schedules work as with a torch optimizer.
-    """
-
-    def __init__(self, param: torch.Tensor, lr: float, eps: float = 1e-8,
-                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
-        if param.grad is None:
-            raise ValueError("common.FlatAdam: the parameter needs a .grad buffer")
-        self.param = param
-        self.param_groups: list[dict[str, Any]] = [dict(lr=lr, betas=betas, eps=eps)]
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.step_count = torch.zeros((), dtype=torch.float32, device=param.device)
-
-    @staticmethod
-    def available() -> bool:
-        return hasattr(torch, "_fused_adam_")
-
-    @torch.no_grad()
-    def step(self) -> None:
-        g = self.param_groups[0]
-        beta1, beta2 = g["betas"]
-        self.step_count.add_(1)
-        torch._fused_adam_([self.param], [self.param.grad], [self.exp_avg], [self.exp_avg_sq], [],
-                           [self.step_count], amsgrad=False, lr=float(g["lr"]), beta1=beta1, beta2=beta2,
-                           weight_decay=0.0, eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
 
 
 # --------------------------------------------------------------------------------- rollouts
+@dataclass
 class Rollout:
-    """Time-major on-policy batch from :func:`collect_rollout`; all tensors ``[T, N, ...]``.
+    """Time-major on-policy batch from :func:`collect_rollout`; tensors ``[T, N, ...]``.
 
-    ``next_values[t]`` is ``V(s_{t+1})`` of the *true* next state: for a step that ended in a
-    time-limit truncation it is the value of the final observation of that episode (we
-    bootstrap through truncation); for a termination it is irrelevant (GAE multiplies it by
-    ``1 - terminated``); otherwise it is the value of the next observation.
+    ``next_values[t] = V(obs[t + 1])``: the value of the true next state of transition ``t``
+    (for a time-limit truncation, the final observation of the episode). ``valid[t]`` is
+    False on autoreset steps (the step after an episode ended: not a transition, see the
+    module docstring); trainers select the valid samples with :meth:`flat_valid`.
     """
 
-    def __init__(self, obs, actions, logp, values, next_values, rewards, terminated, done) -> None:
-        self.obs = obs
-        self.actions = actions
-        self.logp = logp
-        self.values = values
-        self.next_values = next_values
-        self.rewards = rewards
-        self.terminated = terminated
-        self.done = done
+    obs: torch.Tensor          # [T, N, D] float32
+    actions: torch.Tensor      # [T, N] int64 or [T, N, d] float32 (unclipped sample)
+    logp: torch.Tensor         # [T, N] log pi_old(a_t | s_t)
+    values: torch.Tensor       # [T, N] V(s_t)
+    next_values: torch.Tensor  # [T, N] V(s_{t+1})
+    rewards: torch.Tensor      # [T, N] float32 (normalised when the env wraps it)
+    terminated: torch.Tensor   # [T, N] bool
+    done: torch.Tensor         # [T, N] bool, terminated | truncated
+    valid: torch.Tensor        # [T, N] bool, False on autoreset steps
+    episode_returns: list[float] = field(default_factory=list)   # raw, of episodes that ended
+    episode_lengths: list[int] = field(default_factory=list)
 
-    @staticmethod
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        """``[T, N, ...] -> [T*N, ...]``."""
-        return x.reshape(-1, *x.shape[2:])
+    def flat_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, N, ...] -> [n_valid, ...]``: the valid samples, time-major order."""
+        return x.reshape(-1, *x.shape[2:])[self.valid.reshape(-1)]
 
 
+@torch.no_grad()
 def collect_rollout(
-    vec: VecEnv,
+    envs: VectorEnv,
     actor: torch.nn.Module,
     critic: torch.nn.Module,
-    obs_raw: np.ndarray,
+    obs: torch.Tensor,
+    valid: torch.Tensor,
     n_steps: int,
-    obs_norm: ObsNormalizer,
-    reward_scaler: RewardScaler,
-    rng: np.random.Generator,
-) -> tuple[Rollout, np.ndarray]:
-    """Step ``vec`` for ``n_steps`` with ``actor``'s stochastic policy, recording everything
-    GAE needs. Returns ``(rollout, obs_raw_next)``; ``obs_raw`` is the current raw obs.
+) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+    """Step ``envs`` ``n_steps`` times with ``actor``'s stochastic policy.
 
-    Acting happens in numpy (:meth:`numpy_policy` / :meth:`numpy_value` share the torch
-    weights): per step one ``[N, D]`` forward of each network, no autograd, no torch
-    dispatch; the buffers become tensors once, at the end.
+    ``obs [N, D]`` is the observation to act on and ``valid [N]`` whether the coming step is
+    a real transition (False right after an episode ended). Returns ``(rollout, obs, valid)``
+    with the last two to pass to the next call. Values are computed after the loop, in one
+    batched forward of the critic over the ``T + 1`` observations.
     """
-    n = vec.n
-    policy = actor.numpy_policy()
-    value_fn = critic.numpy_value()
-    obs_buf = np.zeros((n_steps, n, obs_raw.shape[1]), dtype=np.float32)
-    act_buf = (np.zeros((n_steps, n), dtype=np.int64) if actor.discrete
-               else np.zeros((n_steps, n, int(vec.action_space.shape[0])), dtype=np.float32))
-    logp_buf = np.zeros((n_steps, n), dtype=np.float32)
-    val_buf = np.zeros((n_steps + 1, n), dtype=np.float32)
-    rew_buf = np.zeros((n_steps, n), dtype=np.float32)
-    term_buf = np.zeros((n_steps, n), dtype=bool)
-    done_buf = np.zeros((n_steps, n), dtype=bool)
-    trunc_fix: list[tuple[int, np.ndarray, np.ndarray]] = []
-    obs_n = obs_norm(obs_raw, update=True)
+    n = obs.shape[0]
+    obs_buf = torch.empty((n_steps + 1, n, obs.shape[1]))
+    actions, logps, valids = [], [], []
+    rewards, terminated, truncated = [], [], []   # numpy [N] each, stacked once at the end
+    ep_returns: list[float] = []
+    ep_lengths: list[int] = []
     for t in range(n_steps):
-        obs_buf[t] = obs_n
-        action, logp = policy(obs_n, rng)
-        val_buf[t] = value_fn(obs_n)
-        act_buf[t] = action
-        logp_buf[t] = logp
-        obs_raw, rew, term, trunc, final_raw = vec.step(action)
-        done = term | trunc
-        rew_buf[t] = reward_scaler(rew, done)
-        term_buf[t] = term
-        done_buf[t] = done
-        obs_n = obs_norm(obs_raw, update=True)
-        if trunc.any():
-            # bootstrap through the time limit from the final observation's value
-            idx = np.flatnonzero(trunc)
-            trunc_fix.append((t, idx, value_fn(obs_norm(final_raw[idx], update=False))))
-    val_buf[n_steps] = value_fn(obs_n)
-    next_val = val_buf[1:].copy()
-    for t, idx, v in trunc_fix:
-        next_val[t, idx] = v
-    ro = Rollout(
-        torch.from_numpy(obs_buf), torch.from_numpy(act_buf), torch.from_numpy(logp_buf),
-        torch.from_numpy(val_buf[:n_steps].copy()), torch.from_numpy(next_val), torch.from_numpy(rew_buf),
-        torch.from_numpy(term_buf), torch.from_numpy(done_buf),
-    )
-    return ro, obs_raw
+        obs_buf[t] = obs
+        valids.append(valid)
+        action, logp = actor.act(obs)
+        next_obs, reward, term, trunc, info = envs.step(action.numpy())
+        actions.append(action)
+        logps.append(logp)
+        rewards.append(reward)
+        terminated.append(term)
+        truncated.append(trunc)
+        if "_episode" in info:  # RecordEpisodeStatistics: raw return / length of ended episodes
+            ended = info["_episode"]
+            ep_returns += info["episode"]["r"][ended].tolist()
+            ep_lengths += info["episode"]["l"][ended].tolist()
+        obs = torch.as_tensor(next_obs, dtype=torch.float32)
+        valid = torch.as_tensor(~(term | trunc))  # the next step of an ended env only resets it
+    obs_buf[n_steps] = obs
+    v = critic(obs_buf.reshape((n_steps + 1) * n, -1)).reshape(n_steps + 1, n)
+    term_t = torch.as_tensor(np.stack(terminated))
+    done_t = term_t | torch.as_tensor(np.stack(truncated))
+    ro = Rollout(obs=obs_buf[:n_steps], actions=torch.stack(actions), logp=torch.stack(logps),
+                 values=v[:n_steps], next_values=v[1:],
+                 rewards=torch.as_tensor(np.stack(rewards), dtype=torch.float32),
+                 terminated=term_t, done=done_t, valid=torch.stack(valids),
+                 episode_returns=ep_returns, episode_lengths=ep_lengths)
+    return ro, obs, valid
+
+
+def minibatches(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A random permutation of ``range(n)`` cut into minibatches of ``minibatch_size``.
+
+    Every sample is in exactly one minibatch; when ``minibatch_size`` does not divide ``n``
+    the last minibatch is smaller (``n = 10``, size 4 -> sizes 4, 4, 2), never dropped.
+    """
+    if minibatch_size < 1:
+        raise ValueError(f"common.minibatches: minibatch_size must be >= 1, got {minibatch_size}")
+    return list(torch.randperm(n, generator=generator).split(minibatch_size))
+
+
+def adam(params: Sequence[torch.nn.Parameter], lr: float, eps: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the fused CPU/GPU kernel (one kernel for all parameters)."""
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
 # ------------------------------------------------------------------------ the shared loop
 class OnPolicyTrainer:
-    """What REINFORCE, PPO and TRPO share: envs, actor, critic, normalisers, the outer loop.
+    """What REINFORCE, PPO and TRPO share: envs, actor, critic and the outer loop
+    (roll out -> ``update`` -> log, then a deterministic evaluation).
 
     Subclasses set ``algo`` and implement ``update(rollout, progress_remaining) -> metrics``.
-    ``cfg`` must have the fields ``n_envs, n_steps, gamma, hidden, activation, log_std_init,
-    normalize_obs, normalize_reward, clip_obs, clip_reward, eval_episodes, eval_every,
-    log_every, threads, env_kwargs``.
+    ``cfg`` must have the fields ``n_envs, n_steps, gamma`` and those of
+    :class:`PolicyRunSettings`.
     """
 
     algo = "on-policy"
@@ -568,51 +419,52 @@ class OnPolicyTrainer:
         self.seed = seed
         c = cfg
         set_seed(seed, c.threads)
-        self.vec = VecEnv(env_id, c.n_envs, seed, c.env_kwargs)
-        obs_dim = flat_obs_dim(self.vec.observation_space)
-        self.actor = make_actor(self.vec.observation_space, self.vec.action_space, c.hidden,
-                                c.activation, c.log_std_init)
-        self.critic = Critic(obs_dim, c.hidden, c.activation)
-        self.obs_norm = ObsNormalizer(obs_dim, c.normalize_obs, c.clip_obs)
-        self.rew_scaler = RewardScaler(c.n_envs, c.gamma, c.normalize_reward, c.clip_reward)
-        self.rng = np.random.default_rng(seed)  # action sampling during rollouts
+        self.envs = make_vec_env(env_id, c.n_envs, gamma=c.gamma, normalize_obs=c.normalize_obs,
+                                 normalize_reward=c.normalize_reward, clip_obs=c.clip_obs,
+                                 clip_reward=c.clip_reward, env_kwargs=c.env_kwargs)
+        obs_space, act_space = self.envs.single_observation_space, self.envs.single_action_space
+        self.actor = make_actor(obs_space, act_space, c.hidden, c.activation, c.log_std_init)
+        self.critic = Critic(flat_obs_dim(obs_space), c.hidden, c.activation)
 
     def act_deterministic(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy action (argmax / Gaussian mean) for raw observations ``[k, D]``."""
-        with torch.inference_mode():
-            o = torch.from_numpy(self.obs_norm(obs, update=False))
-            return self.actor.mode(self.actor(o)).numpy()
+        """Greedy action (argmax / Gaussian mean) for observations ``[k, D]`` as the envs give them."""
+        with torch.no_grad():
+            return self.actor.mode(self.actor(torch.as_tensor(obs, dtype=torch.float32))).numpy()
 
     def evaluate(self, n_episodes: int | None = None, seed: int | None = None) -> list[float]:
-        """Deterministic returns of ``n_episodes`` fresh episodes (seeds ``10000 + seed + i``)."""
+        """Deterministic returns of ``n_episodes`` fresh episodes (seeds ``10000 + seed + i``),
+        observations normalised with the training statistics, frozen."""
+        norm = find_wrapper(self.envs, vector_wrappers.NormalizeObservation)
         return evaluate_policy(self.env_id, self.act_deterministic, n_episodes or self.cfg.eval_episodes,
                                seed=(10_000 + self.seed) if seed is None else seed,
-                               env_kwargs=self.cfg.env_kwargs)
+                               env_kwargs=self.cfg.env_kwargs, clip_obs=self.cfg.clip_obs,
+                               obs_rms=norm.obs_rms if norm is not None else None)
 
     def update(self, ro: Rollout, progress_remaining: float) -> dict[str, float]:
         raise NotImplementedError
 
     def train(self, total_steps: int, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Run ``total_steps // (n_envs * n_steps)`` updates (at least one), evaluate, write
-        the run directory, return the summary dict."""
+        the run directory, return the summary dict. ``env_steps`` counts vector-env steps
+        times ``n_envs``, autoreset steps included."""
         c = self.cfg
         out = RunOutputs(output_dir)
         per_update = c.n_envs * c.n_steps
         n_updates = max(1, total_steps // per_update)
         log_every = c.log_every or max(per_update, (n_updates * per_update) // 100)
         timer = Timer()
-        obs_raw = self.vec.reset()
+        obs_np, _ = self.envs.reset(seed=self.seed)
+        obs = torch.as_tensor(obs_np, dtype=torch.float32)
+        valid = torch.ones(c.n_envs, dtype=torch.bool)
         env_steps, last_log, last_eval = 0, 0, 0
         recent_r: list[float] = []
         recent_l: list[int] = []
         for update in range(n_updates):
-            ro, obs_raw = collect_rollout(self.vec, self.actor, self.critic, obs_raw, c.n_steps,
-                                          self.obs_norm, self.rew_scaler, self.rng)
+            ro, obs, valid = collect_rollout(self.envs, self.actor, self.critic, obs, valid, c.n_steps)
             env_steps += per_update
             metrics = self.update(ro, 1.0 - update / n_updates)
-            r, l = self.vec.drain_episodes()
-            recent_r += r
-            recent_l += l
+            recent_r += ro.episode_returns
+            recent_l += ro.episode_lengths
             if c.eval_every and env_steps - last_eval >= c.eval_every and update < n_updates - 1:
                 metrics["eval/return_mean"] = float(np.mean(self.evaluate()))
                 last_eval = env_steps
@@ -628,7 +480,7 @@ class OnPolicyTrainer:
         ev = self.evaluate()
         wall = timer()
         out.log(env_steps, {"eval/return_mean": float(np.mean(ev)), "eval/return_std": float(np.std(ev))})
-        self.vec.close()
+        self.envs.close()
         summary = make_summary(self.algo, self.env_id, self.seed, env_steps, wall, ev, config_dict(c),
                                train_seconds=train_seconds)
         return out.finish(summary)

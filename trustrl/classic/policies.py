@@ -19,9 +19,8 @@ head; biases 0.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -31,21 +30,6 @@ from trustrl.losses import entropy_from_logits
 _LOG_2PI = math.log(2.0 * math.pi)
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
-
-
-class MLP(nn.Sequential):
-    """``nn.Sequential`` whose forward calls each layer's ``forward`` directly.
-
-    Same layers, parameters, ``state_dict`` keys and arithmetic as ``nn.Sequential``; it only
-    skips the per-layer ``Module.__call__`` dispatch (hook checks), a few microseconds per
-    layer that add up over the thousands of small minibatch steps of a classic-control run.
-    Module hooks registered on the inner layers are therefore not run.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self._modules.values():
-            x = layer.forward(x)
-        return x
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "tanh",
@@ -65,35 +49,7 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "tan
     nn.init.orthogonal_(head.weight, gain=out_gain)
     nn.init.zeros_(head.bias)
     layers.append(head)
-    return MLP(*layers)
-
-
-class NumpyMLP:
-    """Inference-only numpy view of an :func:`mlp` (shares the torch parameters' memory).
-
-    For the ``[n_envs, obs_dim]`` batches of a rollout step, a numpy matmul costs about a
-    microsecond where a torch op plus ``nn.Module`` dispatch costs several; the weights are
-    views, so in-place optimizer updates are seen without re-building this object.
-    """
-
-    def __init__(self, net: nn.Sequential) -> None:
-        self.layers: list[tuple[np.ndarray, np.ndarray, str | None]] = []
-        mods = list(net)
-        for i, m in enumerate(mods):
-            if isinstance(m, nn.Linear):
-                act = None
-                if i + 1 < len(mods) and not isinstance(mods[i + 1], nn.Linear):
-                    act = "tanh" if isinstance(mods[i + 1], nn.Tanh) else "relu"
-                self.layers.append((m.weight.detach().numpy().T, m.bias.detach().numpy(), act))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        for w, b, act in self.layers:
-            x = x @ w + b
-            if act == "tanh":
-                x = np.tanh(x)
-            elif act == "relu":
-                x = np.maximum(x, 0.0)
-        return x
+    return nn.Sequential(*layers)
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -115,11 +71,6 @@ class Critic(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
-
-    def numpy_value(self) -> "Callable[[np.ndarray], np.ndarray]":
-        """A numpy ``obs [N, o] -> V [N]`` sharing this critic's weights (rollouts)."""
-        f = NumpyMLP(self.net)
-        return lambda obs: f(obs)[:, 0]
 
 
 class CategoricalActor(nn.Module):
@@ -160,22 +111,9 @@ class CategoricalActor(nn.Module):
     def mode(logits: torch.Tensor) -> torch.Tensor:
         return torch.argmax(logits, dim=-1)
 
-    def numpy_policy(self) -> "Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]":
-        """A numpy sampler ``(obs [N, o], rng) -> (a [N], log pi(a|obs) [N])`` sharing the weights."""
-        f = NumpyMLP(self.net)
-
-        def policy(obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-            z = f(obs)
-            z = z - z.max(axis=-1, keepdims=True)
-            logp_all = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-            a = np.argmax(logp_all + rng.gumbel(size=logp_all.shape), axis=-1)
-            return a, logp_all[np.arange(a.shape[0]), a].astype(np.float32)
-
-        return policy
-
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``a ~ pi(.|obs)`` and return ``(a, log pi(a|obs))`` in one pass (rollouts)."""
-        logp_all = F.log_softmax(self.net(obs), dim=-1)
+        logp_all = F.log_softmax(self(obs), dim=-1)
         u = torch.rand_like(logp_all).clamp_(1e-12, 1.0)
         a = torch.argmax(logp_all - torch.log(-torch.log(u)), dim=-1)
         return a, logp_all.gather(-1, a.unsqueeze(-1)).squeeze(-1)
@@ -228,27 +166,13 @@ class GaussianActor(nn.Module):
     def mode(params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return params[0]
 
-    def numpy_policy(self) -> "Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]":
-        """A numpy sampler ``(obs [N, o], rng) -> (a [N, d], log pi(a|obs) [N])`` sharing the weights."""
-        f = NumpyMLP(self.net)
-        log_std = self.log_std.detach().numpy()
-
-        def policy(obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-            mean = f(obs)
-            eps = rng.standard_normal(mean.shape, dtype=np.float32)
-            a = (mean + np.exp(log_std) * eps).astype(np.float32)
-            logp = (-0.5 * eps * eps - log_std).sum(-1) - 0.5 * _LOG_2PI * mean.shape[-1]
-            return a, logp.astype(np.float32)
-
-        return policy
-
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``a = mu + sigma * eps`` and return ``(a, log pi(a|obs))``; with ``eps`` at
         hand the log-density is ``sum(-eps^2 / 2 - log sigma) - d/2 log 2 pi``."""
-        mean = self.net(obs)
+        mean, log_std = self(obs)
         eps = torch.randn_like(mean)
-        a = mean + torch.exp(self.log_std) * eps
-        logp = (-0.5 * eps.square() - self.log_std).sum(-1) - 0.5 * _LOG_2PI * mean.shape[-1]
+        a = mean + torch.exp(log_std) * eps
+        logp = (-0.5 * eps.square() - log_std).sum(-1) - 0.5 * _LOG_2PI * mean.shape[-1]
         return a, logp
 
     @staticmethod

@@ -26,7 +26,7 @@ import torch
 
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
+from trustrl.classic.common import OnPolicyTrainer, PolicyRunSettings, Rollout, adam, linear_schedule, preset_config
 
 
 @dataclass
@@ -67,19 +67,16 @@ class REINFORCE(OnPolicyTrainer):
     def __init__(self, env_id: str, cfg: REINFORCEConfig | None = None, seed: int = 0) -> None:
         super().__init__(env_id, cfg or reinforce_config_for(env_id), seed)
         c = self.cfg
-        self.actor_flat = FlatParams([self.actor])
-        self.critic_flat = FlatParams([self.critic])
-        self.actor_opt = self.actor_flat.adam(c.lr, c.adam_eps)
-        self.critic_opt = self.critic_flat.adam(c.critic_lr, c.adam_eps)
+        self.actor_opt = adam(list(self.actor.parameters()), c.lr, c.adam_eps)
+        self.critic_opt = adam(list(self.critic.parameters()), c.critic_lr, c.adam_eps)
 
-    def update(self, ro, progress_remaining: float) -> dict[str, float]:
+    def update(self, ro: Rollout, progress_remaining: float) -> dict[str, float]:
         c = self.cfg
-        # 2. Monte-Carlo advantages: GAE with lambda = 1
+        # 2. Monte-Carlo advantages: GAE with lambda = 1; then the real transitions only
         adv, returns = gae_time_major(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.done,
                                       c.gamma, 1.0)
-        obs, act = ro.flat(ro.obs), ro.flat(ro.actions)
-        old_v = ro.flat(ro.values)
-        adv, returns = ro.flat(adv), ro.flat(returns)
+        obs, act, old_v = ro.flat_valid(ro.obs), ro.flat_valid(ro.actions), ro.flat_valid(ro.values)
+        adv, returns = ro.flat_valid(adv), ro.flat_valid(returns)
         if c.normalize_advantages:
             adv = whiten(adv)
         batch = obs.shape[0]
@@ -96,16 +93,16 @@ class REINFORCE(OnPolicyTrainer):
         entropy = self.actor.entropy(params).mean()
         if c.ent_coef:
             loss = loss - c.ent_coef * entropy
-        self.actor_flat.zero_grad()
+        self.actor_opt.zero_grad()
         loss.backward()
-        gn = self.actor_flat.clip_grad_norm_(c.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
         self.actor_opt.step()
 
         # 4. baseline regression
         vl_sum = 0.0
         for _ in range(c.critic_steps):
             vl, _ = value_loss(self.critic(obs)[:, None], returns[:, None], returns[:, None], ones)
-            self.critic_flat.zero_grad()
+            self.critic_opt.zero_grad()
             vl.backward()
             self.critic_opt.step()
             vl_sum += vl.item()
@@ -113,7 +110,7 @@ class REINFORCE(OnPolicyTrainer):
             "loss/policy": pl.item(),
             "loss/value": vl_sum / max(c.critic_steps, 1),
             "policy/entropy": entropy.item(),
-            "optim/grad_norm": gn,
+            "optim/grad_norm": float(grad_norm),
             "optim/lr": c.lr * lr_scale,
             "value/explained_variance": explained_variance(old_v, returns),
         }

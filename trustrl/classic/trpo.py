@@ -31,7 +31,8 @@ import torch
 from trustrl.advantages import gae_time_major, whiten
 from trustrl.losses import explained_variance, policy_loss, value_loss
 from trustrl.trpo import trpo_update
-from trustrl.classic.common import FlatParams, OnPolicyTrainer, PolicyRunSettings, linear_schedule, preset_config
+from trustrl.classic.common import (OnPolicyTrainer, PolicyRunSettings, Rollout, adam, linear_schedule,
+                                    minibatches, preset_config)
 
 
 @dataclass
@@ -87,17 +88,15 @@ class TRPO(OnPolicyTrainer):
         super().__init__(env_id, cfg or trpo_config_for(env_id), seed)
         c = self.cfg
         self.actor_params = list(self.actor.parameters())
-        self.critic_flat = FlatParams([self.critic])
-        self.critic_opt = self.critic_flat.adam(c.critic_lr, c.adam_eps)
+        self.critic_opt = adam(list(self.critic.parameters()), c.critic_lr, c.adam_eps)
 
-    def update(self, ro, progress_remaining: float = 1.0) -> dict[str, float]:
+    def update(self, ro: Rollout, progress_remaining: float = 1.0) -> dict[str, float]:
         c = self.cfg
-        # 2. advantages
+        # 2. advantages over the time-major rollout; then the real transitions only, whitened
         adv, returns = gae_time_major(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.done,
                                       c.gamma, c.gae_lambda)
-        obs, act = ro.flat(ro.obs), ro.flat(ro.actions)
-        old_logp, old_v = ro.flat(ro.logp), ro.flat(ro.values)
-        adv, returns = whiten(ro.flat(adv)), ro.flat(returns)
+        obs, act, old_logp, old_v = (ro.flat_valid(x) for x in (ro.obs, ro.actions, ro.logp, ro.values))
+        adv, returns = whiten(ro.flat_valid(adv)), ro.flat_valid(returns)
         batch = obs.shape[0]
         ones = torch.ones((batch, 1), dtype=torch.bool)
         with torch.no_grad():
@@ -117,20 +116,14 @@ class TRPO(OnPolicyTrainer):
                           cg_iters=c.cg_iters, max_backtracks=c.line_search_steps,
                           shrink=c.line_search_shrink, accept_ratio=c.accept_ratio)
 
-        # 4. critic regression, several epochs of Adam
-        mb = min(c.critic_minibatch_size, batch)
+        # 4. critic regression: epochs of Adam over shuffled minibatches (the last may be smaller)
         vl_sum, n_mb = 0.0, 0
-        ones_mb = torch.ones((mb, 1), dtype=torch.bool)
         for _ in range(c.critic_epochs):
-            perm = torch.randperm(batch) if mb < batch else None
-            for start in range(0, batch - mb + 1, mb):
-                if perm is None:
-                    o_mb, r_mb = obs, returns
-                else:
-                    idx = perm[start:start + mb]
-                    o_mb, r_mb = obs[idx], returns[idx]
-                vl, _ = value_loss(self.critic(o_mb)[:, None], r_mb[:, None], r_mb[:, None], ones_mb)
-                self.critic_flat.zero_grad()
+            for idx in minibatches(batch, c.critic_minibatch_size):
+                mask = torch.ones((len(idx), 1), dtype=torch.bool)
+                r_mb = returns[idx, None]
+                vl, _ = value_loss(self.critic(obs[idx])[:, None], r_mb, r_mb, mask)
+                self.critic_opt.zero_grad()
                 vl.backward()
                 self.critic_opt.step()
                 vl_sum += vl.item()
