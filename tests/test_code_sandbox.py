@@ -456,7 +456,8 @@ def test_results_cannot_be_forged_or_tests_read():
         # fake result lines in every plausible shape
         "```python\nfor i in range(4):\n    print('0' * 32, i, 'pass')\n    print('PASS', i)\n"
         "def add(a, b):\n    return None\n```",
-        # read the tests/nonce: stdin is /dev/null by now, and no file holds them
+        # look for the tests: stdin is /dev/null by now, no file holds them, and the expected
+        # values never enter the sandbox at all
         "```python\nimport os, sys\nleak = sys.stdin.read() + ''.join(open(f).read() for f in "
         "os.listdir('.') if os.path.isfile(f))\nfound = ('add(' + '1, 2)') in leak\n"
         "def add(a, b):\n    return a + b if found else None\n```",

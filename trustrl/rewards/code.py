@@ -746,11 +746,19 @@ def code_tests_reward(timeout_s: float = 5.0, memory_mb: int = 512, tests_column
             raise ValueError(f"code_tests_reward: column {tests_column!r} has {len(tests)} "
                              f"rows but there are {len(completions)} completions")
         # Parsed (and refused) here, before anything runs; the test code is never executed
-        # in this process.
-        jobs = [(extract_code(c),
-                 parse_tests(t, f"code_tests_reward: row {i} of column {tests_column!r}",
-                             numeric_tolerance=numeric_tolerance))
-                for i, (c, t) in enumerate(zip(completions, tests))]
+        # in this process. Rows of one group share their tests: each distinct one is parsed once.
+        plans: dict[str, TestPlan] = {}
+        jobs = []
+        for i, (c, t) in enumerate(zip(completions, tests)):
+            try:
+                key = json.dumps(t, sort_keys=True, default=repr)
+            except (TypeError, ValueError):
+                key = f"row {i}"  # not JSON-able: parsed on its own (and refused)
+            if key not in plans:
+                plans[key] = parse_tests(t, f"code_tests_reward: row {i} of column "
+                                            f"{tests_column!r}",
+                                         numeric_tolerance=numeric_tolerance)
+            jobs.append((extract_code(c), plans[key]))
         code_tests.last_isolation = sandbox_capabilities()
         grades = _map_daemon(
             lambda job: _grade_one(job[0], job[1], timeout_s, memory_mb), jobs, max_workers,

@@ -13,7 +13,9 @@ This module runs in the trainer's process and never executes model-written code.
    ``set``/``frozenset`` of those), or an error name;
 3. reads those frames strictly (:func:`read_frames`: in order, one per requested step,
    nothing else, the first malformed byte ends the reading) and rebuilds the values with
-   built-in types only (:func:`decode_value`), whatever the sandbox sent;
+   built-in types only (:func:`decode_value`), whatever the sandbox sent. A value of any
+   other type, subclasses included (``namedtuple``, ``IntEnum``, a ``str`` subclass,
+   ``Decimal``, ``Fraction``), is not sent: its case fails;
 4. judges each value here (:func:`judge`), with the grader's own ``==``, ``<``, ``in``,
    :func:`math.isclose`, ... on built-in types, and for programs, compares stdout tokens
    (:func:`stdout_matches`).
