@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from trustrl.data import DataError, LoadedRows, format_prompt, load_rows, write_jsonl
+from trustrl.data import (DataError, LoadedRows, encode_prompt, encode_rendered_text, format_prompt, load_rows,
+                          write_jsonl)
 
 ROWS: list[dict[str, Any]] = [
     {"prompt": "What is 2+3?", "answer": "5"},
@@ -331,3 +332,88 @@ def test_format_prompt_with_template() -> None:
     assert format_prompt(tok, msgs, system_prompt="Default.") == "<|system|>Own.\n<|user|>q\n<|assistant|>"
     with pytest.raises(ValueError, match=r"use_chat_template=False"):
         format_prompt(tok, msgs, use_chat_template=False)
+
+
+# ---------------------------------------------------------------------------- the BOS policy
+
+# A character tokenizer built here (independent of trustrl.tiny): <pad>=0 <s>=1 </s>=2 <unk>=3,
+# then a=4 b=5 ... z=29, " "=30, "|"=31, "<"=32, ">"=33, "\n"=34.
+_CHARS = "abcdefghijklmnopqrstuvwxyz |<>\n"
+# the template writes the BOS itself, as Llama 2/3, Mistral and Gemma templates do
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+PLAIN_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+# ids by hand: "<user>" = < u s e r > = 32 24 22 8 21 33; "hi" = 11 12; "\n" = 34;
+# "<assistant>" = < a s s i s t a n t > = 32 4 22 22 12 22 23 4 17 23 33; "<system>" =
+# < s y s t e m > = 32 22 28 22 23 8 16 33; "be" = 5 8
+USER, HI, NL = [32, 24, 22, 8, 21, 33], [11, 12], [34]
+ASSISTANT = [32, 4, 22, 22, 12, 22, 23, 4, 17, 23, 33]
+SYSTEM, BE = [32, 22, 28, 22, 23, 8, 16, 33], [5, 8]
+
+
+def _char_tokenizer(bos: bool, template: str | None):
+    """With ``bos``: a BOS token that ``add_special_tokens=True`` prepends (a post-processor
+    like Llama's); without: no BOS at all (like Qwen's)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in _CHARS:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # "\\n" too
+    core.add_special_tokens(specials)
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                            special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>" if bos else None, eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    if template is not None:
+        tok.chat_template = template
+    return tok
+
+
+def test_bos_policy_plain_text_gets_one_bos_with_or_without_system_prompt() -> None:
+    tok = _char_tokenizer(bos=True, template=None)
+    assert tok("hi")["input_ids"] == [1, 11, 12]  # the tokenizer itself adds the BOS
+    assert encode_prompt(tok, "hi") == ("hi", [1, *HI])
+    # the defect: a system prompt made the text differ from the row, which was taken for
+    # "templated" and the BOS was dropped
+    assert encode_prompt(tok, "hi", system_prompt="be") == ("be\n\nhi", [1, *BE, 34, 34, *HI])
+    # a template-holding tokenizer asked for plain text: plain text, BOS added
+    tok_t = _char_tokenizer(bos=True, template=BOS_TEMPLATE)
+    assert encode_prompt(tok_t, "hi", use_chat_template=False, system_prompt="be")[1] == [1, *BE, 34, 34, *HI]
+
+
+def test_bos_policy_template_text_keeps_the_templates_single_bos() -> None:
+    tok = _char_tokenizer(bos=True, template=BOS_TEMPLATE)
+    text, ids = encode_prompt(tok, "hi")
+    assert text == "<s><user>hi\n<assistant>"
+    assert tok(text)["input_ids"][:2] == [1, 1]  # what encoding it with special tokens would do
+    assert ids == [1, *USER, *HI, *NL, *ASSISTANT]
+    text, ids = encode_prompt(tok, [{"role": "user", "content": "hi"}], system_prompt="be")
+    assert text == "<s><system>be\n<user>hi\n<assistant>"
+    assert ids == [1, *SYSTEM, *BE, *NL, *USER, *HI, *NL, *ASSISTANT]
+    # a template that writes no BOS: none is added (as apply_chat_template(tokenize=True) does)
+    tok_plain = _char_tokenizer(bos=True, template=PLAIN_TEMPLATE)
+    assert encode_prompt(tok_plain, "hi")[1] == [*USER, *HI, *NL, *ASSISTANT]
+
+
+def test_bos_policy_tokenizer_without_bos() -> None:
+    tok = _char_tokenizer(bos=False, template=None)
+    assert tok.bos_token is None
+    assert encode_prompt(tok, "hi", system_prompt="be")[1] == [*BE, 34, 34, *HI]
+    assert encode_rendered_text(tok, "hi") == HI
+    tok_t = _char_tokenizer(bos=False, template=PLAIN_TEMPLATE)
+    assert encode_prompt(tok_t, "hi")[1] == [*USER, *HI, *NL, *ASSISTANT]
+
+
+def test_encode_rendered_text_adds_a_bos_only_where_none_is_written() -> None:
+    tok = _char_tokenizer(bos=True, template=BOS_TEMPLATE)
+    assert encode_rendered_text(tok, "hi") == [1, *HI]
+    assert encode_rendered_text(tok, "<s><user>hi\n") == [1, *USER, *HI, *NL]
+    # the prompt text of a template-holding tokenizer, rendered, then encoded: one BOS
+    text, ids = encode_prompt(tok, "hi", system_prompt="be")
+    assert encode_rendered_text(tok, text) == ids

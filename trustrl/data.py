@@ -47,6 +47,8 @@ __all__ = [
     "TEXT_FIELDS",
     "DataError",
     "LoadedRows",
+    "encode_prompt",
+    "encode_rendered_text",
     "format_prompt",
     "load_rows",
     "write_jsonl",
@@ -556,10 +558,24 @@ def format_prompt(
     unless the messages already start with one (the row's own system message wins). Without
     the template the result is ``system_prompt + "\\n\\n" + prompt``.
 
+    To get token ids, use :func:`encode_prompt` (it knows whether the template was applied,
+    which decides the special tokens; the text alone does not tell).
+
     Raises:
         ValueError: the template is needed but the tokenizer has none; a list of messages
             with ``use_chat_template=False``; a prompt that is neither a string nor a list.
     """
+    return _render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, system_prompt=system_prompt)[0]
+
+
+def _render_prompt(
+    tokenizer: Any,
+    prompt: str | list[dict[str, Any]],
+    *,
+    use_chat_template: bool | None,
+    system_prompt: str | None,
+) -> tuple[str, bool]:
+    """:func:`format_prompt`'s text and whether the chat template produced it."""
     if not isinstance(prompt, (str, list)):
         raise ValueError(f"format_prompt: prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
     is_messages = isinstance(prompt, list)
@@ -572,7 +588,7 @@ def format_prompt(
     use = is_messages or use_chat_template is True or (use_chat_template is None and has_template)
     if not use:
         assert isinstance(prompt, str)
-        return prompt if not system_prompt else f"{system_prompt}\n\n{prompt}"
+        return (prompt if not system_prompt else f"{system_prompt}\n\n{prompt}"), False
     if not has_template:
         why = "prompt is a list of chat messages" if is_messages else "use_chat_template=True"
         raise ValueError(
@@ -594,4 +610,46 @@ def format_prompt(
         raise ValueError(
             f"format_prompt: apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str"
         )
-    return text
+    return text, True
+
+
+# ------------------------------------------------------------------------- the BOS policy
+#
+# One rule for every text trustrl turns into ids, so that no input gets two BOS and none
+# loses its BOS:
+#
+# * text rendered by a chat template is encoded with ``add_special_tokens=False``: the
+#   template writes every special token it wants (``{{ bos_token }}`` ...), exactly as
+#   ``apply_chat_template(tokenize=True)`` encodes it in transformers;
+# * plain text -- a string prompt without template, with or without ``system_prompt`` -- is
+#   encoded with ``add_special_tokens=True``: the tokenizer adds its BOS (if it has one);
+# * text that reaches us already rendered, with no word on how (a reward model scores the
+#   policy's prompt text, rendered by the *policy's* template): special tokens are added
+#   unless the text already starts with the tokenizer's BOS token, the mark of a template
+#   that wrote one (:func:`encode_rendered_text`).
+
+
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str | list[dict[str, Any]],
+    *,
+    use_chat_template: bool | None = None,
+    system_prompt: str | None = None,
+) -> tuple[str, list[int]]:
+    """``(text, ids)`` of a dataset prompt: the text of :func:`format_prompt` and its token
+    ids under the BOS policy above (template output without added special tokens; plain
+    text, system-prompted or not, with them).
+
+    Raises: as :func:`format_prompt`.
+    """
+    text, templated = _render_prompt(tokenizer, prompt, use_chat_template=use_chat_template,
+                                     system_prompt=system_prompt)
+    return text, list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def encode_rendered_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text whose rendering is unknown (see the BOS policy above): with the
+    tokenizer's special tokens, unless ``text`` already starts with its BOS token."""
+    bos = getattr(tokenizer, "bos_token", None)
+    written = bool(bos) and isinstance(bos, str) and text.startswith(bos)
+    return list(tokenizer(text, add_special_tokens=not written)["input_ids"])

@@ -247,10 +247,16 @@ def load_scalar_model(
 
 
 def encode_scored_text(tokenizer, prompt_text: str, response: str, max_length: int | None = None) -> list[int]:
-    """Token ids a reward model scores: ``tokenizer(prompt_text + response)`` followed by EOS
-    (so the score is always read at an EOS position), left-truncated to ``max_length`` so the
-    end of the response is kept."""
-    ids = list(tokenizer(prompt_text + response)["input_ids"]) + [tokenizer.eos_token_id]
+    """Token ids a reward model scores: ``prompt_text + response`` encoded under trustrl's BOS
+    policy (:func:`trustrl.data.encode_rendered_text`: the tokenizer's special tokens are added
+    unless the text already starts with its BOS token, as a chat template that writes one
+    leaves it; so exactly one BOS either way), followed by EOS (so the score is always read at
+    an EOS position), left-truncated to ``max_length`` so the end of the response is kept.
+    The same function serves reward-model training and scoring inside RL, so both see the
+    same ids for the same text."""
+    from trustrl.data import encode_rendered_text
+
+    ids = encode_rendered_text(tokenizer, prompt_text + response) + [tokenizer.eos_token_id]
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
     return ids

@@ -13,8 +13,10 @@ Touvron et al. 2023; centering as in Eisenstein et al. 2023)::
 One optimizer step:
   1. take the next ``batch_size`` pairs (resumable, shuffled);
   2. per micro-batch (``gradient_accumulation_steps``), score chosen and rejected texts in one
-     forward pass, compute the loss, scale it by the micro-batch's share of pairs (so
-     1 x N == N x 1), backward;
+     forward pass; the loss is a *sum* over the micro-batch's pairs
+     (:func:`reward_model_loss_sum`), divided by the pairs of the whole batch (all micro-batches,
+     all data-parallel ranks) by :class:`trustrl.loop.accumulate.BatchNormalizer` -- the one
+     place it is normalized, so 1 x N == N x 1 -- backward;
   3. guarded optimizer step; log ``loss/bt``, ``rm/train_accuracy``;
   4. every ``eval_every`` steps (and at the start and the end) the held-out pairwise accuracy
      ``rm/accuracy`` (share of pairs with r_c > r_r) and mean margin ``rm/margin`` (mean r_c - r_r).
@@ -26,7 +28,6 @@ reward with ``reward_model: output_dir/final`` in an RL config.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -40,11 +41,13 @@ from trustrl import distributed as dist
 from trustrl.config import TrainConfig, register_config
 from trustrl.data import format_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
-from trustrl.losses import bradley_terry_loss
+from trustrl.loop.accumulate import BatchNormalizer
+from trustrl.losses import LossSum, bradley_terry_loss, bradley_terry_sum, reward_centering_sum
 from trustrl.models import check_vocab, load_tokenizer
 from trustrl.rollout import left_pad
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
                                      restore_loop, warn_skipped)
+from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, encode_scored_text, scalar_model_from_lm
 
@@ -69,7 +72,8 @@ class RewardConfig(TrainConfig):
     batch_size: int = Field(16, ge=1)
     """Pairs per optimizer step (split across gradient_accumulation_steps)."""
     epochs: float | None = Field(None, gt=0)
-    """If set, overrides max_steps with ceil(epochs * pairs / batch_size)."""
+    """Passes over the training pairs: the run takes ceil(epochs * pairs / batch_size) steps.
+    Leave max_steps unset with it (or set it to that same number): other values are refused."""
     center_rewards_coef: float | None = Field(None, ge=0)
     """Coefficient of the centering term coef * mean((r_c + r_r)^2) (e.g. 0.01; None: off)."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -129,20 +133,32 @@ def pair_scores(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device) -> 
     return scores[:n], scores[n:]
 
 
-def reward_model_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
-                      center_coef: float | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bradley-Terry loss plus the optional centering term; metrics are un-namespaced floats."""
-    bt = bradley_terry_loss(r_chosen, r_rejected, margins)
-    loss = bt
-    metrics = {"bt": float(bt.detach())}
+def reward_model_loss_sum(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
+                          center_coef: float | None) -> tuple[LossSum, dict[str, float]]:
+    """The reward-model loss of a batch of pairs as a sum over its ``N`` pairs, before
+    normalization: ``total = sum_i -log sigmoid(r_c,i - r_r,i - m_i) + coef * sum_i (r_c,i +
+    r_r,i)^2``, ``count = N``. Metrics are sums over the pairs too (``bt``, ``center``,
+    ``accuracy``: pairs with r_c > r_r, ``margin``: sum of r_c - r_r); divide by the pairs."""
+    bt = bradley_terry_sum(r_chosen, r_rejected, margins)
+    total = bt.total
+    metrics = {"bt": float(bt.total.detach())}
     if center_coef:
-        center = center_coef * (r_chosen + r_rejected).square().mean()
-        loss = loss + center
+        center = center_coef * reward_centering_sum(r_chosen, r_rejected).total
+        total = total + center
         metrics["center"] = float(center.detach())
     with torch.no_grad():
-        metrics["accuracy"] = float((r_chosen > r_rejected).float().mean())
-        metrics["margin"] = float((r_chosen - r_rejected).mean())
-    return loss, metrics
+        metrics["accuracy"] = float((r_chosen > r_rejected).sum())
+        metrics["margin"] = float((r_chosen - r_rejected).sum())
+    return LossSum(total, bt.count, bt.unit), metrics
+
+
+def reward_model_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
+                      center_coef: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss plus the optional centering term, averaged over the pairs of this one
+    batch (:func:`reward_model_loss_sum` divided by ``N``); metrics are un-namespaced floats."""
+    part, sums = reward_model_loss_sum(r_chosen, r_rejected, margins, center_coef)
+    n = max(float(part.count), 1.0)
+    return part.total / n, {k: v / n for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -205,9 +221,9 @@ class RewardTrainer:
         else:
             self.eval_pairs = None
         self.pairs = pairs
-        self.max_steps = config.max_steps
-        if config.epochs is not None:
-            self.max_steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
+        self.max_steps = steps_for_epochs(config, len(pairs), "training pairs")
+        if config.epochs is not None:  # the run directory's config.yaml says how many steps were run
+            self.config = config.model_copy(update={"max_steps": self.max_steps})
 
     def evaluate(self) -> dict[str, float]:
         assert self.eval_pairs is not None
@@ -240,21 +256,24 @@ class RewardTrainer:
             # (data parallel: every rank draws the same pairs and keeps its contiguous share)
             indices = sampler.take(cfg.batch_size)
             batch = self.pairs.subset(dist.shard_batch(indices, "batch_size"))
-            n = len(indices)
-            # 2. micro-batches, each weighted by its share of the (global) pairs
+            # 2. the normalizer: pairs of the global batch (all micro-batches and ranks); each
+            # micro-batch's summed loss is divided by it, once
+            # (one row per pair: a [pairs, 1] mask counts them in the unit "rows")
+            normalizer = BatchNormalizer([torch.ones(len(batch), 1, dtype=torch.bool)])
+            n = normalizer.counts["rows"]
             sums: dict[str, float] = {}
             total = 0.0
             for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
                 micro = batch.subset(rows.tolist())
                 r_c, r_r = pair_scores(model, micro, pad, self.device)
                 margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
-                loss, m = reward_model_loss(r_c, r_r, margins, cfg.center_rewards_coef)
-                weight = len(micro) / n
-                (loss * weight).backward()
-                total += float(loss.detach()) * weight
+                part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
+                normalizer.loss([(1.0, part)]).backward()
+                total += float(part.total.detach())
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * weight
+                    sums[k] = sums.get(k, 0.0) + v
             total, sums = dist.all_reduce_sum(total), dist.sum_across_ranks(sums)
+            total, sums = total / max(n, 1.0), {k: v / max(n, 1.0) for k, v in sums.items()}
             # 3. guarded update (data parallel: it sums the gradients over ranks)
             grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"rm step {step + 1}",
                                               loss=total)

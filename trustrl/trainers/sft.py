@@ -4,10 +4,17 @@ become (input ids, target mask).
 
 The loop, per optimizer step:
   1. take the next batch of rows (resumable, shuffled),
-  2. split it into gradient_accumulation_steps micro-batches,
-  3. per micro-batch: hidden states -> chunked log-probs of the targets -> NLL summed over the
-     target tokens, divided by the target tokens of the *whole* batch (so 1 x N == N x 1),
-  4. guarded optimizer step (skip on NaN/inf), schedule, log, checkpoint.
+  2. count its target tokens over the whole batch (all micro-batches, all data-parallel ranks),
+  3. split it into gradient_accumulation_steps micro-batches; per micro-batch: hidden states ->
+     chunked log-probs of the targets -> :func:`trustrl.losses.token_nll_sum` (the NLL *summed*
+     over the micro-batch's target tokens), divided by the whole batch's count from 2 -- the one
+     place the loss is normalized (:class:`trustrl.loop.accumulate.BatchNormalizer`), so
+     1 x N == N x 1 and 2 processes == 1 by construction,
+  4. guarded optimizer step (skip on NaN/inf), schedule, log, checkpoint (every ``save_every``
+     steps and always after the last step).
+
+Length of a run: ``max_steps`` optimizer steps, or, with ``epochs`` set (SFT),
+``ceil(epochs * examples / batch_size)`` steps (:func:`steps_for_epochs`).
 """
 
 from __future__ import annotations
@@ -20,14 +27,37 @@ from typing import Any
 import torch
 
 from trustrl import distributed as dist
-from trustrl.config import PretrainConfig, SFTConfig
-from trustrl.data import format_prompt, load_rows
+from trustrl.config import ConfigError, PretrainConfig, SFTConfig
+from trustrl.data import encode_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.loop.accumulate import BatchNormalizer
+from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_model
 from trustrl.rollout import completion_logprobs_for_targets
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
                                      restore_loop, warn_skipped)
 from trustrl.utils import seed_everything
+
+
+def steps_for_epochs(config, n_examples: int, what: str = "examples") -> int:
+    """Optimizer steps of a run whose config may set ``epochs`` (SFT, reward model).
+
+    * ``epochs`` unset: ``max_steps``.
+    * ``epochs`` set: ``ceil(epochs * n_examples / batch_size)`` -- passes over the examples,
+      ``batch_size`` examples per step; the sampler runs on into the next shuffled pass, so the
+      last step may hold examples of the next pass. ``max_steps`` must then be left unset, or
+      set to this same number (a run directory's config.yaml holds both): any other value is
+      ambiguous and refused with a ConfigError naming both keys.
+    """
+    epochs = getattr(config, "epochs", None)
+    if epochs is None:
+        return config.max_steps
+    steps = max(1, math.ceil(epochs * n_examples / config.batch_size))
+    if "max_steps" in config.model_fields_set and config.max_steps != steps:
+        raise ConfigError(
+            f"epochs={epochs:g} means {steps} steps ({n_examples} {what}, batch_size={config.batch_size}) "
+            f"but max_steps={config.max_steps} is also set; set one of epochs / max_steps")
+    return steps
 
 
 def pack_text(token_lists: list[list[int]], eos_id: int, block_size: int) -> list[list[int]]:
@@ -76,42 +106,47 @@ class _LMTrainer:
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
             raise ValueError(f"{config.dataset}: no training examples after tokenization")
+        self.max_steps = steps_for_epochs(config, len(self.examples))
+        if getattr(config, "epochs", None) is not None:  # the run directory's config.yaml says how many steps were run
+            self.config = config.model_copy(update={"max_steps": self.max_steps})
 
     def build_examples(self) -> list[tuple[list[int], list[bool]]]:
         raise NotImplementedError
 
     def train(self) -> dict[str, Any]:
         cfg = self.config
+        max_steps = self.max_steps
         run = Run.open(cfg)
         model = self.model
         model.train()
         optimizer = make_optimizer(model.parameters(), cfg)
-        scheduler = make_scheduler(optimizer, cfg, cfg.max_steps)
+        scheduler = make_scheduler(optimizer, cfg, max_steps)
         sampler, faults, _ = restore_loop(run, cfg, len(self.examples), {"policy": model}, {"policy": optimizer},
                                           {"policy": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
         pad = self.tokenizer.pad_token_id
         started = time.time()
-        bar = progress(total=cfg.max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
+        bar = progress(total=max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
         step = run.start_step
         last_loss = float("nan")
-        while step < cfg.max_steps:
+        while step < max_steps:
             step_started = time.time()
             # 1. the next batch of examples
             # (data parallel: every rank draws the same batch and keeps its contiguous share)
             batch = [self.examples[i] for i in dist.shard_batch(sampler.take(cfg.batch_size), "batch_size")]
             ids, attention, target = right_pad([b[0] for b in batch], [b[1] for b in batch], pad)
-            n_targets = dist.all_reduce_sum(int(target[:, 1:].sum()))  # over the global batch
-            # 2-3. micro-batches, loss normalized by the whole batch's target tokens
-            total_nll = 0.0
+            # 2. the normalizer: target tokens of the global batch (all micro-batches and ranks)
+            normalizer = BatchNormalizer([target[:, 1:]])
+            n_targets = normalizer.counts["tokens"]
+            # 3. micro-batches: summed NLL, divided once by the global count
+            nll_sum = 0.0
             for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
                 m_ids, m_att, m_tgt = ids[rows].to(self.device), attention[rows].to(self.device), target[rows].to(self.device)
                 logp = completion_logprobs_for_targets(model, m_ids, m_att, chunk_size=1024)
-                mask = m_tgt[:, 1:]
-                nll = -(logp * mask).sum() / max(n_targets, 1)
-                nll.backward()
-                total_nll += float(nll.detach())
-            total_nll = dist.all_reduce_sum(total_nll)
+                part = token_nll_sum(logp, m_tgt[:, 1:])
+                normalizer.loss([(1.0, part)]).backward()
+                nll_sum += float(part.total.detach())
+            total_nll = dist.all_reduce_sum(nll_sum) / max(n_targets, 1.0)
             # 4. guarded update (data parallel: it sums the gradients over ranks)
             grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
                                               loss=total_nll)
@@ -126,7 +161,8 @@ class _LMTrainer:
             run.log(step, metrics)
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["loss/nll"]))
-            if run.should_save(step, cfg.max_steps, faults) and cfg.save_every > 0:
+            # every save_every steps and always at the last one (save_every=0: only there)
+            if run.should_save(step, max_steps, faults):
                 run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
                          {"sampler": sampler.state_dict(), "faults": faults.state_dict()}, {}, tokenizer=self.tokenizer)
         bar.close()
@@ -191,9 +227,10 @@ class SFTTrainer(_LMTrainer):
                     if key not in row or not isinstance(row[key], (str, list)) or not row[key]:
                         raise ValueError(f"{cfg.dataset} row {row_no}: missing or empty {key!r}")
                 prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
-            text = format_prompt(tok, prompt, use_chat_template=cfg.use_chat_template, system_prompt=cfg.system_prompt)
-            templated = text != prompt
-            prompt_ids = tok(text, add_special_tokens=not templated)["input_ids"]
+            # the BOS policy of trustrl.data: template text as written, plain text (with or
+            # without system_prompt) with the tokenizer's special tokens
+            _, prompt_ids = encode_prompt(tok, prompt, use_chat_template=cfg.use_chat_template,
+                                          system_prompt=cfg.system_prompt)
             completion_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = (prompt_ids + completion_ids)[: cfg.max_length]
             mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[: cfg.max_length]
