@@ -154,7 +154,8 @@ class SFTConfig(TrainConfig):
     batch_size: int = Field(16, ge=1)
     """Rows per optimizer step (split across gradient_accumulation_steps)."""
     epochs: float | None = Field(None, gt=0)
-    """If set, overrides max_steps with ceil(epochs * rows / batch_size)."""
+    """Passes over the training examples: the run takes ceil(epochs * examples / batch_size)
+    steps. Leave max_steps unset with it (or set it to that same number): other values are refused."""
 
 
 class RLConfig(TrainConfig):
