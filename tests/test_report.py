@@ -180,6 +180,22 @@ def test_sections_headline_first_in_reading_order(tmp_path: Path) -> None:
     assert constants == {"kl/coef": 0.0, "optim/lr": 3e-4, "policy/clip_fraction": 0.2}
 
 
+def test_agent_and_classic_panels(tmp_path: Path) -> None:
+    run = tmp_path / "agent"
+    run.mkdir()
+    rows = [{"step": s, "env/success": s / 10, "env/turns": 5 - s / 5, "env/return": s, "eval/return_mean": s,
+             "eval/return_std": 1.0, "a/b": s, "a_b": -s} for s in range(1, 11)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sections, _ = build_sections([load_run(run)])
+    head = sections[0].panels
+    assert [(p.key, p.percent) for p in head] == [("env/success", True), ("env/turns", False),
+                                                  ("eval/return_mean", False)]
+    assert head[2].band == "eval/return_std"
+    assert [s.title for s in sections[1:]] == ["Environment", "a", "Other"]  # a_b has no prefix
+    write_report(run)
+    assert sorted(p.name for p in (run / "plots").glob("a_b*.png")) == ["a_b.png", "a_b_2.png"]
+
+
 def test_kl_targets_of_ppo_and_clip_band(tmp_path: Path) -> None:
     runs = []
     for name, control in (("adaptive", "adaptive"), ("fixed", "fixed")):

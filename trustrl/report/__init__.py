@@ -91,8 +91,14 @@ def write_report(run_dirs: PathLike | Sequence[PathLike], output: PathLike | Non
             stale.unlink()
         from trustrl.report.panels import Panel
 
+        stems: set[str] = set()
         for key, img in images.items():
-            (plots / f"{Panel(key, key).file_stem}.png").write_bytes(img.png)
+            stem = base = Panel(key, key).file_stem
+            k = 2
+            while stem in stems:  # "a/b" and "a_b" would share a name
+                stem, k = f"{base}_{k}", k + 1
+            stems.add(stem)
+            (plots / f"{stem}.png").write_bytes(img.png)
         return write_text_atomic(Path(dirs[0]) / REPORT_FILE, text)
     out = Path(output) if output is not None else Path(COMPARE_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,7 @@ def build_sections(runs: Sequence[RunData]) -> tuple[list[Section], dict[str, fl
         band = std_partner(m)
         prefix = m.split("/", 1)[0] if "/" in m else ""
         rest.setdefault(prefix, []).append(Panel(m, m, band=band if band in drawn else None))
-    order = list(SECTION_TITLES) + sorted(p for p in rest if p not in SECTION_TITLES)
+    order = list(SECTION_TITLES) + sorted(p for p in rest if p and p not in SECTION_TITLES) + [""]
     for prefix in order:
         if prefix in rest:
             title = SECTION_TITLES.get(prefix, prefix or "Other")
