@@ -15,6 +15,12 @@ keeps) several ``[B, T, V]`` tensors; with a 32k-152k vocabulary that dominates 
 Temperature: as in sampling, logits are divided by ``temperature`` before the softmax
 (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", detail on temperature).
 
+Final-logit transform: some models do more than ``hidden @ W^T`` in their forward -- Gemma 2/3
+soft-cap the logits (``z <- c tanh(z / c)``, Gemma Team 2024, arXiv 2408.00118, sec. 2),
+Cohere multiplies them by ``logit_scale``, Granite divides them by ``logits_scaling``. A
+:class:`LogitTransform` describes that step; every function here applies it to the logits
+before the temperature, so the log-probs are those of the distribution the model samples from.
+
 Log-softmax identity used throughout::
 
     log p(y) = z_y - logsumexp_v z_v,        d log p(y) / d z_v = 1[v = y] - softmax(z)_v.
@@ -22,18 +28,68 @@ Log-softmax identity used throughout::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "LogitTransform",
+    "IDENTITY",
+    "apply_logit_transform",
     "selective_log_softmax",
     "chunked_token_logprobs",
     "naive_token_logprobs",
 ]
 
 _FULL_PRECISION = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's forward does to the LM-head output ``u = h W^T + b`` before it
+    returns logits: ``z = c tanh(s u / c)`` when ``softcap = c`` is set, else ``z = s u``.
+
+    ``scale`` (``s``): Cohere's ``logit_scale``, or ``1 / logits_scaling`` for Granite.
+    ``softcap`` (``c`` > 0, or None): Gemma 2/3's ``final_logit_softcapping``.
+    ``source``: the config attribute(s) it was read from (for messages; not part of the math).
+
+    Derivatives (used by the chunked backward)::
+
+        dz/du = s                        (no soft-cap)
+        dz/du = s (1 - tanh^2(s u / c))  (soft-cap; d/dx c tanh(x / c) = 1 - tanh^2(x / c))
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise ValueError(f"LogitTransform: scale must be finite and > 0, got {self.scale} ({self.source})")
+        if self.softcap is not None and not (self.softcap > 0 and self.softcap < float("inf")):
+            raise ValueError(f"LogitTransform: softcap must be None or finite and > 0, got {self.softcap} ({self.source})")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+
+#: ``z = u``: the plain ``hidden @ W^T (+ b)`` of most causal LMs.
+IDENTITY = LogitTransform()
+
+
+def apply_logit_transform(logits: torch.Tensor, transform: LogitTransform | None) -> torch.Tensor:
+    """``z = c tanh(s u / c)`` (or ``s u``) elementwise, out of place, with plain torch ops (so
+    differentiable any number of times). Shapes: ``[..., V] -> [..., V]``. The soft-cap is
+    evaluated as ``tanh(x / c) * c``, the order of transformers' Gemma forward."""
+    if transform is None or transform.is_identity:
+        return logits
+    z = logits * transform.scale if transform.scale != 1.0 else logits
+    if transform.softcap is not None:
+        z = torch.tanh(z / transform.softcap) * transform.softcap
+    return z
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,17 +173,19 @@ def naive_token_logprobs(
     token_ids: torch.Tensor,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    transform: LogitTransform | None = None,
 ) -> torch.Tensor:
     """Reference: full logits, float32 ``log_softmax``, gather. Memory ``O(B * T * V)``.
 
     Shapes: ``hidden [B, T, H]`` or ``[N, H]``, ``lm_head_weight [V, H]``, ``bias [V]``,
     ``token_ids [B, T]`` or ``[N]`` -> ``[B, T]`` or ``[N]``, float32 (float64 for float64
     weights).
-    Formula: ``log_softmax((hidden @ W^T + b) / temperature)[..., token_ids]``.
+    Formula: ``log_softmax(f(hidden @ W^T + b) / temperature)[..., token_ids]``, ``f`` the
+    ``transform`` (:func:`apply_logit_transform`, in the accumulation dtype).
     """
     _check_ids("naive_token_logprobs", hidden.shape[:-1], token_ids)
     logits = F.linear(hidden, lm_head_weight, bias)
-    logits = logits.to(_acc_dtype(logits.dtype)) / temperature
+    logits = apply_logit_transform(logits.to(_acc_dtype(logits.dtype)), transform) / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
@@ -135,29 +193,29 @@ def _chunk_logits(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    temperature: float,
+    alpha: float,
     out: torch.Tensor,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write ``(h W^T + b) / temperature - shift[:, None]`` for one row chunk into ``out``.
+    """Write ``alpha (h W^T + b) - shift[:, None]`` for one row chunk into ``out`` (``alpha`` is
+    ``s / T`` without soft-cap, ``s`` before a soft-cap).
 
     ``out`` is a reused workspace (``[rows, V]``, the accumulation dtype): allocating a fresh
     ``[chunk, V]`` block per chunk costs page faults comparable to the matmul itself on a
     CPU. When the weight is in ``out``'s dtype, the scale and the shift ride on one ``addmm``
     (``beta * input + alpha * h W^T``), so no extra pass over the block is made."""
     h = h.to(weight.dtype)
-    inv_t = 1.0 / temperature
     if weight.dtype == out.dtype:
         if bias is None and shift is not None:
-            return torch.addmm(shift[:, None].to(out.dtype), h, weight.t(), beta=-1.0, alpha=inv_t, out=out)
+            return torch.addmm(shift[:, None].to(out.dtype), h, weight.t(), beta=-1.0, alpha=alpha, out=out)
         if bias is None:
             torch.mm(h, weight.t(), out=out)
         else:
             torch.addmm(bias, h, weight.t(), out=out)
     else:
         out.copy_(F.linear(h, weight, bias))
-    if inv_t != 1.0:
-        out.mul_(inv_t)
+    if alpha != 1.0:
+        out.mul_(alpha)
     if shift is not None:
         out.sub_(shift[:, None])
     return out
@@ -178,14 +236,18 @@ def _block_rows(chunk_size: int, vocab: int, device: torch.device) -> int:
 
 
 class _ChunkedLMHeadLogProbs(torch.autograd.Function):
-    """Fused ``linear -> /temperature -> log_softmax -> gather``, chunked over rows.
+    """Fused ``linear -> transform -> /temperature -> log_softmax -> gather``, chunked over rows.
 
     Forward saves only ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``, ``ids [N]`` and the
-    per-row ``logsumexp [N]``; backward recomputes each chunk's logits ``z`` and forms
-    ``dL/dz = (onehot(y) - softmax(z)) * g / temperature`` (``g`` = incoming grad of log p),
-    then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T @ h``, ``dL/db += sum_rows dL/dz``.
-    One ``[chunk, V]`` workspace is allocated per call (two with entropy) and reused by every
-    chunk; all elementwise work on it is in place.
+    per-row ``logsumexp [N]``; backward recomputes each chunk's logits and forms, with
+    ``u = h W^T + b``, ``z = f(u) / T`` (``f`` the :class:`LogitTransform`) and ``g`` the
+    incoming grad of log p::
+
+        dL/du = g (onehot(y) - softmax(z)) f'(u) / T,   f'(u) = s  or  s (1 - tanh^2(s u / c)),
+
+    then ``dL/dh = dL/du @ W``, ``dL/dW += dL/du^T @ h``, ``dL/db += sum_rows dL/du``.
+    One ``[chunk, V]`` workspace is allocated per call (two with entropy or a soft-cap) and
+    reused by every chunk; all elementwise work on it is in place.
     """
 
     @staticmethod
@@ -198,6 +260,8 @@ class _ChunkedLMHeadLogProbs(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         return_entropy: bool,
+        scale: float,
+        softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         odt = _acc_dtype(weight.dtype)
@@ -212,7 +276,12 @@ class _ChunkedLMHeadLogProbs(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
             rows = sl.stop - sl.start
-            z = _chunk_logits(hidden[sl], weight, bias, temperature, out=z_buf[:rows])
+            if softcap:
+                # z = c tanh(s u / c) / T, in place (tanh(x / c) * c: transformers' Gemma order)
+                z = _chunk_logits(hidden[sl], weight, bias, scale, out=z_buf[:rows])
+                z.div_(softcap).tanh_().mul_(softcap / temperature)
+            else:
+                z = _chunk_logits(hidden[sl], weight, bias, scale / temperature, out=z_buf[:rows])
             z_y = z.gather(1, ids[sl, None]).squeeze(1)
             # z <- z - max; lse = max + log sum exp(z)   (in place, one pass each)
             m = z.amax(dim=-1)
@@ -233,6 +302,8 @@ class _ChunkedLMHeadLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, ids, lse)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
+        ctx.scale = scale
+        ctx.softcap = softcap
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -244,28 +315,39 @@ class _ChunkedLMHeadLogProbs(torch.autograd.Function):
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
+        none = (None,) * 9
         if grad_logp is None or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None
+            return none
         cdt = weight.dtype
         acc_dt = _acc_dtype(cdt)
         dev = weight.device
-        g = grad_logp.to(acc_dt) * (1.0 / ctx.temperature)
+        temperature, scale, softcap = ctx.temperature, ctx.scale, ctx.softcap
+        g = grad_logp.to(acc_dt) * (scale / temperature)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dt, device=dev) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc_dt, device=dev) if (need_b and bias is not None) else None
         rows_max = min(ctx.chunk_size, n)  # ctx.chunk_size is the block size the forward used
         z_buf = torch.empty((rows_max, weight.shape[0]), dtype=acc_dt, device=dev)
+        p_buf = torch.empty_like(z_buf) if softcap else None
         row_index = torch.arange(rows_max, device=dev)
         for start in range(0, n, ctx.chunk_size):
             sl = slice(start, min(start + ctx.chunk_size, n))
             rows = sl.stop - sl.start
             h_c = hidden[sl].to(cdt)
-            # z <- softmax(z) = exp(z / T - lse), the shift fused into the matmul
-            z = _chunk_logits(h_c, weight, bias, ctx.temperature, out=z_buf[:rows], shift=lse[sl]).exp_()
-            # dL/dz = (onehot - p) * g / T, in place (g already holds g / T)
             g_c = g[sl]
+            if softcap:
+                # t = tanh(s u / c); p = softmax(z) = exp(t c / T - lse), as in the forward
+                t = _chunk_logits(h_c, weight, bias, scale, out=z_buf[:rows]).div_(softcap).tanh_()
+                z = torch.mul(t, softcap / temperature, out=p_buf[:rows]).sub_(lse[sl, None]).exp_()
+            else:
+                # z <- softmax(z) = exp(s u / T - lse), the shift fused into the matmul
+                t = None
+                z = _chunk_logits(h_c, weight, bias, scale / temperature, out=z_buf[:rows], shift=lse[sl]).exp_()
+            # dL/du = (onehot - p) * g s / T [* (1 - t^2)], in place (g already holds g s / T)
             z.mul_(g_c[:, None].neg())
             z[row_index[:rows], ids[sl]] += g_c
+            if t is not None:
+                z.mul_(t.mul_(t).neg_().add_(1.0))
             gz = z.to(cdt)
             if grad_h is not None:
                 grad_h[sl] = (gz @ weight).to(hidden.dtype)
@@ -276,13 +358,13 @@ class _ChunkedLMHeadLogProbs(torch.autograd.Function):
                     grad_w.add_(gz.t() @ h_c)
             if grad_b is not None:
                 grad_b.add_(gz.sum(0).to(acc_dt))
-            del gz, z
-        del z_buf
+            del gz, z, t
+        del z_buf, p_buf
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return (grad_h, grad_w, grad_b) + none[3:]
 
 
 def chunked_token_logprobs(
@@ -294,8 +376,12 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    transform: LogitTransform | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Memory-lean ``log_softmax((hidden @ W^T + b) / temperature)[..., token_ids]``.
+    """Memory-lean ``log_softmax(f(hidden @ W^T + b) / temperature)[..., token_ids]``.
+
+    ``f`` is the model's final-logit ``transform`` (:class:`LogitTransform`; None = identity),
+    applied in the accumulation dtype (float32 for float32/bf16/fp16 weights).
 
     Shapes: ``hidden [B, T, H]`` (or ``[N, H]``), ``lm_head_weight [V, H]``, ``bias [V]``,
     ``token_ids [B, T]`` (or ``[N]``) -> ``logp`` ``[B, T]`` (or ``[N]``), float32 (float64 for
@@ -312,9 +398,11 @@ def chunked_token_logprobs(
     processed at once; on a CPU blocks are further capped at about 32 MiB (``32 MiB / 4V``
     rows, at least 32), where the elementwise passes stay in cache. Not twice differentiable.
 
-    Gradient (per row, logits ``z = (h W^T + b) / T``, incoming grad ``g``)::
+    Gradient (per row, ``u = h W^T + b``, logits ``z = f(u) / T``, incoming grad ``g``)::
 
-        dL/dz = g * (onehot(y) - softmax(z)) / T;  dL/dh = dL/dz W;  dL/dW = sum_rows dL/dz^T h.
+        dL/du = g * (onehot(y) - softmax(z)) * f'(u) / T;  dL/dh = dL/du W;  dL/dW = sum_rows dL/du^T h,
+
+    with ``f'(u) = s`` (scale), or ``s (1 - tanh^2(s u / c))`` with a soft-cap ``c``.
     """
     fn = "chunked_token_logprobs"
     _check_ids(fn, hidden.shape[:-1], token_ids)
@@ -328,11 +416,15 @@ def chunked_token_logprobs(
         raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be >= 1, got {chunk_size}")
+    if transform is not None and not isinstance(transform, LogitTransform):
+        raise ValueError(f"{fn}: transform must be a LogitTransform or None, got {type(transform).__name__}")
+    transform = transform or IDENTITY
     lead = token_ids.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     ids = token_ids.reshape(-1).long()
     logp, entropy = _ChunkedLMHeadLogProbs.apply(
-        h2, lm_head_weight, bias, ids, float(temperature), int(chunk_size), bool(return_entropy)
+        h2, lm_head_weight, bias, ids, float(temperature), int(chunk_size), bool(return_entropy),
+        float(transform.scale), float(transform.softcap or 0.0),
     )
     logp = logp.view(lead)
     if return_entropy:

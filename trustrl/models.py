@@ -6,12 +6,17 @@
   the base model with adapters disabled, see ``reference_context``.
 - ``lm_backbone_and_head``: the trunk that yields hidden states and the output projection,
   so log-probs can be computed chunk by chunk without [B, T, V] logits.
+- ``logit_transform``: what the model's forward does to ``hidden @ W^T`` after the LM head
+  (soft-capping, scaling), so those log-probs equal ``log_softmax(model(...).logits)``; models
+  whose forward does something trustrl does not reproduce are refused (``LogitsMismatchError``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -19,12 +24,18 @@ import torch
 from torch import nn
 
 from trustrl.config import LoRAConfig
+from trustrl.logprobs import IDENTITY, LogitTransform, chunked_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(ValueError):
     """A model or tokenizer directory that cannot be used, naming the path and the problem."""
+
+
+class LogitsMismatchError(ModelLoadError):
+    """A model whose forward turns hidden states into logits in a way trustrl does not
+    reproduce: its log-probs would differ from the distribution it samples from."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -106,7 +117,9 @@ def load_policy(
         model.config.use_cache = False
     if lora is not None:
         model = apply_lora(model, lora)
-    return model.to(device)
+    model = model.to(device)
+    logit_transform(model)  # refuse a forward trustrl cannot reproduce now, not mid-run
+    return model
 
 
 def apply_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
@@ -160,6 +173,197 @@ def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             "trustrl supports decoder-only causal LMs in transformers"
         )
     return backbone, head
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def trunk_hidden_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``last_hidden_state [B, T, H]`` of a transformers trunk for left-padded rows: the
+    attention mask as integers and position ids from :func:`positions_from_mask`, exactly the
+    arguments the sampler passes to the full model, so the two see the same positions."""
+    positions = positions_from_mask(attention_mask)
+    return trunk(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
+                 use_cache=False).last_hidden_state
+
+
+# -- final-logit transforms ----------------------------------------------------------------------
+
+#: Causal-LM classes whose ``forward`` is ``trunk -> lm_head -> f`` with ``f`` reproduced by
+#: :class:`~trustrl.logprobs.LogitTransform`, read from the transformers source (5.x:
+#: ``models/<name>/modeling_<name>.py``, ``*ForCausalLM.forward``) and checked, architecture
+#: by architecture, against the installed transformers by ``tests/test_architectures.py``
+#: (log-probs within 1e-5 of ``log_softmax(model(...).logits)``, with the transform switched on).
+#: Value: ``(kind, config attribute)``; kind "plain" (f = identity), "softcap"
+#: (``c tanh(u / c)``, ``c`` = the attribute, None = off), "scale" (``s u``), "divide" (``u / s``).
+VERIFIED_ARCHITECTURES: dict[str, tuple[str, str | None]] = {
+    "LlamaForCausalLM": ("plain", None),
+    "Qwen2ForCausalLM": ("plain", None),
+    "Qwen3ForCausalLM": ("plain", None),
+    "MistralForCausalLM": ("plain", None),
+    "GPT2LMHeadModel": ("plain", None),
+    "GPTNeoXForCausalLM": ("plain", None),
+    "Phi3ForCausalLM": ("plain", None),
+    "Olmo2ForCausalLM": ("plain", None),
+    "Qwen2MoeForCausalLM": ("plain", None),
+    "MixtralForCausalLM": ("plain", None),
+    "Gemma2ForCausalLM": ("softcap", "final_logit_softcapping"),
+    "Gemma3ForCausalLM": ("softcap", "final_logit_softcapping"),
+    "CohereForCausalLM": ("scale", "logit_scale"),
+    "GraniteForCausalLM": ("divide", "logits_scaling"),
+}
+
+#: Config attributes that, in some transformers architecture, change the logits after the LM
+#: head (Gemma/NanoChat/VaultGemma ``final_logit_softcapping``, RecurrentGemma
+#: ``logits_soft_cap``, xLSTM ``output_logit_soft_cap``, Cohere ``logit_scale``, Granite and
+#: HyperCLOVAX ``logits_scaling``, FalconH1 ``lm_head_multiplier``, Inkling
+#: ``logits_mup_width_multiplier``, ...). Attention soft-caps (``attn_logit_softcapping``)
+#: act inside the trunk and are left out.
+_TRANSFORM_ATTR = re.compile(r"soft_?cap|logits?_scal|lm_head_mult|logits?_.*mult|output_mult|mup", re.I)
+_INSIDE_TRUNK = re.compile(r"^(attn|attention|router|query|embedding|residual)", re.I)
+
+#: Largest |our log-prob - log_softmax(model(...).logits)| (and the same for the entropy)
+#: accepted by the one-time check of an architecture not in VERIFIED_ARCHITECTURES. Both sides
+#: compute the same trunk and the same LM-head product; what remains is float32 rounding of the
+#: log-softmax (~1e-6), so 1e-4 leaves room and still catches any real transform.
+CHECK_TOLERANCE = 1e-4
+
+_CHECKED_ATTR = "_trustrl_logit_transform"
+
+
+def _configs(config) -> list:
+    """The config and its nested text config (multimodal wrappers keep the LM's there)."""
+    out = [config]
+    text = getattr(config, "text_config", None) if config is not None else None
+    if text is not None and text is not config:
+        out.append(text)
+    return out
+
+
+def _active_transform_attributes(config) -> list[str]:
+    """``name=value`` of every final-logit transform attribute of ``config`` that is switched
+    on (a soft-cap that is not None/0, a scale or multiplier that is not 1)."""
+    found = []
+    for cfg in _configs(config):
+        for name, value in sorted(vars(cfg).items()):
+            if not _TRANSFORM_ATTR.search(name) or _INSIDE_TRUNK.match(name):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            neutral = 0.0 if re.search(r"soft_?cap", name, re.I) else 1.0
+            if float(value) != neutral:
+                found.append(f"{name}={value}")
+    return found
+
+
+def _verified_transform(cls_name: str, config) -> LogitTransform:
+    kind, attr = VERIFIED_ARCHITECTURES[cls_name]
+    if kind == "plain":
+        return IDENTITY
+    value = getattr(config, attr, None)
+    where = f"{cls_name} config.{attr}={value!r}"
+    if kind == "softcap" and value is None:
+        return IDENTITY
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise LogitsMismatchError(f"{where}: expected a finite number > 0 (the forward uses it on every logit)")
+    if kind == "softcap":
+        return LogitTransform(softcap=float(value), source=f"config.{attr}")
+    if kind == "scale":
+        return LogitTransform(scale=float(value), source=f"config.{attr}")
+    return LogitTransform(scale=1.0 / float(value), source=f"1 / config.{attr}")
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The final-logit transform of ``model``'s forward (after the LM head, before sampling),
+    for :func:`trustrl.logprobs.chunked_token_logprobs`; raises :class:`LogitsMismatchError`
+    for a forward trustrl does not reproduce.
+
+    - A class in :data:`VERIFIED_ARCHITECTURES` (exactly that class, not a subclass, which may
+      override ``forward``): the transform named there, read from its config.
+    - Any other class is accepted only if (1) no config attribute of a known final-logit
+      transform is switched on (refused naming it: trustrl would not know where the forward
+      applies it) and (2) a one-time check passes: on a fixed two-row, left-padded input,
+      trustrl's chunked log-probs and entropies (no transform) equal
+      ``log_softmax(model(input_ids, attention_mask, position_ids).logits)`` within
+      :data:`CHECK_TOLERANCE`; otherwise refused naming the class and the gap. The result is
+      remembered on the model object, so the check costs one short forward per model.
+
+    Why a check rather than refusing every unlisted class: most causal LMs in transformers
+    are ``trunk -> lm_head`` and work as they are; the check proves it for the model at hand
+    (and also that :func:`lm_backbone_and_head` found the right trunk), so nothing that
+    differs is trained silently. Its blind spot is a transform that is invisible on the
+    model's current weights (a soft-cap far above every logit of a freshly initialized
+    model); attribute detection (1) covers the known ones.
+    """
+    base = model.get_base_model() if is_peft(model) else model
+    cls_name = type(base).__name__
+    config = getattr(base, "config", None)
+    if cls_name in VERIFIED_ARCHITECTURES and _is_transformers_class(type(base), cls_name):
+        return _verified_transform(cls_name, config)
+    cached = base.__dict__.get(_CHECKED_ATTR)
+    if cached is not None:
+        return cached
+    active = _active_transform_attributes(config)
+    if active:
+        raise LogitsMismatchError(
+            f"{cls_name}: config sets {', '.join(active)}, a final-logit transform trustrl does not "
+            f"reproduce for this class (verified classes: {', '.join(sorted(VERIFIED_ARCHITECTURES))}); "
+            "its log-probs would differ from the distribution it samples from"
+        )
+    gap = _forward_gap(model)
+    if not gap <= CHECK_TOLERANCE:
+        raise LogitsMismatchError(
+            f"{cls_name}: trustrl's log-probs differ from log_softmax({cls_name}(...).logits) by {gap:.2e} "
+            f"(> {CHECK_TOLERANCE:.0e}) on a test input: its forward does something to the logits that "
+            f"trustrl does not reproduce (verified classes: {', '.join(sorted(VERIFIED_ARCHITECTURES))})"
+        )
+    base.__dict__[_CHECKED_ATTR] = IDENTITY
+    return IDENTITY
+
+
+def _is_transformers_class(cls: type, name: str) -> bool:
+    import transformers
+
+    return getattr(transformers, name, None) is cls
+
+
+@torch.no_grad()
+def _forward_gap(model: nn.Module) -> float:
+    """max |ours - theirs| over log-probs and entropies on a fixed 2 x 8 input whose second row
+    is left-padded by 3 (ours: trunk + chunked LM head, no transform; theirs: the model's
+    forward, float32 log-softmax)."""
+    backbone, head = lm_backbone_and_head(model)
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = ((torch.arange(16, device=device).reshape(2, 8) * 7 + 3) % vocab).long()
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = trunk_hidden_states(backbone, ids, mask)
+        logp, ent = chunked_token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], bias=getattr(head, "bias", None),
+                                           return_entropy=True)
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask),
+                       use_cache=False).logits
+    except LogitsMismatchError:
+        raise
+    except Exception as err:  # transformers raises many types here
+        raise LogitsMismatchError(
+            f"{type(model).__name__}: could not compare trustrl's log-probs with the model's forward: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (*ids.shape, vocab):
+        return math.inf
+    ref = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref_logp = ref.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref_ent = -(ref.exp() * ref).sum(-1)
+    keep = mask[:, :-1]
+    gap = torch.maximum((logp.float() - ref_logp).abs(), (ent.float() - ref_ent).abs())[keep].max()
+    return float(gap) if torch.isfinite(gap) else math.inf
 
 
 def save_model(model: nn.Module, tokenizer, directory: str | Path) -> Path:
