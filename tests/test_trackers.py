@@ -419,3 +419,43 @@ def test_trackio_local_store_history_config_tables_and_resume(tmp_path: Path) ->
     cfg = out["configs"][name]
     assert cfg["learning_rate"] == 0.001 and cfg["lora"] == {"r": 4} and "hub_token" not in cfg
     assert [(r["step"], r["reward/mean"]) for r in out["logs"][fresh] if "reward/mean" in r] == [(1, 0.3)]
+
+
+
+def count_a(prompts, completions, **columns):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+@pytest.mark.skipif(not (HAS_WANDB and HAS_TRACKIO), reason="needs wandb and trackio (pip install 'trustrl[wandb,trackio]')")
+def test_a_grpo_run_reports_the_same_records_to_every_tracker(tiny_model_dir, addition_data, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in [k for k in os.environ if k.startswith(("WANDB_", "TRACKIO_"))]:
+        monkeypatch.delenv(k)
+    for k, v in _offline_env(tmp_path).items():
+        if k.startswith(("WANDB_", "TRACKIO_", "HF_")):
+            monkeypatch.setenv(k, v)
+    from trustrl.algorithms.grpo import GRPOTrainer
+    from trustrl.config import GRPOConfig
+
+    run_dir = tmp_path / "run"
+    cfg = GRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(run_dir), max_steps=2,
+                     prompts_per_step=2, group_size=2, max_completion_length=4, max_prompt_length=16, learning_rate=1e-3,
+                     beta=0.0, progress=False, seed=0, rewards=[], report_to=["tensorboard", "wandb", "trackio"],
+                     sample_every=1)
+    GRPOTrainer(cfg, reward_funcs=[count_a]).train()
+
+    records = read_metrics(run_dir)
+    expected = [(r["step"], r["reward/mean"]) for r in records if r.get("reward/mean") is not None]
+    assert [s for s, _ in expected] == [1, 2]
+    wb = _wandb_run(run_dir)  # no WANDB_DIR: W&B's files go to the run directory
+    assert _scalars(wb["history"], "reward/mean") == expected
+    assert wb["config"]["group_size"] == 2 and wb["config"]["report_to"] == ["tensorboard", "wandb", "trackio"]
+    # trackio (its store is where this process first imported it: TRACKIO_DIR=tmp_path unless
+    # imported earlier; the run name is unique either way)
+    from trackio.sqlite_storage import SQLiteStorage
+
+    name = json.loads((run_dir / "trackers.json").read_text())["trackio"]["name"]
+    logs = SQLiteStorage.get_logs("trustrl", name)
+    assert [(r["step"], r["reward/mean"]) for r in logs if "reward/mean" in r] == expected
+    assert SQLiteStorage.get_run_config("trustrl", name)["group_size"] == 2
+    assert (run_dir / "tb").is_dir()  # TensorBoard as before
