@@ -441,6 +441,41 @@ def test_hostile_solutions_score_zero_and_leave_nothing_running():
                 if sandbox_mod._UID_LOW <= r[1] < sandbox_mod._UID_HIGH] == []
 
 
+@pytest.mark.skipif(sandbox_mod.sandbox_capabilities()["filesystem"] != "readonly_mounts",
+                    reason="no private root here (mode plain): files are readable")
+def test_expected_values_cannot_be_looked_up_on_disk(tmp_path):
+    # A world-readable dataset (dir 0755, file 0644 outside /root and /home) and this test file
+    # in the repository both hold "assert add(10, 20) == 30" etc. A solution that reads them
+    # and answers from the table would score 1 if it could open either; the sandbox's root holds
+    # neither, so it returns None everywhere -> 0.
+    shared = tmp_path.parent / f"trustrl_dataset_{os.getpid()}"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(shared, 0o755)
+    data = shared / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "add", "tests": ADD}) + "\n")
+    os.chmod(data, 0o644)
+    paths = [str(data), os.path.abspath(__file__)]
+    lookup = (
+        "```python\nimport re\nTABLE = {}\n"
+        f"for path in {paths!r}:\n"
+        "    try:\n        text = open(path).read().replace('\\\\n', '\\n')\n"
+        "    except OSError:\n        continue\n"
+        "    for a, b, e in re.findall(r'assert add\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)', text):\n"
+        "        TABLE[(int(a), int(b))] = int(e)\n"
+        "def add(a, b):\n    return TABLE.get((a, b))\n```")
+    fn = code_tests_reward(timeout_s=10.0)
+    try:
+        assert fn(["p"], [lookup], tests=[ADD]) == [0.0]
+        # the same solution outside the sandbox finds every answer (the files are readable):
+        ns: dict = {}
+        exec(lookup.split("```python\n")[1].split("```")[0], ns)  # noqa: S102 - our own code
+        assert [ns["add"](1, 2), ns["add"](10, 20), ns["add"](-7, 2), ns["add"](100, 1)] == \
+            [3, 30, -5, 101]
+    finally:
+        data.unlink()
+        shared.rmdir()
+
+
 HOSTILE_PROG = {
     "exits_before_printing": "import os\nos._exit(0)\n",
     "right_output_then_crash": (

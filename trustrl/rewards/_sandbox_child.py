@@ -15,11 +15,13 @@ uid, for when we are not root)::
       +- init = pid 1 of the new pid ns   mounts (below); fork; reap all until the program ends
            +- program (pid 2)             rlimits; drop to the sandbox uid; execve python
 
-Mounts (private to the namespace): ``/root``, ``/home`` and any non-traversable ancestor of the
-interpreter are covered by empty tmpfs with only the interpreter prefix bound back; a procfs of
-the new pid namespace (``hidepid=2``); then *every* mount remounted read-only + nosuid; the
-work dir becomes a small size/inode-capped tmpfs holding the program's files - the only
-writable place, gone with the namespace. The new network namespace has only a loopback that is
+Mounts (private to the namespace): a new root, an empty tmpfs holding only bind mounts of the
+system directories (``/usr``, ``/etc``, ``/dev``) and the interpreter's prefix, the old root's
+top-level symbolic links and empty ``/proc`` and ``/tmp``; nothing else of the machine (the
+repository, datasets, ``/home``, ``/root``, ``/mnt``, ...) exists in it. Then a procfs of the
+new pid namespace (``hidepid=2``); then *every* mount remounted read-only + nosuid; the work
+dir becomes a small size/inode-capped tmpfs holding the program's files - the only writable
+place, gone with the namespace. The new network namespace has only a loopback that is
 down: nothing is reachable, 127.0.0.1 included.
 
 When the program exits, init passes its raw wait status to the waiter through a pipe and
@@ -149,24 +151,35 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _hide_and_reexpose(hide: list[str], expose: list[str], stage: str, workdir: str) -> None:
-    """Mount an empty tmpfs on each path in ``hide``; bind each ``expose`` path back.
+def _build_root(keep: list[str], workdir: str) -> None:
+    """Make a new, nearly empty root the only file system the sandbox sees.
 
-    Exposed paths are first bind-mounted onto ``stage/<i>`` (so they stay reachable while
-    their ancestor is covered), then moved to their original place inside the new tmpfs.
+    An empty tmpfs gets bind mounts of the ``keep`` paths (the system directories and the
+    interpreter's prefix: none is below another), the top-level symbolic links of the old root
+    (``/bin -> usr/bin``, ...), and empty ``/proc``, ``/tmp`` and work-dir mount points; it is
+    then moved onto ``/`` and this process chroots into it (as ``switch_root`` does), so every
+    other path of the machine (the repository, datasets, ``/tmp``, ``/home``, ``/root``,
+    ``/mnt``, ``/opt``, ``/var``, ...) is simply absent.
     """
-    hide = [h for h in hide if os.path.isdir(h) and not _is_under(workdir, h)]
-    staged = []
-    for i, path in enumerate(p for p in expose if any(_is_under(p, h) for h in hide)):
-        spot = os.path.join(stage, str(i))
-        os.mkdir(spot, 0o700)
-        _mount(path, spot, None, MS_BIND | MS_REC)
-        staged.append((spot, path))
-    for h in sorted(set(hide), key=len):
-        _mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=256,mode=0755")
-    for spot, path in staged:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        _mount(spot, path, None, MS_MOVE)
+    new = os.path.join(workdir, ".root")
+    os.mkdir(new, 0o755)
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    for path in keep:
+        if not os.path.isdir(path):
+            continue
+        target = new + path
+        os.makedirs(target, mode=0o755, exist_ok=True)  # inside the new tmpfs only
+        _mount(path, target, None, MS_BIND | MS_REC)
+    for name in os.listdir("/"):
+        link = os.path.join("/", name)
+        if os.path.islink(link) and not os.path.lexists(new + link):
+            os.symlink(os.readlink(link), new + link)
+    for empty in ("/proc", "/tmp", workdir):
+        os.makedirs(new + empty, mode=0o755, exist_ok=True)
+    os.chdir(new)
+    _mount(new, "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
 
 
 def _set_limits_and_drop(cfg: dict) -> None:
@@ -269,9 +282,7 @@ def _setup_namespaces(cfg: dict, files: dict[str, bytes]) -> None:
     """In the new init (pid 1): mounts, then the program's files in its private tmpfs."""
     workdir, uid = cfg["workdir"], cfg.get("uid")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    stage = os.path.join(workdir, ".stage")
-    os.mkdir(stage, 0o700)
-    _hide_and_reexpose(cfg["hide"], cfg["expose"], stage, workdir)
+    _build_root(cfg["keep"], workdir)
     # A procfs of the new pid namespace: only the sandbox's own processes are visible
     # (hidepid=2 further hides the root-owned init from the dropped-uid program).
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")

@@ -31,6 +31,9 @@ Threat model of the ``code_tests`` reward
       (``sys.exit``, ``os._exit``, a signal), breaking the harness, timing out or flooding
       the pipe can only lose cases, never pass them. Reading stops when the run is over and
       every process of the sandbox has been killed, so a forked child cannot answer later.
+    - The expected values are not on the sandbox's file system either (modes ``root`` and
+      ``userns``): its root holds only the system directories and the interpreter, so the
+      dataset, the repository and the trainer's files cannot be searched for the answers.
     - Hence, to pass a case the sandbox must send back a plain value that satisfies the check,
       exactly what an honest solution does. Patching builtins, ``compile``/``exec``,
       ``AssertionError`` or ``sys.modules``, reading the harness's frames, ``gc`` or fds,
@@ -45,22 +48,26 @@ Threat model of the ``code_tests`` reward
       refuses the visible forms (a comparison, ``and``/``or``, ``not`` or if-else inside the
       tested expression; asserts inside ``for``/``if``/``def``) but cannot see through method
       calls or helpers. ``assert f(x)`` passes on any truthy value: weak tests stay weak.
-    - Kernel exploits (there is no seccomp filter), reading world-readable files, and the use
-      of resources up to the limits (per completion: ``timeout_s`` of wall and CPU time,
+    - Kernel exploits (there is no seccomp filter); reading ``/usr``, ``/etc`` and the
+      interpreter's prefix, the only paths of the machine in the sandbox's root (a dataset
+      holding the expected values must not live there; anywhere else it is out of reach); and
+      the use of resources up to the limits (per completion: ``timeout_s`` of wall and CPU time,
       ``memory_mb`` per process, 16 processes, 32 MiB of disk, 64 KiB of stderr, 32 MiB of
       results).
-    - Mode ``plain`` (below) is weaker: the network block is bypassable and, when not root,
-      clean-up is by session, which ``setsid()`` escapes (such a process may outlive the run;
-      it still cannot answer once the run is over).
+    - Mode ``plain`` (below) is weaker: every world-readable file (a dataset included) can be
+      read, the network block is bypassable and, when not root, clean-up is by session, which
+      ``setsid()`` escapes (such a process may outlive the run; it still cannot answer once
+      the run is over).
 
 Isolation, strongest first (probed once, see :func:`sandbox_capabilities`):
 
 ``mode="root"`` (we are root with CAP_SYS_ADMIN, the case on the training boxes):
     new network namespace (no interface up: nothing is reachable, not even 127.0.0.1); new
-    mount + IPC + pid namespaces in which *every* mount is read-only and nosuid, ``/root`` and
-    ``/home`` are covered by empty tmpfs (only the interpreter's own prefix re-exposed), procfs
-    shows only the sandbox's processes and the working directory is a private size/inode-capped
-    tmpfs that vanishes with the namespace. The program runs as a fresh unprivileged uid/gid
+    mount + IPC + pid namespaces with a private root that holds only ``/usr``, ``/etc``,
+    ``/dev`` and the interpreter's prefix (the repository, datasets, ``/tmp``, ``/home``,
+    ``/root``, ``/mnt``, ... are absent), in which *every* mount is read-only and nosuid;
+    procfs shows only the sandbox's processes and the working directory is a private
+    size/inode-capped tmpfs that vanishes with the namespace. The program runs as a fresh unprivileged uid/gid
     (random, unused, no supplementary groups, no_new_privs), so ``RLIMIT_NPROC`` is enforced
     (it is not for root) and counts only this sandbox's processes. When the program ends, the
     kernel kills and reaps everything left in its pid namespace (``setsid()`` does not escape
@@ -84,7 +91,8 @@ through a bounded buffer (the process is killed as soon as either stream passes 
 afterwards every process of the sandbox killed and the temporary directory deleted.
 
 What this is *not*: a defence against kernel exploits (there is no seccomp filter), and the
-code can still *read* world-readable files (``/etc``, ``/usr``, the repository).
+code can still *read* what its root holds (``/usr``, ``/etc``, ``/dev``, the interpreter's
+prefix; in mode ``plain``, every world-readable file).
 """
 
 from __future__ import annotations
@@ -97,7 +105,6 @@ import secrets
 import selectors
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -165,26 +172,21 @@ def _interpreter() -> tuple[str, str]:
     return os.path.realpath(exe), os.path.realpath(sys.base_prefix)
 
 
-def _untraversable_ancestors(path: str) -> list[str]:
-    """Ancestors of ``path`` that other users cannot enter (no o+x), outermost first."""
-    out, cur = [], "/"
-    for part in path.strip("/").split("/")[:-1]:
-        cur = os.path.join(cur, part)
-        try:
-            if not os.stat(cur).st_mode & stat.S_IXOTH:
-                out.append(cur)
-        except OSError:
-            break
-    return out
+#: What the sandbox's root holds besides the interpreter's prefix (and the old root's top-level
+#: symbolic links such as ``/bin -> usr/bin``): everything else of the machine is absent.
+_SYSTEM_DIRS = ("/usr", "/etc", "/dev")
 
 
-def _hide_and_expose() -> tuple[list[str], list[str]]:
+def _kept_paths() -> list[str]:
+    """Directories bind-mounted into the sandbox's root: the system directories and the
+    interpreter's prefix (and the executable's directory if outside it), none below another."""
     exe, prefix = _interpreter()
-    expose = [prefix] if exe.startswith(prefix.rstrip("/") + "/") else [prefix, os.path.dirname(exe)]
-    hide = ["/root", "/home"]
-    for p in expose:
-        hide += _untraversable_ancestors(p + "/x")[:1]
-    return sorted(set(hide)), expose
+    wanted = {prefix} if exe.startswith(prefix.rstrip("/") + "/") else {prefix,
+                                                                         os.path.dirname(exe)}
+    wanted |= set(_SYSTEM_DIRS)
+    return sorted(p for p in wanted
+                  if not any(q != p and (p.startswith(q.rstrip("/") + "/") or q == "/")
+                             for q in wanted))
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,10 +351,9 @@ def _run(code: str, *, stdin: str, wall_time_s: float, cpu_time_s: float, memory
         if uid is None:  # RLIMIT_NPROC counts all processes of our uid: leave room for them
             me = os.getuid()
             nproc += sum(1 for row in _proc_table() if row[1] == me) + 2  # + waiter, init
-        hide, expose = _hide_and_expose()
         cfg = {
             "mode": mode, "netns": netns, "workdir": workdir, "files": sorted(files),
-            "uid": uid, "hide": hide, "expose": expose, "python": python,
+            "uid": uid, "keep": _kept_paths(), "python": python,
             "parent_pid": os.getpid(), "backstop_s": math.ceil(wall_time_s) + 30,
             "main": "main.py" if netns else "_trustrl_boot.py",
             "disk_bytes": disk_mb << 20, "max_inodes": 4096,
@@ -494,7 +495,8 @@ def sandbox_capabilities() -> dict[str, Any]:
     Keys: ``mode`` (``"root"``, ``"userns"`` or ``"plain"``, see the module docstring),
     ``network`` (``"netns"`` or ``"socket_disabled"``: what ``network="auto"`` gives),
     ``netns_available``, ``uid_drop`` (runs as a fresh unprivileged uid), ``filesystem``
-    (``"readonly_mounts"``: every mount read-only except the private tmpfs work dir, or
+    (``"readonly_mounts"``: a private root of system directories and the interpreter, every
+    mount read-only except the private tmpfs work dir, or
     ``"permissions_only"``), ``pid_hiding`` (other users' processes invisible in /proc) and
     ``process_cleanup`` (``"pid_namespace"``: the kernel kills and reaps everything in the
     sandbox's pid namespace when the program ends; ``"uid"``: the parent kills every process
