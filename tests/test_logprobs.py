@@ -1,5 +1,6 @@
 """Tests for trustrl.logprobs: selective/chunked log-probs equal the naive log_softmax+gather
-(values and gradients, with temperature), saved-tensor audit, and a peak-RSS comparison."""
+(values and gradients, with temperature and final-logit transforms), saved-tensor audit, and a
+peak-RSS comparison."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustrl.logprobs import chunked_token_logprobs, naive_token_logprobs, selective_log_softmax
+from trustrl.logprobs import (
+    LogitTransform,
+    apply_logit_transform,
+    chunked_token_logprobs,
+    naive_token_logprobs,
+    selective_log_softmax,
+)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -161,6 +168,116 @@ def test_chunked_bf16_close_to_float32() -> None:
     out.sum().backward()
     assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16
     assert weight.grad is not None and weight.grad.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- transforms
+ATANH_HALF = 0.5493061443340549  # atanh(0.5): tanh(ATANH_HALF) = 0.5
+
+
+@pytest.mark.parametrize("transform, temperature, u, expected", [
+    # soft-cap c = 2: u = [2 atanh(0.5), 0] -> z = 2 tanh(u / 2) = [1, 0];
+    # log p(token 0) = 1 - ln(e + 1) = 1 - 1.3132617 = -0.3132617
+    (LogitTransform(softcap=2.0), 1.0, [2 * ATANH_HALF, 0.0], -0.3132617),
+    # same with T = 0.5: z / T = [2, 0]; log p(0) = 2 - ln(e^2 + 1) = 2 - 2.1269280 = -0.1269280
+    (LogitTransform(softcap=2.0), 0.5, [2 * ATANH_HALF, 0.0], -0.1269280),
+    # scale s = 0.5 (Cohere): u = [2 ln 3, 0] -> z = [ln 3, 0]; p(0) = 3/4, ln 0.75 = -0.2876821
+    (LogitTransform(scale=0.5), 1.0, [2 * 1.0986123, 0.0], -0.2876821),
+    # scale then cap: s = 2, c = 1: u = [atanh(0.5) / 2, 0] -> s u = atanh(0.5) -> z = [0.5, 0];
+    # log p(0) = 0.5 - ln(e^0.5 + 1) = 0.5 - 0.9740770 = -0.4740770
+    (LogitTransform(scale=2.0, softcap=1.0), 1.0, [ATANH_HALF / 2, 0.0], -0.4740770),
+])
+def test_transformed_logprob_by_hand(transform, temperature, u, expected) -> None:
+    # hidden = u, W = identity: the LM-head output is u itself
+    hidden = torch.tensor([u], dtype=torch.float64)
+    weight = torch.eye(2, dtype=torch.float64)
+    out = chunked_token_logprobs(hidden, weight, torch.tensor([0]), temperature=temperature, transform=transform)
+    assert float(out[0]) == pytest.approx(expected, abs=1e-6)
+    naive = naive_token_logprobs(hidden, weight, torch.tensor([0]), temperature=temperature, transform=transform)
+    assert float(naive[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_transformed_softcap_gradient_by_hand() -> None:
+    # c = 2, u = [2 atanh(0.5), 0], z = [1, 0], p = softmax(z) = [e/(e+1), 1/(e+1)] = [0.7310586, 0.2689414].
+    # d log p(0) / d u_v = (1[v=0] - p_v) (1 - tanh^2(u_v / c)):
+    #   v = 0: (1 - 0.7310586) (1 - 0.25) = 0.2017060;  v = 1: (0 - 0.2689414) (1 - 0) = -0.2689414
+    u = torch.tensor([[2 * ATANH_HALF, 0.0]], dtype=torch.float64, requires_grad=True)
+    out = chunked_token_logprobs(u, torch.eye(2, dtype=torch.float64), torch.tensor([0]),
+                                 transform=LogitTransform(softcap=2.0))
+    out.sum().backward()
+    assert u.grad[0].tolist() == pytest.approx([0.2017060, -0.2689414], abs=1e-6)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(scale=0.3), LogitTransform(softcap=1.5),
+                                       LogitTransform(scale=2.5, softcap=0.7)])
+def test_transformed_chunked_matches_written_out_reference_and_gradcheck(transform) -> None:
+    gen = torch.Generator().manual_seed(11)
+    f64 = torch.float64
+    hidden = torch.randn(3, 5, 6, generator=gen, dtype=f64).requires_grad_(True)
+    weight = torch.randn(13, 6, generator=gen, dtype=f64).requires_grad_(True)
+    bias = torch.randn(13, generator=gen, dtype=f64).requires_grad_(True)
+    ids = torch.randint(0, 13, (3, 5), generator=gen)
+    upstream = torch.randn(3, 5, generator=gen, dtype=f64)
+    temp = 0.7
+    out, ent = chunked_token_logprobs(hidden, weight, ids, bias=bias, temperature=temp, chunk_size=4,
+                                      return_entropy=True, transform=transform)
+    grads = torch.autograd.grad((out * upstream).sum(), (hidden, weight, bias))
+    # reference written out here (no trustrl code): s u, then c tanh(. / c), then / T
+    z = (hidden @ weight.T + bias) * transform.scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    logsm = torch.log_softmax(z / temp, dim=-1)
+    ref = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ent, (-(logsm.exp() * logsm).sum(-1)).detach())
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+    assert torch.autograd.gradcheck(
+        lambda hh, ww, bb: chunked_token_logprobs(hh, ww, ids, bias=bb, temperature=temp, chunk_size=4,
+                                                  transform=transform),
+        (hidden, weight, bias),
+    )
+    # apply_logit_transform is the same function, and differentiable twice (TRPO's KL)
+    torch.testing.assert_close(apply_logit_transform(hidden @ weight.T + bias, transform) / temp, z / temp)
+    assert torch.autograd.gradgradcheck(lambda x: apply_logit_transform(x, transform).sum(-1),
+                                        (torch.randn(2, 4, generator=gen, dtype=f64).requires_grad_(True),))
+
+
+def test_transformed_chunked_bf16_weights() -> None:
+    gen = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 6, 16, generator=gen).bfloat16().requires_grad_(True)
+    weight = torch.randn(50, 16, generator=gen).bfloat16().requires_grad_(True)  # logits ~4: the cap bites
+    ids = torch.randint(0, 50, (2, 6), generator=gen)
+    transform = LogitTransform(softcap=3.0)
+    out = chunked_token_logprobs(hidden, weight, ids, chunk_size=5, transform=transform)
+    assert out.dtype == torch.float32
+    u = hidden.detach().float() @ weight.detach().float().T
+    ref = _reference_logp(3.0 * torch.tanh(u / 3.0), ids)
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=0)
+    assert (out - _reference_logp(u, ids)).abs().max() > 0.5  # the cap matters at this scale
+    out.sum().backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16
+    assert weight.grad is not None and weight.grad.dtype == torch.bfloat16
+
+
+def test_identity_transform_is_bitwise_the_untransformed_path() -> None:
+    gen = torch.Generator().manual_seed(17)
+    hidden = torch.randn(7, 8, generator=gen)
+    weight = torch.randn(20, 8, generator=gen)
+    ids = torch.randint(0, 20, (7,), generator=gen)
+    a = chunked_token_logprobs(hidden, weight, ids, temperature=0.9, chunk_size=3)
+    b = chunked_token_logprobs(hidden, weight, ids, temperature=0.9, chunk_size=3, transform=LogitTransform())
+    assert torch.equal(a, b)
+
+
+def test_logit_transform_argument_errors() -> None:
+    for bad in (dict(scale=0.0), dict(scale=-1.0), dict(scale=float("inf")), dict(softcap=0.0),
+                dict(softcap=-2.0), dict(softcap=float("nan"))):
+        with pytest.raises(ValueError, match="LogitTransform"):
+            LogitTransform(**bad)
+    h, w, ids = torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="chunked_token_logprobs: transform must be a LogitTransform"):
+        chunked_token_logprobs(h, w, ids, transform=3.0)
 
 
 def test_chunked_argument_errors() -> None:
