@@ -1,5 +1,6 @@
-"""The maze env (trustrl/Maze-v0): API conformance, rewards by hand, truncation, rendering;
-tabular TD(0) against the exact linear solve, Q-learning against BFS."""
+"""The maze envs (trustrl/Maze-v0 with compass moves, trustrl/MazeRobot-v0 with forward / turn
+left / turn right): API conformance, rewards by hand, truncation by Gymnasium's TimeLimit,
+rendering; tabular TD(0) against the exact linear solve, Q-learning against BFS."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 import gymnasium as gym
 from gymnasium.utils.env_checker import check_env
+from gymnasium.wrappers import TimeLimit
 
 import trustrl.classic  # noqa: F401  (registers trustrl/Maze-v0)
 from trustrl.classic.maze import DEFAULT_LAYOUT, MazeEnv
@@ -20,8 +22,11 @@ ROOM = ["#####", "#S..#", "#.#.#", "#..E#", "#####"]
 @pytest.mark.filterwarnings("ignore:.*alternative render modes")
 def test_check_env_passes_for_default_and_custom_layouts():
     check_env(gym.make("trustrl/Maze-v0").unwrapped)  # with a spec: also checks render modes
-    check_env(MazeEnv(ROOM, max_episode_steps=7, render_mode="ansi"))
+    check_env(gym.make("trustrl/MazeRobot-v0").unwrapped)
+    check_env(MazeEnv(ROOM, render_mode="ansi"))
+    check_env(MazeEnv(ROOM, controls="robot", start_heading="south", render_mode="ansi"))
     check_env(MazeEnv(DEFAULT_LAYOUT, wall_reward=-1.0, step_reward=0.0, render_mode="rgb_array"))
+    check_env(MazeEnv(DEFAULT_LAYOUT, controls="robot", render_mode="rgb_array"))
 
 
 def test_registered_id_and_spaces():
@@ -34,10 +39,17 @@ def test_registered_id_and_spaces():
     assert raw.action_space == gym.spaces.Discrete(4)
     obs, info = env.reset(seed=0)
     assert obs == raw.start == 0 and info["position"] == (1, 1)
+    # the robot: 24 cells x 4 headings, 3 actions; starts at cell 0 facing east (4 * 0 + 1)
+    robot = gym.make("trustrl/MazeRobot-v0")
+    assert robot.observation_space == gym.spaces.Discrete(96) and robot.action_space == gym.spaces.Discrete(3)
+    obs, info = robot.reset(seed=0)
+    assert obs == 1 and info == {"position": (1, 1), "heading": "east"}
+    # both registered with Gymnasium's TimeLimit of 200 steps
+    assert env.spec.max_episode_steps == robot.spec.max_episode_steps == 200
 
 
 def test_rewards_walls_exit_by_hand():
-    env = MazeEnv(CORRIDOR, exit_reward=1.0, wall_reward=-0.5, step_reward=-0.01, max_episode_steps=50)
+    env = MazeEnv(CORRIDOR, exit_reward=1.0, wall_reward=-0.5, step_reward=-0.01)
     s, _ = env.reset(seed=0)
     assert s == 0
     # up from S is a wall: stay, reward = step -0.01 + wall -0.5 = -0.51
@@ -66,16 +78,63 @@ def test_configurable_rewards():
 
 
 def test_time_limit_truncates_not_terminates():
-    env = MazeEnv(CORRIDOR, max_episode_steps=3)
+    env = gym.make("trustrl/Maze-v0", layout=CORRIDOR, max_episode_steps=3)  # Gymnasium's TimeLimit
     env.reset()
     flags = [env.step(0)[2:4] for _ in range(3)]  # bump into the wall three times
     assert flags == [(False, False), (False, False), (False, True)]
-    # reaching the exit exactly on the last allowed step is a termination, not a truncation
-    env = MazeEnv(CORRIDOR, max_episode_steps=2)
+    # reaching the exit exactly on the last allowed step is a termination; Gymnasium's TimeLimit
+    # flags it truncated as well, and every learner here checks `terminated` first (no
+    # bootstrap from an exit: TD targets and GAE multiply V(s') by 1 - terminated)
+    env = gym.make("trustrl/Maze-v0", layout=CORRIDOR, max_episode_steps=2)
     env.reset()
     env.step(1)
     _, _, term, trunc, _ = env.step(1)
-    assert (term, trunc) == (True, False)
+    assert (term, trunc) == (True, True)
+    # MazeEnv itself has no time limit: 500 bumps, never truncated
+    raw = MazeEnv(CORRIDOR)
+    raw.reset()
+    assert not any(raw.step(0)[3] for _ in range(500))
+
+
+def test_robot_moves_forward_and_turns_by_hand():
+    env = MazeEnv(CORRIDOR, controls="robot", exit_reward=1.0, wall_reward=-0.5, step_reward=-0.01)
+    s, info = env.reset(seed=0)
+    assert (s, info["heading"]) == (4 * 0 + 1, "east")
+    # turn left: facing north, same cell, only the step cost
+    s, r, term, trunc, info = env.step(1)
+    assert (s, info["heading"], info["position"], info["bumped"]) == (4 * 0 + 0, "north", (1, 1), False)
+    assert r == pytest.approx(-0.01)
+    # forward while facing north: a wall, stay, -0.01 - 0.5
+    s, r, *_ = env.step(0)
+    assert s == 0 and r == pytest.approx(-0.51)
+    # turn right twice: north -> east -> south; then once left: east again
+    assert [env.step(2)[4]["heading"], env.step(2)[4]["heading"], env.step(1)[4]["heading"]] == \
+        ["east", "south", "east"]
+    # forward, forward: (1,2) then the exit (1,3): -0.01, then -0.01 + 1.0, terminated
+    s, r, term, _, info = env.step(0)
+    assert (s, info["position"], term) == (4 * 1 + 1, (1, 2), False) and r == pytest.approx(-0.01)
+    s, r, term, trunc, _ = env.step(0)
+    assert (s, term, trunc) == (4 * 2 + 1, True, False) and r == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="Discrete\\(3\\)"):
+        env.step(3)
+    with pytest.raises(ValueError, match="controls"):
+        MazeEnv(CORRIDOR, controls="joystick")
+
+
+def test_robot_exact_policy_evaluation_by_hand():
+    env = MazeEnv(CORRIDOR, controls="robot")
+    ns, r, term = env.transition_table()
+    pi = np.zeros((12, 3))
+    pi[:, 0] = 1.0  # always forward
+    v = tabular.exact_policy_evaluation(ns, r, term, pi, gamma=0.9)
+    # facing east: V(1, E) = -0.01 + 1 = 0.99; V(0, E) = -0.01 + 0.9 * 0.99 = 0.881
+    # facing north or south: a wall forever, V = -0.51 / (1 - 0.9) = -5.1
+    # facing west from cell 1: into cell 0 facing west (-0.01), then the wall forever:
+    #   V(1, W) = -0.01 + 0.9 * V(0, W) = -0.01 + 0.9 * (-5.1) = -4.6
+    # exit states: 0
+    np.testing.assert_allclose(v[[1, 5, 0, 2, 4, 6, 3, 7]], [0.881, 0.99, -5.1, -5.1, -5.1, -5.1, -5.1, -4.6],
+                               atol=1e-12)
+    assert v[8:].tolist() == [0.0] * 4
 
 
 def test_rendering_ansi_and_rgb():
@@ -90,6 +149,12 @@ def test_rendering_ansi_and_rgb():
     assert img.shape == (7 * 8, 9 * 8, 3) and img.dtype == np.uint8
     # the agent's square (row 1, col 1) is drawn in red at its centre
     assert tuple(img[1 * 8 + 4, 1 * 8 + 4]) == (220, 60, 50)
+    # the robot is drawn as an arrow in ANSI: > facing east, ^ after a left turn
+    env = MazeEnv(CORRIDOR, controls="robot", render_mode="ansi")
+    env.reset()
+    assert env.render() == "#####\n#>.E#\n#####\n"
+    env.step(1)
+    assert env.render() == "#####\n#^.E#\n#####\n"
 
 
 @pytest.mark.parametrize(
@@ -107,6 +172,10 @@ def test_bfs_shortest_path_default_layout_by_hand():
     # -> E(5,7): 10 moves. The other routes (over the top right, 14 moves; the bottom-left
     # corridor is a dead end) are longer.
     assert env.shortest_path_lengths()[env.start] == 10
+    # The robot (starts facing east) along the same route: 10 forward moves and a turn at
+    # each of the 4 corners, (1,3) right, (3,3) left, (3,5) right, (5,5) left: 14 actions.
+    robot = MazeEnv(controls="robot")
+    assert robot.shortest_path_lengths()[robot.start] == 14
 
 
 def test_exact_policy_evaluation_by_hand():
@@ -122,9 +191,9 @@ def test_exact_policy_evaluation_by_hand():
 def test_td0_matches_exact_linear_solve_with_truncation():
     # Short time limit (6 steps) on purpose: TD(0) must bootstrap through truncation to
     # estimate the infinite-horizon V^pi that the linear system defines.
-    env = MazeEnv(ROOM, max_episode_steps=6)
-    ns, r, term = env.transition_table()
-    pi = tabular.uniform_policy(env.n_cells, 4)
+    env = TimeLimit(MazeEnv(ROOM), max_episode_steps=6)
+    ns, r, term = env.unwrapped.transition_table()
+    pi = tabular.uniform_policy(env.unwrapped.n_cells, 4)
     exact = tabular.exact_policy_evaluation(ns, r, term, pi, gamma=0.8)
     assert exact.min() < -1.0  # values of order 1, so the tolerance below is meaningful
     res = tabular.td0_evaluation(env, pi, total_steps=200_000, gamma=0.8, alpha=lambda n: n ** -0.8, seed=0)
@@ -146,6 +215,18 @@ def test_q_learning_greedy_path_is_shortest():
     assert ret == pytest.approx(0.9)
 
 
+def test_q_learning_robot_greedy_path_is_shortest():
+    env = gym.make("trustrl/MazeRobot-v0")
+    raw = env.unwrapped
+    res = tabular.q_learning(env, total_steps=20_000, gamma=0.99, alpha=0.5, epsilon=0.2, seed=0)
+    path, ret, reached = tabular.greedy_rollout(env, res.table)
+    bfs = raw.shortest_path_lengths()
+    assert reached and len(path) - 1 == bfs[raw.start] == 14
+    assert [int(bfs[s]) for s in path] == list(range(14, -1, -1))
+    # 14 actions: 14 x (-0.01) + 1.0
+    assert ret == pytest.approx(0.86)
+
+
 def test_tabular_episode_logs_by_hand():
     # CORRIDOR with "always right" (action 1): S -> . -> E, every episode 2 steps, return
     # -0.01 + 0.99 = 0.98; 7 steps = 3 whole episodes (ending at steps 2, 4, 6) + 1 step.
@@ -159,6 +240,6 @@ def test_tabular_episode_logs_by_hand():
     assert res.episode_lengths == [2, 2, 2] and [n for _, _, n in seen] == [2, 2, 2]
     assert res.episode_returns == pytest.approx([0.98] * 3) and [r for _, r, _ in seen] == res.episode_returns
     # a time limit of 1 step truncates every Q-learning episode after one step
-    short = MazeEnv(CORRIDOR, max_episode_steps=1)
+    short = TimeLimit(MazeEnv(CORRIDOR), max_episode_steps=1)
     res = tabular.q_learning(short, total_steps=5, seed=0)
     assert res.episode_lengths == [1] * 5 and res.env_steps == 5

@@ -6,6 +6,7 @@ Examples::
     python -m trustrl.classic --algo trpo --env CartPole-v1 --total-steps 100000
     python -m trustrl.classic --algo ppo --env Pendulum-v1 --total-steps 200000
     python -m trustrl.classic --algo q_learning --env trustrl/Maze-v0
+    python -m trustrl.classic --algo q_learning --env trustrl/MazeRobot-v0
     python -m trustrl.classic --algo td --env trustrl/Maze-v0 --set gamma=0.9
     python -m trustrl.classic --algo ppo --env CartPole-v1 --set n_epochs=10 --set lr=3e-4
 
@@ -59,6 +60,8 @@ class TabularConfig:
 TABULAR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("q_learning", "trustrl/Maze-v0"): dict(gamma=0.99, alpha=0.5, epsilon=0.2),
     ("td", "trustrl/Maze-v0"): dict(gamma=0.9, alpha_power=0.6),
+    ("q_learning", "trustrl/MazeRobot-v0"): dict(gamma=0.99, alpha=0.5, epsilon=0.2),
+    ("td", "trustrl/MazeRobot-v0"): dict(gamma=0.9, alpha_power=0.6),
 }
 
 
@@ -173,10 +176,10 @@ def run_tabular(algo: str, env_id: str, total_steps: int, seed: int, output_dir:
     # deterministic evaluation episodes (for td: the evaluated random policy)
     returns = []
     for i in range(cfg.eval_episodes):
-        s, _ = raw.reset(seed=seed + 10_000 + i)
+        s, _ = env.reset(seed=seed + 10_000 + i)
         total, done = 0.0, False
-        while not done:
-            s, r, term, trunc, _ = raw.step(act(s))
+        while not done:  # the env's TimeLimit ends a policy that never reaches an exit
+            s, r, term, trunc, _ = env.step(act(s))
             total += r
             done = term or trunc
         returns.append(total)

@@ -18,11 +18,13 @@ One iteration, as :meth:`PPO.update` reads after the rollout:
    minibatch minimises ``L = policy_loss + vf_coef * value_loss - ent_coef * entropy`` with
    :func:`trustrl.losses.policy_loss` (clipped ratio) and :func:`trustrl.losses.value_loss`
    (optionally clipped around the rollout values), one Adam over actor and critic, global
-   grad-norm clipping.
-   ``target_kl``: the epochs stop early once a minibatch's approx KL to the old policy
-   exceeds ``target_kl`` (that minibatch is not applied) -- the same rule as the language-model
-   PPO trainer (:mod:`trustrl.algorithms.ppo`). The approx KL is ``policy_loss``'s k3 estimate
-   ``mean((r - 1) - log r)`` on the minibatch, measured before its update.
+   grad-norm clipping. (Actor and critic share no parameter and Adam ignores a constant
+   scale of a parameter's gradient, so ``vf_coef`` acts only through the shared grad-norm
+   clip -- as in SB3, whose hyper-parameters the presets follow.)
+   ``target_kl``: the epochs end as soon as a minibatch's approx KL to the old policy exceeds
+   it, and that minibatch's update is not applied -- the rule and the words of the
+   language-model PPO (:mod:`trustrl.algorithms.ppo`). The approx KL is ``policy_loss``'s k3
+   estimate ``mean((r - 1) - log r)`` on the minibatch, measured before its update.
 
 Per-sample classic losses use the library's ``[B, T]`` signatures with ``T = 1`` and an
 all-True mask. Departures from the paper: none beyond the common implementation details
@@ -62,8 +64,9 @@ class PPOConfig(PolicyRunSettings):
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     max_grad_norm: float = 0.5
-    target_kl: float | None = None   # stop the epochs once a minibatch's approx KL(pi_old || pi)
-                                     # exceeds this; that minibatch is not applied (None: never)
+    target_kl: float | None = None   # early stop: the epochs end as soon as a minibatch's approx
+                                     # KL(pi_old || pi) exceeds this, and that minibatch's update
+                                     # is not applied (None: never)
 
 
 #: Defaults per env id: ``--algo ppo --env ID`` with nothing else reproduces the numbers in

@@ -9,8 +9,9 @@
   (S&B section 6.5): ``Q(s,a) <- Q(s,a) + alpha [r + gamma (1 - term) max_b Q(s',b) - Q(s,a)]``.
 * :func:`greedy_rollout` -- follow ``argmax_a Q`` from the start state.
 
-Everything here is plain numpy; the env is stepped on its unwrapped object when possible
-(the Gymnasium checker wrappers cost more than the update itself).
+Everything here is plain numpy over a Gymnasium env with ``Discrete`` observations and
+actions, stepped as given -- through its wrappers, so a ``TimeLimit`` truncates episodes
+(``gym.make`` adds it for registered envs such as ``trustrl/Maze-v0``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import numpy as np
 import gymnasium as gym
 
 
-def _unwrap(env: gym.Env) -> gym.Env:
-    # Drop PassiveEnvChecker / OrderEnforcing, keep the raw MDP (our maze carries its own
-    # time limit, so nothing semantic lives in those wrappers).
-    return getattr(env, "unwrapped", env)
+def _discrete_sizes(fn: str, env: gym.Env) -> tuple[int, int]:
+    obs, act = env.observation_space, env.action_space
+    if not (isinstance(obs, gym.spaces.Discrete) and isinstance(act, gym.spaces.Discrete)):
+        raise ValueError(f"tabular.{fn}: needs Discrete observations and actions, got {obs} / {act}")
+    return int(obs.n), int(act.n)
 
 
 def uniform_policy(n_states: int, n_actions: int) -> np.ndarray:
@@ -129,8 +131,7 @@ def td0_evaluation(
     (e.g. ``lambda n: n ** -0.7`` satisfies the Robbins-Monro conditions).
     ``on_episode(env_steps, return, length)`` is called after each episode.
     """
-    raw = _unwrap(env)
-    n_states, n_actions = raw.observation_space.n, raw.action_space.n
+    n_states, n_actions = _discrete_sizes("td0_evaluation", env)
     if policy.shape != (n_states, n_actions):
         raise ValueError(f"td0_evaluation: policy shape {policy.shape} != {(n_states, n_actions)}")
     rng = np.random.default_rng(seed)
@@ -139,13 +140,13 @@ def td0_evaluation(
     v = np.zeros(n_states)
     visits = np.zeros(n_states, dtype=np.int64)
     out = TabularResult(table=v)
-    episodes = _EpisodeLog(raw, out, on_episode)
-    s, _ = raw.reset(seed=seed)
+    episodes = _EpisodeLog(env, out, on_episode)
+    s, _ = env.reset(seed=seed)
     uniforms = rng.random(total_steps)
     for t in range(total_steps):
         a = int(np.searchsorted(cdf[s], uniforms[t] * cdf[s, -1], side="right"))
         a = min(a, n_actions - 1)
-        s2, r, terminated, truncated, _ = raw.step(a)
+        s2, r, terminated, truncated, _ = env.step(a)
         visits[s] += 1
         target = r + (0.0 if terminated else gamma * v[s2])
         v[s] += step_size(int(visits[s])) * (target - v[s])
@@ -169,14 +170,13 @@ def q_learning(
     ``epsilon`` is a constant or a function of the global step. Ties in ``argmax`` are
     broken at random so an all-zero table does not always pick action 0.
     """
-    raw = _unwrap(env)
-    n_states, n_actions = raw.observation_space.n, raw.action_space.n
+    n_states, n_actions = _discrete_sizes("q_learning", env)
     rng = np.random.default_rng(seed)
     eps_fn = epsilon if callable(epsilon) else (lambda t, e=float(epsilon): e)
     q = np.full((n_states, n_actions), float(q_init))
     out = TabularResult(table=q)
-    episodes = _EpisodeLog(raw, out, on_episode)
-    s, _ = raw.reset(seed=seed)
+    episodes = _EpisodeLog(env, out, on_episode)
+    s, _ = env.reset(seed=seed)
     for t in range(total_steps):
         if rng.random() < eps_fn(t):
             a = int(rng.integers(n_actions))
@@ -184,7 +184,7 @@ def q_learning(
             row = q[s]
             best = np.flatnonzero(row == row.max())
             a = int(best[0] if best.size == 1 else rng.choice(best))
-        s2, r, terminated, truncated, _ = raw.step(a)
+        s2, r, terminated, truncated, _ = env.step(a)
         target = r + (0.0 if terminated else gamma * q[s2].max())
         q[s, a] += alpha * (target - q[s, a])
         s = episodes.advance(t + 1, r, terminated or truncated, s2)
@@ -196,12 +196,11 @@ def greedy_rollout(env: gym.Env, q: np.ndarray, max_steps: int | None = None) ->
 
     Returns ``(visited states including the start, return, reached a terminal state)``.
     """
-    raw = _unwrap(env)
-    s, _ = raw.reset()
+    s, _ = env.reset()
     states, total = [int(s)], 0.0
     limit = max_steps if max_steps is not None else 10_000
     for _ in range(limit):
-        s, r, terminated, truncated, _ = raw.step(int(np.argmax(q[s])))
+        s, r, terminated, truncated, _ = env.step(int(np.argmax(q[s])))
         states.append(int(s))
         total += r
         if terminated:
