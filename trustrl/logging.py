@@ -365,11 +365,15 @@ class WandbTracker:
             project = os.environ.get("WANDB_PROJECT") or "trustrl"
         _remember_tracker_run(run_dir, "wandb", {"id": run_id, "project": project})
         self.run_id = run_id
-        self._run = wandb.init(
-            project=project, name=run_dir.resolve().name, id=run_id, resume="allow",
-            dir=os.environ.get("WANDB_DIR") or str(run_dir), config=public_config(config),
-            settings=wandb.Settings(save_code=False),
-        )
+        try:
+            self._run = wandb.init(
+                project=project, name=run_dir.resolve().name, id=run_id, resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(run_dir), config=public_config(config),
+                settings=wandb.Settings(save_code=False),
+            )
+        except Exception as exc:  # e.g. not logged in: say which setting asked for W&B
+            raise RuntimeError(f"report_to: 'wandb': wandb.init failed: {exc} (log in with `wandb login`, "
+                               "set WANDB_MODE=offline, or drop wandb from report_to)") from exc
         self._run.define_metric(STEP_KEY)
         self._run.define_metric("*", step_metric=STEP_KEY)
 
@@ -412,8 +416,11 @@ class TrackioTracker:
             project = os.environ.get("TRACKIO_PROJECT") or "trustrl"
         _remember_tracker_run(run_dir, "trackio", {"name": name, "project": project})
         self.project, self.name = project, name
-        self._run = trackio.init(project=project, name=name, config=public_config(config), resume="allow",
-                                 embed=False, auto_log_gpu=False, auto_log_cpu=False)
+        try:
+            self._run = trackio.init(project=project, name=name, config=public_config(config), resume="allow",
+                                     embed=False, auto_log_gpu=False, auto_log_cpu=False)
+        except Exception as exc:
+            raise RuntimeError(f"report_to: 'trackio': trackio.init failed: {exc}") from exc
 
     def log(self, step: int, metrics: Mapping[str, float | int]) -> None:
         self._run.log(dict(metrics), step=step)
