@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustrl.models import DTYPES, ModelLoadError, check_vocab, disable_dropout
-from trustrl.rollout import Rollout, left_pad, positions_from_mask
+from trustrl.models import DTYPES, ModelLoadError, check_vocab, disable_dropout, trunk_hidden_states
+from trustrl.rollout import Rollout, left_pad
 
 __all__ = [
     "HEAD_FILE",
@@ -90,11 +90,10 @@ class ScalarHeadModel(nn.Module):
     # -- forward passes --------------------------------------------------------------------
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Trunk output ``[B, T, H]``; position ids restart at 0 on each row's first real token."""
-        positions = positions_from_mask(attention_mask)
-        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
-                         use_cache=False)
-        return out.last_hidden_state
+        """Trunk output ``[B, T, H]``; position ids restart at 0 on each row's first real token
+        (:func:`trustrl.models.trunk_hidden_states`: the call the policy's log-probs make, so a
+        critic on the policy's trunk sees the policy's hidden states)."""
+        return trunk_hidden_states(self.trunk, input_ids, attention_mask)
 
     def _apply_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
