@@ -281,6 +281,11 @@ def test_judge_by_hand():
     assert judge(Check("absdiff", 0.5, "<", tol=0.01), ok(0.505))   # 0.005 < 0.01
     assert not judge(Check("absdiff", 0.5, "<", tol=0.005), ok(0.51))
     assert not judge(Check("compare", 5), Outcome(False, error="KeyError"))
+    # large integers stay exact: 12345678901234567891 - 12345678901234567000 = 891 > 2 (as
+    # floats both round to 1.2345678901234567e19 and the difference would vanish)
+    (big,) = parse_tests("assert abs(f(2) - 12345678901234567891) <= 2", W).steps
+    assert not judge(big.check, ok(12345678901234567000))
+    assert judge(big.check, ok(12345678901234567892))
     # a run: output and exit status 0
     assert judge(Check("stdout", "3\n"), Outcome(True, "3", returncode=0))
     assert not judge(Check("stdout", "3\n"), Outcome(True, "3", returncode=1))
@@ -424,6 +429,10 @@ HOSTILE_FN = {
         "    os._exit(0)\n"),
     "writes_to_the_harness_fds": _FORGE + "_forge_everywhere()\nimport os\nos._exit(0)\n",
     "closes_the_channel": "import os\nos.close(3)\ndef add(a, b): return a + b\n",
+    "floods_the_channel": (  # 48 MiB of frames claiming 'true' for step 0: over the 32 MiB cap
+        "import os\nf = b'\\x00\\x00\\x00\\x10{\"i\":0,\"v\":true}'\n"
+        "for _ in range(48):\n    os.write(3, f * (1 << 16))\n"
+        "def add(a, b): return a + b\n"),
 }
 
 
@@ -434,6 +443,7 @@ def test_hostile_solutions_score_zero_and_leave_nothing_running():
     scores = fn(["p"] * len(batch), batch, tests=[ADD] * len(batch))
     assert dict(zip(names, scores)) == {n: (1.0 if n.startswith("good") else 0.0) for n in names}
     _assert_nothing_left(fn)
+    assert fn.last_grades[names.index("floods_the_channel")].killed_reason == "output_limit"
     # the forked children were killed with the sandbox: none answered after the run
     if sandbox_mod.sandbox_capabilities()["uid_drop"] and not os.environ.get("PYTEST_XDIST_WORKER"):
         time.sleep(0.3)

@@ -212,14 +212,14 @@ def _sandbox_side(node: ast.expr, where: str, whole: ast.AST) -> str:
     return ast.unparse(node)
 
 
-def _number(node: ast.expr, where: str, whole: ast.AST, what: str) -> float:
+def _number(node: ast.expr, where: str, whole: ast.AST, what: str) -> int | float:
     try:
         v = _expected_value(node)
     except _NotExpected:
         v = None
     if type(v) not in (int, float):
         raise _refuse(where, whole, f"{what} must be a number literal")
-    return float(v)
+    return v  # an int stays an int: no rounding of large ones
 
 
 def _isclose_parts(call: ast.Call, where: str) -> tuple[str, Check] | None:
