@@ -388,3 +388,20 @@ def test_verified_architecture_with_a_bad_transform_value_is_refused_naming_it(t
     model.config.logit_scale = -1.0
     with pytest.raises(LogitsMismatchError, match=r"CohereForCausalLM config.logit_scale=-1.0"):
         logit_transform(model)
+
+
+def test_real_unlisted_classes_checked_or_refused():
+    # transformers classes outside the verified list: Starcoder2's forward is trunk -> lm_head
+    # and passes the one-time check; FalconH1 multiplies the logits by lm_head_multiplier,
+    # which trustrl does not apply for that class: refused, the attribute named
+    import transformers as tf
+
+    c = _common()
+    torch.manual_seed(0)
+    starcoder = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**c))
+    with torch.no_grad():
+        starcoder.get_output_embeddings().weight.mul_(DEFAULT_GAIN)
+    assert logit_transform(starcoder).is_identity
+    falcon = tf.FalconH1ForCausalLM(tf.FalconH1Config(**c, lm_head_multiplier=0.5))
+    with pytest.raises(LogitsMismatchError, match=r"FalconH1ForCausalLM: config sets lm_head_multiplier=0.5"):
+        logit_transform(falcon)

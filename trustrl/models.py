@@ -198,6 +198,9 @@ def trunk_hidden_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mas
 #: (log-probs within 1e-5 of ``log_softmax(model(...).logits)``, with the transform switched on).
 #: Value: ``(kind, config attribute)``; kind "plain" (f = identity), "softcap"
 #: (``c tanh(u / c)``, ``c`` = the attribute, None = off), "scale" (``s u``), "divide" (``u / s``).
+#: In bfloat16/float16 the model applies ``f`` in its own dtype and trustrl in float32 on the
+#: upcast LM-head output: the two differ by half-precision rounding of the logits, the same
+#: order as any bf16 log-prob, never by the transform itself.
 VERIFIED_ARCHITECTURES: dict[str, tuple[str, str | None]] = {
     "LlamaForCausalLM": ("plain", None),
     "Qwen2ForCausalLM": ("plain", None),
