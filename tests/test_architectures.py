@@ -290,9 +290,10 @@ def test_one_grpo_step_and_one_ppo_step_run(arch, addition_data, tmp_path, monke
     rows = read_metrics(cfg.output_dir)
     assert math.isfinite([r for r in rows if "loss/total" in r][-1]["loss/total"])
 
-    # PPO: one step (policy + critic on the same architecture)
+    # PPO: one step (policy + critic on the same architecture; ent_coef > 0 takes the full-logits
+    # path, completion_logits, for the entropy bonus)
     cfg = PPOConfig(**common, output_dir=str(tmp_path / "ppo"), prompts_per_step=2, samples_per_prompt=2,
-                    minibatch_size=4, ppo_epochs=1)
+                    minibatch_size=4, ppo_epochs=1, ent_coef=0.01)
     trainer = PPOTrainer(cfg, reward_funcs=[char_code_reward])
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     trainer.train()
