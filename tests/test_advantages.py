@@ -271,3 +271,42 @@ def test_soft_overlong_range_and_monotone(max_len: int, cache: int, lengths: lis
     assert bool(((out <= 0) & (out >= -1)).all())
     assert bool((out[1:] <= out[:-1] + 1e-7).all())
     assert not math.isnan(out.sum().item())
+
+
+# -- RLOO and REINFORCE++-baseline (worked by hand) ---------------------------------------------
+
+
+def test_rloo_leave_one_out_by_hand():
+    from trustrl.advantages import outcome_advantages, rloo_advantages
+
+    # group [1, 0, 0, 0]: baselines are the others' means [0, 1/3, 1/3, 1/3]
+    # -> [1 - 0, 0 - 1/3, 0 - 1/3, 0 - 1/3]; group [2, 4]: [2 - 4, 4 - 2]
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(rloo_advantages(r, 4), torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    torch.testing.assert_close(rloo_advantages(torch.tensor([2.0, 4.0]), 2), torch.tensor([-2.0, 2.0]))
+    # the G/(G-1) identity, on the references' group [1, .8, .4, .2]: 4/3 * (r - 0.6)
+    g = torch.tensor([1.0, 0.8, 0.4, 0.2])
+    torch.testing.assert_close(outcome_advantages("rloo", g, 4), torch.tensor([0.4, 0.2, -0.2, -0.4]) * 4 / 3)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rloo_advantages(r, 1)
+
+
+def test_reinforce_pp_baseline_by_hand():
+    from trustrl.advantages import reinforce_pp_baseline_advantages
+
+    # groups [1, 0] and [3, 3]: centred [0.5, -0.5, 0, 0]; batch mean 0, population var
+    # (0.25 + 0.25) / 4 = 0.125 -> [0.5, -0.5, 0, 0] / sqrt(0.125 + 1e-8) = [1.41421, -1.41421, 0, 0]
+    out = reinforce_pp_baseline_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), 2)
+    expected = torch.tensor([0.5, -0.5, 0.0, 0.0]) / math.sqrt(0.125 + 1e-8)
+    torch.testing.assert_close(out, expected)
+
+
+def test_outcome_estimators_registry_names():
+    from trustrl.advantages import ADVANTAGE_ESTIMATORS, outcome_advantages
+
+    assert set(ADVANTAGE_ESTIMATORS) == {"group_zscore", "dr_grpo", "batch_scale", "rloo", "reinforce_pp_baseline"}
+    # group_zscore on the references' example: +-1.26, +-0.63
+    a = outcome_advantages("group_zscore", torch.tensor([1.0, 0.8, 0.4, 0.2]), 4)
+    torch.testing.assert_close(a, torch.tensor([1.2649, 0.6325, -0.6325, -1.2649]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="allowed"):
+        outcome_advantages("median", torch.zeros(4), 2)

@@ -36,10 +36,10 @@ def test_typo_names_the_key_and_allowed_keys(tmp_path):
 
 def test_out_of_range_and_bad_choice_name_the_key():
     with pytest.raises(ConfigError) as err:
-        load_config(GRPOConfig, None, ["model=m", "dataset=d", "group_size=1", "advantage_scale=median"])
+        load_config(GRPOConfig, None, ["model=m", "dataset=d", "group_size=1", "advantage_estimator=median"])
     text = str(err.value)
     assert "group_size" in text and "greater than or equal to 2" in text
-    assert "advantage_scale" in text and "'group'" in text and "median" in text
+    assert "advantage_estimator" in text and "'group_zscore'" in text and "median" in text
 
 
 def test_every_field_is_documented():

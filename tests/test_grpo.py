@@ -60,13 +60,27 @@ def _capture_grads(monkeypatch):
     return captured
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "seq_sum_constant"])
-def test_gradient_accumulation_1xN_equals_Nx1(tiny_model_dir, addition_data, tmp_path, monkeypatch, aggregation):
+ACCUMULATION_CASES = {
+    "token_mean": dict(loss_aggregation="token_mean"),
+    "seq_mean": dict(loss_aggregation="seq_mean"),
+    "seq_sum_constant": dict(loss_aggregation="seq_sum_constant"),
+    "token_mean_masked_truncations": dict(loss_aggregation="token_mean", mask_truncated_completions=True),
+    # GSPO: the surrogate is a mean over sequences, the KL a mean over tokens; before the
+    # loop normalized each by its own count, the KL was weighted by rows and 1 x 4 != 4 x 1
+    "gspo_with_kl": dict(importance_level="sequence", beta=0.5),
+    "gspo_without_kl": dict(importance_level="sequence", beta=0.0),
+    "gspo_with_kl_masked_truncations": dict(importance_level="sequence", beta=0.5, mask_truncated_completions=True,
+                                            max_completion_length=4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACCUMULATION_CASES))
+def test_gradient_accumulation_1xN_equals_Nx1(tiny_model_dir, addition_data, tmp_path, monkeypatch, case):
     grads = {}
     for accumulation in (1, 4):
         captured = _capture_grads(monkeypatch)
         cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(accumulation), max_steps=1,
-                          gradient_accumulation_steps=accumulation, loss_aggregation=aggregation, rewards=[])
+                          gradient_accumulation_steps=accumulation, rewards=[], **ACCUMULATION_CASES[case])
         GRPOTrainer(cfg, reward_funcs=[count_a]).train()
         grads[accumulation] = captured[0]
         monkeypatch.undo()
@@ -167,3 +181,28 @@ def test_demo_pipeline_shortened(tmp_path):
     assert (tmp_path / "demo" / "grpo" / "metrics.jsonl").is_file()
     model = AutoModelForCausalLM.from_pretrained(summary["final_model"])
     assert model.config.num_hidden_layers == 1
+
+
+def test_gspo_takes_the_papers_clip_range_unless_given():
+    # Zheng et al. 2025: sequence ratios are clipped at 1 - 3e-4 / 1 + 4e-4; a token-level 0.2
+    # would leave them effectively unclipped
+    gspo = GRPOConfig(model="m", dataset="d", importance_level="sequence")
+    assert (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)
+    assert GRPOConfig(model="m", dataset="d", importance_level="sequence", clip_low=0.1).clip_low == 0.1
+    token = GRPOConfig(model="m", dataset="d")
+    assert (token.clip_low, token.clip_high) == (0.2, None)
+
+
+def test_older_advantage_scale_key_maps_to_the_estimator():
+    assert GRPOConfig(model="m", dataset="d", advantage_scale="none").advantage_estimator == "dr_grpo"
+    assert GRPOConfig(model="m", dataset="d", advantage_scale="group").advantage_estimator == "group_zscore"
+    with pytest.raises(ValueError, match="not both"):
+        GRPOConfig(model="m", dataset="d", advantage_scale="none", advantage_estimator="rloo")
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp_baseline", "batch_scale"])
+def test_every_estimator_trains(tiny_model_dir, addition_data, tmp_path, estimator):
+    cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=1, rewards=[], advantage_estimator=estimator)
+    trainer = GRPOTrainer(cfg, reward_funcs=[count_a])
+    trainer.train()
+    assert math.isfinite(trainer.last_metrics["loss/total"])

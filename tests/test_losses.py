@@ -391,3 +391,52 @@ def test_explained_variance_by_hand() -> None:
     # masking the bad entry leaves a perfect fit
     assert explained_variance(v, r, T_([True, True, True, False])) == pytest.approx(1.0)
     assert math.isnan(explained_variance(r, torch.ones(4), allm))
+
+
+# -- sums and counts: one normalization over the whole batch -----------------------------------
+
+
+def test_unit_counts_by_hand():
+    from trustrl.losses import unit_counts
+
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    # tokens 3, sequences with a token 2, rows 3
+    assert unit_counts(mask) == {"tokens": 3, "sequences": 2, "rows": 3}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_micro=st.integers(1, 5),
+       aggregation=st.sampled_from(["token_mean", "seq_mean", "seq_sum_constant", "gspo"]))
+def test_sums_split_into_micro_batches_equal_the_batch_loss(seed, n_micro, aggregation):
+    """sum over micro-batches of total_k / count_k(batch) == the batch's mean loss: the
+    invariant that makes 1 x N == N x 1 hold by construction (two computations: the
+    public (loss, metrics) function on the whole batch vs. LossSums of the parts)."""
+    from trustrl.loop.accumulate import BatchNormalizer
+    from trustrl.losses import policy_loss, policy_loss_sum, sequence_policy_loss, sequence_policy_loss_sum
+
+    g = torch.Generator().manual_seed(seed)
+    B, T = 6, 5
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[0] = False  # an empty row
+    parts = list(torch.arange(B).tensor_split(n_micro))
+    if aggregation == "gspo":
+        whole, _ = sequence_policy_loss(logp, old, adv, mask, clip_low=0.1, clip_high=0.1)
+        terms = [sequence_policy_loss_sum(logp[r], old[r], adv[r], mask[r], clip_low=0.1, clip_high=0.1)[0] for r in parts]
+    else:
+        whole, _ = policy_loss(logp, old, adv, mask, aggregation=aggregation, max_len=T)
+        terms = [policy_loss_sum(logp[r], old[r], adv[r], mask[r], aggregation=aggregation, max_len=T)[0] for r in parts]
+    normalizer = BatchNormalizer([mask[r] for r in parts])
+    split = sum(normalizer.loss([(1.0, t)]) for t in terms)
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_value_loss_sum_counts_tokens():
+    from trustrl.losses import value_loss_sum
+
+    # V = [1, 2], R = [0, 0], mask [T, F]: 0.5 * 1^2 = 0.5 over 1 token
+    part, _ = value_loss_sum(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2),
+                             torch.tensor([[True, False]]))
+    assert part.unit == "tokens" and float(part.count) == 1.0 and float(part.total) == 0.5

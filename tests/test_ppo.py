@@ -184,3 +184,83 @@ def test_config_errors_name_the_key(tiny_model_dir, addition_data, tmp_path):
     import trustrl
 
     assert trustrl.PPOConfig is PPOConfig
+
+
+# -- the loop's exact normalization, vf_coef, one fault per bad minibatch -------------------------
+
+
+def _capture_ppo_grads(monkeypatch):
+    """Gradients of actor and critic at the first guarded update of the run."""
+    import trustrl.algorithms.ppo as ppo_module
+
+    captured = []
+    original = ppo_module.guarded_steps
+
+    def capturing(parts, *args, **kwargs):
+        captured.append([{n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+                         for m, *_ in parts])
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "guarded_steps", capturing)
+    return captured
+
+
+def test_ppo_accumulation_1xN_equals_Nx1_policy_value_entropy(tiny_model_dir, addition_data, tmp_path, monkeypatch):
+    # one minibatch of 8 completions of unequal lengths, as 1 micro-batch or as 4: policy,
+    # clipped value and entropy terms are token means over the minibatch, normalized once
+    grads = {}
+    for accumulation in (1, 4):
+        captured = _capture_ppo_grads(monkeypatch)
+        cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(accumulation), max_steps=1, ppo_epochs=1,
+                          minibatch_size=8, gradient_accumulation_steps=accumulation, ent_coef=0.01)
+        PPOTrainer(cfg, reward_funcs=[count_a]).train()
+        grads[accumulation] = captured[0]
+        monkeypatch.undo()
+    for model_index in (0, 1):  # actor, critic
+        one, four = grads[1][model_index], grads[4][model_index]
+        scale = max(g.abs().max() for g in one.values())
+        assert scale > 0
+        for name, g in one.items():
+            torch.testing.assert_close(four[name], g, rtol=0, atol=1e-5 * float(scale))
+
+
+def test_vf_coef_is_refused_with_the_reason():
+    from trustrl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="vf_coef.*critic_learning_rate"):
+        build_config(PPOConfig, dict(model="m", dataset="d", vf_coef=0.5))
+
+
+def test_a_bad_minibatch_is_one_fault_and_updates_neither_model(tiny_model_dir, addition_data, tmp_path, monkeypatch):
+    # the critic's loss is NaN on the first minibatch: neither actor nor critic may move, and the
+    # fault counter records one fault (it recorded two, one per optimizer, before)
+    import trustrl.algorithms.ppo as ppo_module
+    from trustrl.losses import LossSum
+
+    calls = {"n": 0}
+    original = PPOTrainer.critic_loss
+
+    def nan_once(self, *args, **kwargs):
+        part, m = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            part = LossSum(part.total * float("nan"), part.count, part.unit)
+        return part, m
+
+    monkeypatch.setattr(PPOTrainer, "critic_loss", nan_once)
+    recorded = []
+    original_steps = ppo_module.guarded_steps
+
+    def recording(parts, max_grad_norm, faults, where):
+        before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m, *_ in parts]
+        norms, ok = original_steps(parts, max_grad_norm, faults, where)
+        moved = [any(not torch.equal(b[n], p) for n, p in m.named_parameters()) for b, (m, *_) in zip(before, parts)]
+        recorded.append((ok, moved, faults.total))
+        return norms, ok
+
+    monkeypatch.setattr(ppo_module, "guarded_steps", recording)
+    cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=1, ppo_epochs=1, minibatch_size=4)
+    with pytest.warns(UserWarning, match="non-finite"):  # (a score of 1: non-zero returns for the critic)
+        PPOTrainer(cfg, reward_funcs=[constant_one]).train()
+    assert recorded[0] == (False, [False, False], 1)  # skipped: nothing moved, one fault
+    assert recorded[1][0] and recorded[1][1] == [True, True] and recorded[1][2] == 1

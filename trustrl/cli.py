@@ -66,9 +66,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer.train()
         if distributed.is_main():
             print({k: v for k, v in result.items() if k != "eval_history"})
+    except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one before the loop started
+        print(f"\ntrustrl: interrupted; checkpoints already written in {config.output_dir} are intact "
+              f"(resume with --resume)", file=sys.stderr)
+        return 130
     finally:
         if joined_here:  # leave the process group as it was found
             distributed.shutdown()
+    if result.get("stopped_early"):  # a clean stop between steps (SIGINT/SIGTERM): not a finished run
+        return 130
     return 0
 
 

@@ -39,21 +39,20 @@ Parameters outside the subset are frozen for the whole run. The full-vocabulary 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trustrl.advantages import gae, group_advantages, whiten
 from trustrl.algorithms.base import RLAlgorithm
-from trustrl.algorithms.ppo import ActorCriticConfig, apply_missing_eos_penalty, batched_values, make_critic, token_rewards
-from trustrl.config import register_config
+from trustrl.algorithms.ppo import apply_missing_eos_penalty, batched_values, make_critic, token_rewards
+from trustrl.config import TRPOConfig
+from trustrl.config.actor_critic import _PARAMS_RE
 from trustrl.distributed import require_single_process
 from trustrl.loop.experience import ScoredBatch, reward_metrics
 from trustrl.loop.rl_loop import TrainingState
@@ -63,65 +62,6 @@ from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hid
 from trustrl.trainers.common import FaultCounter, guarded_step, make_optimizer, make_scheduler
 from trustrl.trpo import TRPOResult, trpo_update
 
-_PARAMS_RE = re.compile(r"^(all|lm_head|last_layers:[1-9]\d*)$")
-
-
-class TRPOConfig(ActorCriticConfig):
-    """TRPO: natural-gradient steps in a KL trust region, on group or GAE advantages."""
-
-    advantage: Literal["group", "gae"] = "group"
-    """group: (r - group mean) / group std per completion (needs group_size >= 2); gae: GAE with a critic."""
-    group_size: int = Field(4, ge=1)
-    """Completions sampled per prompt (rollout batch = prompts_per_step * group_size)."""
-    group_scale: Literal["group", "batch", "none"] = "group"
-    """advantage = group: divide centred rewards by the group std, the batch std, or nothing."""
-    beta: float = Field(0.0, ge=0)
-    """KL-to-reference coefficient in the reward (per token with gae, summed per completion with
-    group); 0 loads no reference model."""
-    max_kl: float = Field(0.01, gt=0)
-    """delta: the trust region, mean token KL(pi_old || pi_new) after the step."""
-    damping: float = Field(0.1, ge=0)
-    """Added to the Fisher: (F + damping I) s = g."""
-    cg_iters: int = Field(10, ge=1)
-    """Conjugate-gradient iterations."""
-    max_backtracks: int = Field(10, ge=1)
-    """Step fractions tried by the line search: backtrack_shrink^k, k = 0 .. max_backtracks - 1."""
-    backtrack_shrink: float = Field(0.5, gt=0, lt=1)
-    """Shrink factor of the line search."""
-    accept_ratio: float = Field(0.1, ge=0)
-    """A step is accepted only if the surrogate gain is >= accept_ratio x the linear prediction g . step."""
-    trpo_params: str = "all"
-    """Parameters the natural-gradient step moves: all | lm_head | last_layers:N (see the module docs)."""
-    value_epochs: int = Field(4, ge=1)
-    """advantage = gae: passes of critic regression per step."""
-    value_minibatch_size: int = Field(8, ge=1)
-    """advantage = gae: completions per critic update."""
-    learning_rate: float = Field(1e-5, gt=0)
-    """AdamW learning rate of the critic (advantage = gae; critic_learning_rate overrides it). The
-    policy has no optimizer: it moves only by natural-gradient steps. (max_grad_norm and
-    gradient_checkpointing also apply to the critic only.)"""
-
-    @field_validator("trpo_params")
-    @classmethod
-    def _check_params(cls, v: str) -> str:
-        v = v.strip()
-        if not _PARAMS_RE.match(v):
-            raise ValueError(f"trpo_params must be all, lm_head or last_layers:N (N >= 1), got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _check_group(self) -> "TRPOConfig":
-        if self.advantage == "group" and self.group_size < 2:
-            raise ValueError("advantage: group needs group_size >= 2 (a group of one has no baseline)")
-        return self
-
-    @property
-    def rollout_batch_size(self) -> int:
-        """Completions per step: prompts_per_step * group_size."""
-        return self.prompts_per_step * self.group_size
-
-
-register_config("trpo", TRPOConfig)
 
 
 # -- the parameter subset --------------------------------------------------------------------------

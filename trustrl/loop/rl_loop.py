@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from trustrl import distributed as dist
 from trustrl.logging import format_postfix, progress, write_json_atomic
@@ -28,8 +28,29 @@ from trustrl.loop.experience import evaluate_greedy
 from trustrl.loop.stops import GracefulStop
 from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop
 
-if TYPE_CHECKING:  # pragma: no cover
-    from trustrl.algorithms.base import RLAlgorithm
+
+class RLAlgorithm(Protocol):
+    """What the loop needs of a plug-in (:class:`trustrl.algorithms.base.RLAlgorithm` has it all)."""
+
+    name: str
+    config: Any
+    policy: Any
+    tokenizer: Any
+    device: Any
+    prompts: Any
+    eval_prompts: Any
+    rewards: Any
+    postfix_keys: list[str]
+    collects_local_share: bool
+    last_metrics: dict[str, float]
+
+    def setup(self) -> "TrainingState": ...
+    def collect(self, sampler: PromptSampler) -> tuple[Any, dict[str, float]]: ...
+    def update(self, batch: Any, step: int, faults: FaultCounter) -> dict[str, float]: ...
+    def log_samples(self, step: int, batch: Any) -> None: ...
+    def checkpoint_extra(self) -> dict[str, Any]: ...
+    def load_extra(self, state: dict[str, Any]) -> None: ...
+    def save_final(self, output_dir: Path) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -52,13 +73,13 @@ class LoopState:
     faults: FaultCounter
     history: list[dict[str, float]]
 
-    def checkpoint_state(self, algorithm: "RLAlgorithm") -> dict[str, Any]:
+    def checkpoint_state(self, algorithm: RLAlgorithm) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "eval_history": self.history,
                 "faults": self.faults.state_dict(), "reward_faults": dict(algorithm.rewards.fault_totals),
                 **algorithm.checkpoint_extra()}
 
 
-def evaluate(algorithm: "RLAlgorithm", history: list[dict[str, float]], step: int) -> dict[str, float]:
+def evaluate(algorithm: RLAlgorithm, history: list[dict[str, float]], step: int) -> dict[str, float]:
     """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
     a = algorithm
     ev = dist.evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
@@ -66,20 +87,20 @@ def evaluate(algorithm: "RLAlgorithm", history: list[dict[str, float]], step: in
     return ev
 
 
-def _due_for_eval(algorithm: "RLAlgorithm", step: int) -> bool:
+def _due_for_eval(algorithm: RLAlgorithm, step: int) -> bool:
     cfg = algorithm.config
     if algorithm.eval_prompts is None:
         return False
     return step == cfg.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
 
 
-def resume_command(algorithm: "RLAlgorithm") -> str:
+def resume_command(algorithm: RLAlgorithm) -> str:
     """The command that continues this run (its resolved config is saved in the run directory)."""
     out = Path(algorithm.config.output_dir)
     return f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
 
 
-def run_rl_loop(algorithm: "RLAlgorithm") -> dict[str, Any]:
+def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
     """Train ``algorithm`` for ``config.max_steps`` steps (from its checkpoint when resuming);
     returns the run summary (also written to ``train_summary.json``)."""
     cfg = algorithm.config
@@ -89,6 +110,7 @@ def run_rl_loop(algorithm: "RLAlgorithm") -> dict[str, Any]:
     sampler, faults, saved = restore_loop(run, cfg, len(algorithm.prompts), state.models, state.optimizers,
                                           state.schedulers, state.generators)
     algorithm.rewards.fault_totals.update(saved.get("reward_faults", {}))
+    algorithm._sample_log = getattr(run.logger, "samples", None)  # samples.jsonl (None: off, or rank > 0)
     algorithm.load_extra(saved)
     eval_prompts = algorithm.eval_prompts
     run.set_skipped_rows(algorithm.prompts.skipped + (eval_prompts.skipped if eval_prompts else 0))

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+
+from trustrl.config.rewards import RewardSpec
 from trustrl.rewards import rules
 
 __all__ = [
@@ -64,48 +65,6 @@ class RewardError(RuntimeError):
         super().__init__(message)
         self.function = function
         self.sample_index = sample_index
-
-
-class RewardSpec(BaseModel):
-    """A reward as written in a config.
-
-    Attributes:
-        name: a built-in name (see :data:`BUILTIN_REWARDS`) or ``"package.module:function"``.
-        weight: multiplier of this reward in the total.
-        kwargs: arguments for the built-in factory; for ``"module:function"``, when non-empty
-            the attribute is treated as a factory and called with them, otherwise the
-            attribute itself is the reward function.
-        alias: the name used in logs and metrics (default: the built-in name, or the
-            attribute's name after the colon for ``"module:function"``).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    alias: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("reward name must not be empty")
-        return v.strip()
-
-    @field_validator("weight")
-    @classmethod
-    def _weight_finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"reward weight must be finite, got {v}")
-        return v
-
-    @field_validator("alias")
-    @classmethod
-    def _alias_not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("reward alias must not be empty")
-        return v
 
 
 @dataclass(frozen=True)

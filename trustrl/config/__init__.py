@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trustrl.rewards.registry import RewardSpec
+from trustrl.config.rewards import RewardSpec
 
 
 class ConfigError(ValueError):
@@ -251,13 +251,10 @@ class GRPOConfig(RLConfig):
         if isinstance(data, dict) and "advantage_scale" in data:
             data = dict(data)
             old = data.pop("advantage_scale")
-            mapped = {"group": "group_zscore", "none": "dr_grpo", "batch": "batch_scale"}
-            if old not in mapped:
-                raise ValueError(f"advantage_scale: {old!r} is not one of 'group', 'batch', 'none' "
-                                 "(or use advantage_estimator)")
-            if data.get("advantage_estimator", mapped[old]) != mapped[old]:
+            mapped = {"group": "group_zscore", "none": "dr_grpo", "batch": "batch_scale"}.get(old, old)
+            if data.get("advantage_estimator", mapped) != mapped:
                 raise ValueError("set advantage_estimator or the older advantage_scale, not both")
-            data["advantage_estimator"] = mapped[old]
+            data["advantage_estimator"] = mapped  # an unknown value is reported with the allowed ones
         if isinstance(data, dict) and data.get("importance_level") == "sequence" and data.get("clip_low") is None:
             data = dict(data)
             data["clip_low"] = 3e-4
@@ -394,8 +391,9 @@ def describe(cls: type[BaseModel]) -> str:
 # loops; ``from trustrl.config import PPOConfig`` (and ``trustrl.PPOConfig``) import them lazily.
 _TRAINER_CONFIGS = {
     "RewardConfig": "trustrl.trainers.reward_model",
-    "PPOConfig": "trustrl.algorithms.ppo",
-    "TRPOConfig": "trustrl.algorithms.trpo",
+    "PPOConfig": "trustrl.config.actor_critic",
+    "TRPOConfig": "trustrl.config.actor_critic",
+    "ActorCriticConfig": "trustrl.config.actor_critic",
 }
 
 
