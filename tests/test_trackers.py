@@ -459,3 +459,6 @@ def test_a_grpo_run_reports_the_same_records_to_every_tracker(tiny_model_dir, ad
     assert [(r["step"], r["reward/mean"]) for r in logs if "reward/mean" in r] == expected
     assert SQLiteStorage.get_run_config("trustrl", name)["group_size"] == 2
     assert (run_dir / "tb").is_dir()  # TensorBoard as before
+    # the loop writes the sample table every step (sample_every=1): the first 8 rows, or all when fewer
+    n_rows = min(8, cfg.prompts_per_step * cfg.group_size)
+    assert [r["step"] for r in read_samples(run_dir)] == [1] * n_rows + [2] * n_rows
