@@ -47,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import resource
 import signal
 import sys
@@ -74,6 +75,12 @@ MS_RELATIME = 1 << 21
 _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
              (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
 
+MNT_DETACH = 2
+# pivot_root(2) syscall numbers (asm-generic: 41; x86_64: 155; i386, s390x: 217; arm: 218;
+# powerpc: 203).
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "i686": 217,
+               "s390x": 217, "armv7l": 218, "ppc64le": 203, "ppc64": 203}
+
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
@@ -85,6 +92,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 
@@ -103,6 +112,18 @@ def _mount(source, target, fstype, flags, data=None) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x}): "
                            f"{os.strerror(err)}")
+
+
+def _pivot_root(new_root: str, put_old: str) -> bool:
+    """pivot_root(2) through syscall(2) (glibc has no wrapper); False if the syscall number
+    of this machine is unknown here."""
+    number = _PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        return False
+    if _libc.syscall(number, os.fsencode(new_root), os.fsencode(put_old)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    return True
 
 
 def _unshare(flags: int) -> None:
@@ -157,9 +178,10 @@ def _build_root(keep: list[str], workdir: str) -> None:
     An empty tmpfs gets bind mounts of the ``keep`` paths (the system directories and the
     interpreter's prefix: none is below another), the top-level symbolic links of the old root
     (``/bin -> usr/bin``, ...), and empty ``/proc``, ``/tmp`` and work-dir mount points; it is
-    then moved onto ``/`` and this process chroots into it (as ``switch_root`` does), so every
-    other path of the machine (the repository, datasets, ``/tmp``, ``/home``, ``/root``,
-    ``/mnt``, ``/opt``, ``/var``, ...) is simply absent.
+    then made the root with ``pivot_root`` and the old root detached (on machines whose
+    syscall number we do not know: moved onto ``/`` and chrooted into, as ``switch_root``
+    does), so every other path of the machine (the repository, datasets, ``/tmp``, ``/home``,
+    ``/root``, ``/mnt``, ``/opt``, ``/var``, ...) is simply absent.
     """
     new = os.path.join(workdir, ".root")
     os.mkdir(new, 0o755)
@@ -176,9 +198,21 @@ def _build_root(keep: list[str], workdir: str) -> None:
             os.symlink(os.readlink(link), new + link)
     for empty in ("/proc", "/tmp", workdir):
         os.makedirs(new + empty, mode=0o755, exist_ok=True)
+    # A procfs of the new pid namespace: only the sandbox's own processes are visible
+    # (hidepid=2 further hides the root-owned init from the dropped-uid program). Mounted
+    # before the old root goes: in a user namespace the kernel allows a new procfs only while
+    # a fully visible one is still mounted.
+    _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     os.chdir(new)
-    _mount(new, "/", None, MS_MOVE)
-    os.chroot(".")
+    if _pivot_root(".", "."):
+        # The old root is now stacked under the new one: detach it, so that not even a
+        # process with capabilities in this namespace can reach it again.
+        if _libc.umount2(b".", MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"umount2(old root): {os.strerror(err)}")
+    else:  # no pivot_root number for this machine: move the mount and chroot, as switch_root
+        _mount(new, "/", None, MS_MOVE)
+        os.chroot(".")
     os.chdir("/")
 
 
@@ -283,9 +317,6 @@ def _setup_namespaces(cfg: dict, files: dict[str, bytes]) -> None:
     workdir, uid = cfg["workdir"], cfg.get("uid")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _build_root(cfg["keep"], workdir)
-    # A procfs of the new pid namespace: only the sandbox's own processes are visible
-    # (hidepid=2 further hides the root-owned init from the dropped-uid program).
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     for mp in _mount_points():
         _remount_readonly(mp)
     _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,

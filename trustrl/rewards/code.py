@@ -508,7 +508,9 @@ def sandbox_capabilities() -> dict[str, Any]:
         if _caps is None:
             root = os.geteuid() == 0
             chosen = None
-            for mode in (["root"] if root else []) + ["userns"]:
+            # Not userns as root: the program would run as uid 0 of a user namespace mapped
+            # to the real root, with capabilities to undo its mounts.
+            for mode in (["root"] if root else ["userns"]):
                 for netns in (True, False):
                     if _probe(mode, netns):
                         chosen = (mode, netns)
