@@ -183,14 +183,15 @@ def test_sections_headline_first_in_reading_order(tmp_path: Path) -> None:
 def test_agent_and_classic_panels(tmp_path: Path) -> None:
     run = tmp_path / "agent"
     run.mkdir()
-    rows = [{"step": s, "env/success": s / 10, "env/turns": 5 - s / 5, "env/return": s, "eval/return_mean": s,
-             "eval/return_std": 1.0, "a/b": s, "a_b": -s} for s in range(1, 11)]
+    rows = [{"step": s, "env/success": s / 10, "env/turns": 5 - s / 5, "env/return": 2 * s, "eval/return_mean": s,
+             "eval/return_std": 1.0, "a/b": 3 * s, "a_b": -s, "eval/same": s} for s in range(1, 11)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sections, _ = build_sections([load_run(run)])
     head = sections[0].panels
     assert [(p.key, p.percent) for p in head] == [("env/success", True), ("env/turns", False),
                                                   ("eval/return_mean", False)]
     assert head[2].band == "eval/return_std"
+    assert head[2].same_as == ["eval/same"]  # identical values: named under the panel, not drawn twice
     assert [s.title for s in sections[1:]] == ["Environment", "a", "Other"]  # a_b has no prefix
     write_report(run)
     assert sorted(p.name for p in (run / "plots").glob("a_b*.png")) == ["a_b.png", "a_b_2.png"]
@@ -268,6 +269,26 @@ def test_page_self_contained_and_plots_written(tmp_path: Path) -> None:
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert "stale.png" not in pngs and "trpo_kl.png" in pngs and len(pngs) == len(figs)
     assert "optim/lr</code> = 0.0003" in page  # constants listed
+
+
+def test_band_drawn_or_left_out(tmp_path: Path) -> None:
+    run = tmp_path / "bands"
+    run.mkdir()
+    # adv/mean: 0 .. 0.001 with std 1 (whitened advantages); reward/mean: 0.2 .. 0.8 with std 0.1
+    rows = [{"step": s, "adv/mean": s / 20_000, "adv/std": 1.0 + 0.01 * (s % 2), "reward/mean": 0.2 + 0.6 * s / 20,
+             "reward/std": 0.1} for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(run).read_text()
+    figs = _figures(page)
+    # ~1.0 > 5 x 0.00095: no band, limits from the data alone: 0.00005 .. 0.001 +- 6% of 0.00095
+    assert "std band left out" in page
+    assert (float(figs["adv/mean"]["ymin"]), float(figs["adv/mean"]["ymax"])) == pytest.approx(
+        (0.00005 - 0.06 * 0.00095, 0.001 + 0.06 * 0.00095))
+    # reward: band kept (EMA span 2 of 20 points), limits widened by it: the EMA of a constant std is
+    # 0.1, the EMA of the mean starts at 0.23 (first value) and ends a little below 0.8
+    assert "band: <code>reward/std</code>" in page
+    ymin, ymax = float(figs["reward/mean"]["ymin"]), float(figs["reward/mean"]["ymax"])
+    assert ymin < 0.23 - 0.1 and ymax > 0.8
 
 
 def test_report_edge_cases(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ directory names and the settings in which their configs differ). The PNG panels 
 base64: the file needs no network and no other file; the layout becomes one column on a phone.
 For a single run, the panels are also written as ``run_dir/plots/<metric>.png``.
 
-Missing metrics are skipped, ``null`` values (NaN/inf at logging time) leave gaps, and a single
-logged step is drawn as a marker.
+Missing metrics are skipped, ``null`` values (NaN/inf at logging time) leave gaps, points are
+drawn as markers while there are at most 30, and a metric with one value at every logged step
+(a single step included) is listed in a line instead of drawn flat.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def render_page(
         how = ("Each panel is one metric on its own scale; all share the step axis. "
                "Faint: the logged values; solid: their exponential moving average (EMA span stated under each "
                "panel, span N: weight 2/(N+1) on the newest point). Shaded around a mean: +-1 std across the "
-               "step's samples. Dashed: a target or limit from config.yaml.")
+               "step's samples (smoothed like the line). Dashed: a target or limit from config.yaml.")
         if multi:
             how += " Bands are left out when runs are overlaid."
         parts.append(f"<p class='muted'>{_e(how)}</p>")
@@ -226,8 +226,12 @@ def render_page(
         for p in sec.panels:
             img = images[p.key]
             cap = [f"<code>{_e(p.key)}</code>"]
-            if p.band:
+            if p.band and not img.note:
                 cap.append(f"band: <code>{_e(p.band)}</code>")
+            if img.note:
+                cap.append(_e(img.note))
+            if p.same_as:
+                cap.append("same values: " + ", ".join(f"<code>{_e(k)}</code>" for k in p.same_as))
             cap.append(f"EMA span {img.span}" if img.span > 1 else
                        "not smoothed (a count)" if not p.smooth else "not smoothed (under 20 points)")
             if img.off_scale:

@@ -62,6 +62,9 @@ class Panel:
     """Mark the first and last values (held-out accuracy before/after RL)."""
     smooth: bool = True
     """Draw an EMA over the logged values (not for counts such as faults)."""
+    same_as: list[str] = field(default_factory=list)
+    """Other metrics with exactly these values in every run (``eval/correct`` when the eval
+    reward is ``correct``), named under this panel instead of drawn twice."""
 
     @property
     def file_stem(self) -> str:
@@ -181,6 +184,19 @@ def _constant(runs: Sequence[RunData], key: str) -> float | None:
     return next(iter(seen)) if len(seen) == 1 else None
 
 
+def _same_series(runs: Sequence[RunData], a: str, b: str) -> bool:
+    """``a`` and ``b`` were logged at the same steps with the same values (NaN = NaN) in every run."""
+    for r in runs:
+        sa, sb = r.series.get(a), r.series.get(b)
+        if sa is None and sb is None:
+            continue
+        if sa is None or sb is None or sa[0] != sb[0]:
+            return False
+        if any(x != y and not (math.isnan(x) and math.isnan(y)) for x, y in zip(sa[1], sb[1])):
+            return False
+    return True
+
+
 def build_sections(runs: Sequence[RunData]) -> tuple[list[Section], dict[str, float]]:
     """Sections of panels for ``runs`` (one or several), and the metrics that are constant
     (name -> value) and therefore listed rather than drawn."""
@@ -202,13 +218,19 @@ def build_sections(runs: Sequence[RunData]) -> tuple[list[Section], dict[str, fl
         if c is not None:
             constants[m] = c
     drawn = names - used - set(constants)
+    by_key = {p.key: p for p in head}
     rest: dict[str, list[Panel]] = {}
     for m in sorted(drawn):
         if any(std_partner(k) == m for k in drawn):  # a std drawn as the band of its mean
             continue
+        twin = next((p for k, p in by_key.items() if _same_series(runs, k, m)), None)
+        if twin is not None:
+            twin.same_as.append(m)
+            continue
         band = std_partner(m)
         prefix = m.split("/", 1)[0] if "/" in m else ""
-        rest.setdefault(prefix, []).append(Panel(m, m, band=band if band in drawn else None))
+        by_key[m] = Panel(m, m, band=band if band in drawn else None)
+        rest.setdefault(prefix, []).append(by_key[m])
     order = list(SECTION_TITLES) + sorted(p for p in rest if p and p not in SECTION_TITLES) + [""]
     for prefix in order:
         if prefix in rest:

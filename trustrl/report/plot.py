@@ -26,6 +26,8 @@ REF_COLOR = "#555555"
 #: the data is named in the panel ("off scale") instead of squashing the data into a line.
 REF_MAX_ZOOM_OUT = 4.0
 PAD = 0.06
+#: A +-std band whose median half-width exceeds this many times the range of the mean is not drawn.
+BAND_MAX_WIDTH = 5.0
 
 
 def ema(values: Sequence[float], span: int) -> list[float]:
@@ -113,6 +115,8 @@ class PanelImage:
     """EMA span used (1: not smoothed)."""
     off_scale: list[str] = field(default_factory=list)
     """References left out of the y range (named in the panel instead)."""
+    note: str = ""
+    """Why something was left out (a band too wide to draw)."""
 
 
 def _fmt_value(v: float, percent: bool) -> str:
@@ -130,7 +134,7 @@ def render_panel(
     """Draw ``panel`` for every run that logged its metric (run ``i`` in ``RUN_COLORS[i]``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, PercentFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
     present = [(i, r) for i, r in enumerate(runs) if panel.key in r.series]
     n_max = max((len(_finite(r.series[panel.key][1])) for _, r in present), default=0)
@@ -138,15 +142,28 @@ def render_panel(
 
     all_values: list[float] = []
     band_values: list[float] = []
-    for _, r in present:
+    bands: dict[int, tuple[list[float], list[float]]] = {}  # run -> (lower, upper)
+    band_note = ""
+    for i, r in present:
         steps, values = r.series[panel.key]
         all_values += values
-        if panel.band and panel.band in r.series:
+        if panel.band and panel.band in r.series and len(present) == 1:
             std = dict(zip(*r.series[panel.band]))
-            for s, v in zip(steps, values):
-                sd = std.get(s, math.nan)
-                if math.isfinite(v) and math.isfinite(sd):
-                    band_values += [v - sd, v + sd]
+            sd = [std.get(s, math.nan) for s in steps]
+            # smoothed like the line: EMA(mean) +- EMA(std), over the steps that have both
+            both = [math.isfinite(v) and math.isfinite(e) for v, e in zip(values, sd)]
+            centre = ema([v if ok else math.nan for v, ok in zip(values, both)], span)
+            half = ema([e if ok else math.nan for e, ok in zip(sd, both)], span)
+            halves = sorted(h for h in half if math.isfinite(h))
+            fin = _finite(values)
+            data_span = max(fin) - min(fin) if fin else 0.0
+            if halves and data_span > 0 and halves[len(halves) // 2] > BAND_MAX_WIDTH * data_span:
+                # a band many times wider than the curve's range would shade the whole panel
+                # and hide the trend (whitened advantages: mean ~0, std ~1)
+                band_note = f"std band left out: std ~{halves[len(halves) // 2]:.3g} >> range {data_span:.3g}"
+                continue
+            bands[i] = ([c - h for c, h in zip(centre, half)], [c + h for c, h in zip(centre, half)])
+            band_values += bands[i][0] + bands[i][1]
     ref_points: list[float] = []
     ref_index: list[int] = []
     for k, ref in enumerate(panel.refs):
@@ -198,11 +215,8 @@ def render_panel(
         color = RUN_COLORS[i % len(RUN_COLORS)]
         steps, values = r.series[panel.key]
         n_finite = len(_finite(values))
-        if panel.band and panel.band in r.series and len(present) == 1:
-            std = dict(zip(*r.series[panel.band]))
-            sd = [std.get(s, math.nan) for s in steps]
-            ax.fill_between(steps, [v - e for v, e in zip(values, sd)], [v + e for v, e in zip(values, sd)],
-                            color=color, alpha=0.12, linewidth=0, zorder=1)
+        if i in bands:
+            ax.fill_between(steps, bands[i][0], bands[i][1], color=color, alpha=0.12, linewidth=0, zorder=1)
         marker = "o" if n_finite <= 30 else None
         if span > 1:
             ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8, marker=marker, markersize=2, zorder=2)
@@ -217,9 +231,9 @@ def render_panel(
     if panel.percent:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     else:
-        fmt = ScalarFormatter(useOffset=False)
-        fmt.set_powerlimits((-3, 4))
-        ax.yaxis.set_major_formatter(fmt)
+        # plain numbers on every tick ("0.0075"), never an offset or a "1e-3" above the axis
+        tiny = 1e-9 * (ylim[1] - ylim[0])  # a tick at 0 computed as 1e-18 prints as 0
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.4g}" if abs(v) > tiny else "0"))
     ax.set_xlabel("step", fontsize=8, labelpad=1)
     # fixed margins: tight_layout would cost half the drawing time of a panel
     fig.subplots_adjust(left=0.15, right=0.98, top=0.9, bottom=0.17)
@@ -227,7 +241,7 @@ def render_panel(
     fig.savefig(buf, format="png")
     finite = _finite(all_values)
     return PanelImage(buf.getvalue(), (float(ylim[0]), float(ylim[1])), (float(xlim[0]), float(xlim[1])),
-                      (min(finite), max(finite)) if finite else (math.nan, math.nan), span, off_scale)
+                      (min(finite), max(finite)) if finite else (math.nan, math.nan), span, off_scale, band_note)
 
 
 def before_after(run: RunData, key: str = "eval/accuracy") -> tuple[float, float] | None:
