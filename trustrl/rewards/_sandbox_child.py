@@ -168,10 +168,6 @@ def _remount_readonly(path: str) -> None:
     _mount(None, path, None, flags)
 
 
-def _is_under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
 def _build_root(keep: list[str], workdir: str) -> None:
     """Make a new, nearly empty root the only file system the sandbox sees.
 

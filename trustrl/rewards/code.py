@@ -67,12 +67,12 @@ Isolation, strongest first (probed once, see :func:`sandbox_capabilities`):
     ``/dev`` and the interpreter's prefix (the repository, datasets, ``/tmp``, ``/home``,
     ``/root``, ``/mnt``, ... are absent), in which *every* mount is read-only and nosuid;
     procfs shows only the sandbox's processes and the working directory is a private
-    size/inode-capped tmpfs that vanishes with the namespace. The program runs as a fresh unprivileged uid/gid
-    (random, unused, no supplementary groups, no_new_privs), so ``RLIMIT_NPROC`` is enforced
-    (it is not for root) and counts only this sandbox's processes. When the program ends, the
-    kernel kills and reaps everything left in its pid namespace (``setsid()`` does not escape
-    that); the parent then also kills anything still running under the sandbox uid and checks
-    that nothing is left.
+    size/inode-capped tmpfs that vanishes with the namespace. The program runs as a fresh
+    unprivileged uid/gid (random, unused, no supplementary groups, no_new_privs), so
+    ``RLIMIT_NPROC`` is enforced (it is not for root) and counts only this sandbox's processes.
+    When the program ends, the kernel kills and reaps everything left in its pid namespace
+    (``setsid()`` does not escape that); the parent then also kills anything still running
+    under the sandbox uid and checks that nothing is left.
 ``mode="userns"`` (not root, unprivileged user namespaces allowed): the same namespaces and
     mounts, entered through a user namespace that maps only our own uid; no uid change, so
     ``RLIMIT_NPROC`` is shared with our other processes (the cap is set to their count plus
