@@ -38,6 +38,7 @@ def _write_run(run: Path, steps: int = 60, *, config: dict | None = None, seed: 
         r = {
             "step": s,
             "reward/mean": 0.3 + 0.5 * s / steps + float(rng.normal(0, 0.05)),
+            "reward/score": 0.0,  # replaced by reward/mean below
             "reward/std": 0.3,
             "reward/correct/mean": 0.2 + 0.6 * s / steps,
             "reward/correct/std": 0.4,
@@ -56,6 +57,7 @@ def _write_run(run: Path, steps: int = 60, *, config: dict | None = None, seed: 
             "optim/lr": 3e-4,
             **(extra or {}),
         }
+        r["reward/score"] = r["reward/mean"]
         if s % 20 == 0:
             r["eval/accuracy"] = 0.4 + 0.5 * s / steps
         lines.append(json.dumps(r))
@@ -173,6 +175,7 @@ def test_sections_headline_first_in_reading_order(tmp_path: Path) -> None:
     assert bands["reward/mean"] == "reward/std" and bands["reward/correct/mean"] == "reward/correct/std"
     assert [r.values for r in head.panels[6].refs] == [[(0.01, None)]]  # trpo/kl against max_kl
     assert [r.values for r in head.panels[8].refs] == [[(12.0, None)]]  # length against the limit
+    assert head.panels[0].same_as == ["reward/score"]  # TRPO logs the same total twice
     assert [s.title for s in sections[1:]] == ["TRPO step", "Losses"]
     every = {p.key for s in sections for p in s.panels}
     assert not any(k.endswith("/std") for k in every)  # stds are bands, not panels

@@ -204,8 +204,16 @@ def build_sections(runs: Sequence[RunData]) -> tuple[list[Section], dict[str, fl
     for r in runs:
         names.update(r.series)
     # a headline metric with one value throughout (kl/coef without a controller) is listed
-    head = [p for p in _headline(names, runs) if p.before_after or _constant(runs, p.key) is None]
-    used = {p.key for p in head} | {p.band for p in head if p.band}
+    head: list[Panel] = []
+    for p in _headline(names, runs):
+        if not p.before_after and _constant(runs, p.key) is not None:
+            continue
+        twin = next((q for q in head if _same_series(runs, q.key, p.key)), None)
+        if twin is not None:  # TRPO's reward/score is its reward/mean
+            twin.same_as.append(p.key)
+            continue
+        head.append(p)
+    used = {p.key for p in head} | {p.band for p in head if p.band} | {k for p in head for k in p.same_as}
     # faults that are all zero are not drawn, and not listed as constants either
     used |= {m for m in names if m.endswith("/faults")}
     sections = []
