@@ -166,6 +166,8 @@ def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     base = model.get_base_model() if is_peft(model) else model
     prefix = getattr(base, "base_model_prefix", "model")
     backbone = getattr(base, prefix, None)
+    if backbone is None:  # transformers 4.x: Gemma3ForCausalLM's prefix says "language_model", its trunk is `model`
+        backbone = getattr(base, "model", None)
     head = base.get_output_embeddings()
     if backbone is None or head is None:
         raise ModelLoadError(
@@ -238,6 +240,8 @@ _CHECKED_ATTR = "_trustrl_logit_transform"
 
 def _configs(config) -> list:
     """The config and its nested text config (multimodal wrappers keep the LM's there)."""
+    if config is None:
+        return []
     out = [config]
     text = getattr(config, "text_config", None) if config is not None else None
     if text is not None and text is not config:
