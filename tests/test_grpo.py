@@ -206,3 +206,11 @@ def test_every_estimator_trains(tiny_model_dir, addition_data, tmp_path, estimat
     trainer = GRPOTrainer(cfg, reward_funcs=[count_a])
     trainer.train()
     assert math.isfinite(trainer.last_metrics["loss/total"])
+
+
+def test_top_p_below_one_is_said_at_start_up(tiny_model_dir, addition_data, tmp_path):
+    # nucleus sampling draws from the truncated distribution while the losses use the full
+    # softmax: the user is told before training (nothing was said before)
+    cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=1, top_p=0.9)
+    with pytest.warns(UserWarning, match="top_p=0.9.*full softmax"):
+        GRPOTrainer(cfg, reward_funcs=[count_a])
