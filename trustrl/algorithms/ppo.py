@@ -66,8 +66,8 @@ from trustrl.losses import (
     policy_loss_sum,
     value_loss_sum,
 )
-from trustrl.models import check_vocab, lm_backbone_and_head, load_tokenizer, reference_context
-from trustrl.rollout import Rollout, batched_completion_logprobs, completion_hidden_states, completion_logprobs
+from trustrl.models import check_vocab, load_tokenizer, reference_context
+from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
 from trustrl.value_model import ScalarHeadModel, last_token_index, load_scalar_model, scalar_model_from_lm
 

@@ -11,7 +11,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trustrl import distributed as dist
 from trustrl.config import RLConfig
 from trustrl.data import DataError, format_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
@@ -193,7 +192,7 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
                    tokenizer=None, gradient_checkpointing: bool | None = None) -> RLModels:
     """Rewards first (cheap, fail fast on a bad spec), then data, then models. ``beta = 0`` loads
     no reference model at all; with LoRA the reference is the base model (``reference_context``)."""
-    from trustrl.models import check_vocab, load_policy, load_tokenizer, make_reference
+    from trustrl.models import check_vocab, load_policy, load_tokenizer, logit_transform, make_reference
 
     rewards = RewardSuite(config, extra=reward_funcs, device=device)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
@@ -207,6 +206,7 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
                             lora=config.lora, gradient_checkpointing=gradient_checkpointing)
     else:
         check_vocab(model, tokenizer, f"the model passed to {who}")
+        logit_transform(model)  # refuse a forward we do not reproduce now, not after sampling
     reference = make_reference(model) if config.beta > 0 else None
     return RLModels(rewards, tokenizer, prompts, eval_prompts, model, reference)
 
