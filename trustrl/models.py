@@ -166,8 +166,6 @@ def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     base = model.get_base_model() if is_peft(model) else model
     prefix = getattr(base, "base_model_prefix", "model")
     backbone = getattr(base, prefix, None)
-    if backbone is None:  # transformers 4.x: Gemma3ForCausalLM's prefix says "language_model", its trunk is `model`
-        backbone = getattr(base, "model", None)
     head = base.get_output_embeddings()
     if backbone is None or head is None:
         raise ModelLoadError(
