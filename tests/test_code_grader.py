@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -453,13 +455,12 @@ def test_hostile_solutions_score_zero_and_leave_nothing_running():
 
 @pytest.mark.skipif(sandbox_mod.sandbox_capabilities()["filesystem"] != "readonly_mounts",
                     reason="no private root here (mode plain): files are readable")
-def test_expected_values_cannot_be_looked_up_on_disk(tmp_path):
-    # A world-readable dataset (dir 0755, file 0644 outside /root and /home) and this test file
-    # in the repository both hold "assert add(10, 20) == 30" etc. A solution that reads them
-    # and answers from the table would score 1 if it could open either; the sandbox's root holds
-    # neither, so it returns None everywhere -> 0.
-    shared = tmp_path.parent / f"trustrl_dataset_{os.getpid()}"
-    shared.mkdir(mode=0o755, exist_ok=True)
+def test_expected_values_cannot_be_looked_up_on_disk():
+    # A world-readable dataset (/tmp/<dir 0755>/train.jsonl, 0644) and this test file in the
+    # repository both hold "assert add(10, 20) == 30" etc. A solution that reads them and
+    # answers from the table would score 1 if it could open either (the sandbox before its
+    # private root could: it scored 1); the sandbox's root holds neither -> None everywhere -> 0.
+    shared = Path(tempfile.mkdtemp(prefix="trustrl_dataset_"))
     os.chmod(shared, 0o755)
     data = shared / "train.jsonl"
     data.write_text(json.dumps({"prompt": "add", "tests": ADD}) + "\n")
