@@ -38,6 +38,8 @@ min-width:12em;max-width:40em}
 .swatch{display:inline-block;width:.9em;height:.9em;border-radius:2px;vertical-align:-.1em;margin-right:.3em}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.82em}
 details{margin:.6em 0}summary{cursor:pointer;color:#333}
+.legendbar{position:sticky;top:0;z-index:1;background:#fffe;border-bottom:1px solid #ddd;padding:4px 0;
+font-size:.85em;display:flex;flex-wrap:wrap;gap:4px 14px}
 """
 
 
@@ -212,6 +214,9 @@ def render_page(
                                              if steps else "No metrics logged. ") + _e(str(r.path)) + "</p>")
     else:
         parts.append(_legend(runs))
+        parts.append("<div class='legendbar'>" + "".join(
+            f"<span><span class='swatch' style='background:{RUN_COLORS[i % len(RUN_COLORS)]}'></span>{_e(r.label)}"
+            "</span>" for i, r in enumerate(runs)) + "</div>")
     parts.append(_glance(runs, sections))
     if images:
         how = ("Each panel is one metric on its own scale; all share the step axis. "
