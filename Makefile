@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup browser test demo bench clean
+.PHONY: setup browser test test-floor demo bench clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,27 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The oldest transformers that pyproject.toml allows ("transformers>=X"), tested as well: a
+# second venv with exactly X (read from pyproject.toml, so the two cannot drift apart) runs the
+# tests that go through transformers' API -- model loading and saving, tokenizers and chat
+# templates, generate, log-probs of every listed architecture, each LLM trainer, checkpoints.
+FLOOR_VENV := .venv-floor
+TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
+FLOOR_TESTS ?= tests/test_architectures.py tests/test_logprobs.py tests/test_rollout.py tests/test_data.py \
+	tests/test_sft.py tests/test_reward_model.py tests/test_grpo.py tests/test_ppo.py tests/test_trpo_lm.py \
+	tests/test_checkpoint.py tests/test_resume.py
+
+test-floor:
+	@test -n "$(TRANSFORMERS_FLOOR)" || { echo "test-floor: no \"transformers>=X\" line in pyproject.toml"; exit 1; }
+	test -x $(FLOOR_VENV)/bin/python || $(PY) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -c "import torch" 2>/dev/null || $(FLOOR_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(FLOOR_VENV)/bin/pip install -q -e ".[test,lora]" "transformers==$(TRANSFORMERS_FLOOR)"
+	$(FLOOR_VENV)/bin/python -c "import transformers as t; from packaging.version import Version as V; \
+	  assert V(t.__version__) == V('$(TRANSFORMERS_FLOOR)'), t.__version__"
+	$(FLOOR_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(FLOOR_TESTS)
+
 demo: setup
 	$(BIN)/trustrl demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) runs build *.egg-info
