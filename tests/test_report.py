@@ -352,6 +352,8 @@ def test_pick_samples_spread_and_rank() -> None:
     two = pick_samples([Sample(5, "a", "x", None), Sample(5, "b", "y", -3.0)])
     assert [(w, s.prompt) for w, s in two[0][1]] == [("best", "b"), ("worst", "a")]
     assert pick_samples([]) == []
+    tied = pick_samples([Sample(1, p, "", 0.0) for p in "abcd"])
+    assert [(w, s.prompt) for w, s in tied[0][1]] == [("tied", "a"), ("tied", "c"), ("tied", "d")]
 
 
 def test_samples_table_escaped(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def pick_samples(samples: Sequence[Sample], n_steps: int = 4, per_step: int = 3)
     """A few recorded steps from the first to the last (``n_steps`` spread evenly over the
     steps present) and at each the best, the median and the worst completion by total reward
     (fewer when the step has fewer samples; file order breaks ties; a null reward counts as
-    the lowest). Returns ``[(step, [(which, sample), ...]), ...]``."""
+    the lowest; when every reward of the step is the same, all picks are labelled "tied").
+    Returns ``[(step, [(which, sample), ...]), ...]``."""
     by_step: dict[int, list[Sample]] = {}
     for s in samples:
         by_step.setdefault(s.step, []).append(s)
@@ -102,11 +103,15 @@ def pick_samples(samples: Sequence[Sample], n_steps: int = 4, per_step: int = 3)
             picks.append(("median", order[len(order) // 2]))
         if per_step >= 2 and len(order) >= 2:
             picks.append(("worst", order[-1]))
+        if len({g.reward for g in group}) == 1:  # all tied: "best" would mean nothing
+            picks = [("tied", i) for _, i in picks]
         out.append((st, [(name, group[i]) for name, i in picks]))
     return out
 
 
 def _cut(text: str) -> str:
+    if not text:
+        return "<span class='muted'>(empty)</span>"
     if len(text) <= SAMPLE_CHARS:
         return _e(text)
     return _e(text[:SAMPLE_CHARS]) + f"<span class='muted'> [... {len(text) - SAMPLE_CHARS} more characters]</span>"
@@ -122,7 +127,8 @@ def _samples_html(run: RunData) -> str:
         n = sum(1 for s in run.samples if s.step == step)
         for which, s in group:
             rows.append([
-                f"{_e(step)}<br><span class='muted'>{_e(which)} of {n}</span>",
+                f"{_e(step)}<br><span class='muted'>"
+                + (f"one of {n}, all rewards equal" if which == "tied" else f"{_e(which)} of {n}") + "</span>",
                 f"<span class='text'>{_cut(s.prompt)}</span>",
                 f"<span class='text'>{_cut(s.completion)}</span>",
                 _e(_fmt(s.reward)),
