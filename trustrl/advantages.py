@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from trustrl.losses import kl_penalty
+
 __all__ = [
     "GROUP_SCALES",
     "group_advantages",
@@ -23,6 +25,8 @@ __all__ = [
     "gae_time_major",
     "whiten",
     "soft_overlong_penalty",
+    "apply_missing_eos_penalty",
+    "token_rewards",
     "rloo_advantages",
     "reinforce_pp_baseline_advantages",
     "ADVANTAGE_ESTIMATORS",
@@ -160,6 +164,42 @@ def gae(
     advantages = torch.where(mask, adv_tm.T, zero)
     returns = torch.where(mask, advantages + v, zero)
     return advantages, returns
+
+
+# -- per-token RLHF reward shaping (PPO, TRPO with GAE) --------------------------------------------
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Replace the score of completions without EOS: ``[B]``, ``[B]`` bool -> ``[B]``."""
+    if penalty is None:
+        return scores
+    return torch.where(truncated.to(scores.device), torch.full_like(scores, float(penalty)), scores)
+
+
+def token_rewards(
+    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token RLHF reward (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020)::
+
+        kl_t = log pi(y_t) - log pi_ref(y_t)                   (k1, on valid tokens)
+        r_t  = -beta * kl_t + [t is the last valid token] * score
+
+    Shapes: ``scores [B]``, ``logp, ref_logp [B, T]``, ``mask [B, T]`` bool -> ``(rewards [B, T],
+    kl [B, T])``, both 0 where the mask is False. ``ref_logp=None`` means no KL term.
+    Summed over a completion: ``R = score - beta * KL(sequence)``."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if ref_logp is None:
+        kl = torch.zeros_like(logp)
+    else:
+        kl = torch.where(mask, kl_penalty(logp, ref_logp, "k1"), zero)
+    rewards = -beta * kl
+    has_tokens = mask.any(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, positions, torch.zeros_like(positions)).max(dim=1).values  # last valid token
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    bonus = torch.zeros_like(rewards)
+    bonus[rows, last] = torch.where(has_tokens, scores.to(rewards.dtype), zero)
+    return rewards + bonus, kl
 
 
 def whiten(

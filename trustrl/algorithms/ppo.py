@@ -46,7 +46,7 @@ from typing import Any, Callable
 import torch
 
 from trustrl import distributed as dist
-from trustrl.advantages import gae
+from trustrl.advantages import apply_missing_eos_penalty, gae, token_rewards  # noqa: F401 (re-exported)
 from trustrl.algorithms.base import RLAlgorithm
 from trustrl.config import PPOConfig
 from trustrl.config.actor_critic import ActorCriticConfig
@@ -60,7 +60,6 @@ from trustrl.losses import (
     entropy_from_logits,
     explained_variance,
     huber_value_loss_sum,
-    kl_penalty,
     masked_mean,
     masked_sum,
     policy_loss_sum,
@@ -69,44 +68,12 @@ from trustrl.losses import (
 from trustrl.models import check_vocab, load_tokenizer, reference_context
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
-from trustrl.value_model import ScalarHeadModel, last_token_index, load_scalar_model, scalar_model_from_lm
+from trustrl.value_model import ScalarHeadModel, load_scalar_model, scalar_model_from_lm
 
 
 
 
 # -- the per-token reward (pure functions, tested by hand) ---------------------------------------
-
-
-def apply_missing_eos_penalty(scores: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """Replace the score of completions without EOS: ``[B]``, ``[B]`` bool -> ``[B]``."""
-    if penalty is None:
-        return scores
-    return torch.where(truncated.to(scores.device), torch.full_like(scores, float(penalty)), scores)
-
-
-def token_rewards(
-    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, beta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token RLHF reward (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020)::
-
-        kl_t = log pi(y_t) - log pi_ref(y_t)                   (k1, on valid tokens)
-        r_t  = -beta * kl_t + [t is the last valid token] * score
-
-    Shapes: ``scores [B]``, ``logp, ref_logp [B, T]``, ``mask [B, T]`` bool -> ``(rewards [B, T],
-    kl [B, T])``, both 0 where the mask is False. ``ref_logp=None`` means no KL term.
-    Summed over a completion: ``R = score - beta * KL(sequence)``."""
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    if ref_logp is None:
-        kl = torch.zeros_like(logp)
-    else:
-        kl = torch.where(mask, kl_penalty(logp, ref_logp, "k1"), zero)
-    rewards = -beta * kl
-    has_tokens = mask.any(dim=1)
-    last = last_token_index(mask)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    bonus = torch.zeros_like(rewards)
-    bonus[rows, last] = torch.where(has_tokens, scores.to(rewards.dtype), zero)
-    return rewards + bonus, kl
 
 
 # -- building the critic ---------------------------------------------------------------------------

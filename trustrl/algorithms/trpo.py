@@ -47,9 +47,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trustrl.advantages import gae, group_advantages, whiten
+from trustrl.advantages import apply_missing_eos_penalty, gae, group_advantages, token_rewards, whiten
 from trustrl.algorithms.base import RLAlgorithm
-from trustrl.algorithms.ppo import apply_missing_eos_penalty, batched_values, make_critic, token_rewards
+from trustrl.algorithms.ppo import batched_values, make_critic
 from trustrl.config import TRPOConfig
 from trustrl.config.actor_critic import _PARAMS_RE
 from trustrl.distributed import require_single_process
