@@ -14,10 +14,14 @@ Tasks (budgets from the issue; SB3 with the rl-baselines3-zoo tuned hyper-parame
                                     lambda 0.95, lr 1e-3, gSDE (sde_sample_freq 4)
 
 trustrl runs its built-in presets (``trustrl classic --algo A --env E`` with no other flag).
-Every (framework, task, seed) trial runs in a fresh subprocess with ``torch.set_num_threads(1)``;
-trials alternate between the frameworks so slow drifts in machine load hit both. Reported
+Every (framework, task, seed) trial runs in a fresh subprocess with ``OMP_NUM_THREADS=1`` and
+``torch.set_num_threads(1)``; both frameworks are measured in the same run, trials
+alternating between them, so drifts in machine load hit both (the load average at the start
+and the end is printed and saved). Reported
 wall time is the training time only (``model.learn`` / ``trainer.train`` minus the final
-evaluation), excluding imports. Both frameworks are scored by the same function:
+evaluation), excluding imports; the training's process CPU time (``time.process_time``) is
+reported beside it: on a shared, busy machine the wall time of a single-threaded process is
+mostly the scheduler's doing, its CPU time much less so. Both frameworks are scored by the same function:
 10 deterministic episodes (greedy / mean action) on fresh envs seeded 10000 + seed + i.
 
 Bench-only dependencies: ``pip install stable-baselines3 sb3-contrib psutil``.
@@ -54,7 +58,7 @@ def _worker_trustrl(env_id: str, algo: str, steps: int, seed: int) -> dict:
     trainer = make_trainer(algo, env_id, seed)
     summary = trainer.train(steps, None)
     return {"returns": summary["eval_returns"], "train_seconds": summary["train_seconds"],
-            "env_steps": summary["env_steps"]}
+            "train_cpu_seconds": summary["train_cpu_seconds"], "env_steps": summary["env_steps"]}
 
 
 def _sb3_model(env_id: str, algo: str, seed: int):
@@ -88,21 +92,23 @@ def _worker_sb3(env_id: str, algo: str, steps: int, seed: int) -> dict:
     from trustrl.classic.common import evaluate_policy
 
     model = _sb3_model(env_id, algo, seed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model.learn(total_timesteps=steps)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
     def act(obs: np.ndarray) -> np.ndarray:
         return model.predict(obs, deterministic=True)[0]
 
     returns = evaluate_policy(env_id, act, 10, seed=10_000 + seed)
-    return {"returns": returns, "train_seconds": train_seconds, "env_steps": int(model.num_timesteps)}
+    return {"returns": returns, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+            "env_steps": int(model.num_timesteps)}
 
 
 def _run_trial(framework: str, env_id: str, algo: str, steps: int, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--_worker", framework, env_id, algo, str(steps), str(seed)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} {algo} {env_id} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no seeds to run")
     tasks = [t for t in TASKS if args.tasks == "all" or t[0] in args.tasks.split(",")]
     results: dict[str, dict] = {}
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.1f} {load_start[1]:.1f} {load_start[2]:.1f}", flush=True)
     flip = False
     for task, env_id, algo, steps, quick_steps in tasks:
         budget = quick_steps if args.quick else steps
@@ -151,31 +159,40 @@ def main(argv: list[str] | None = None) -> int:
                 r["eval_mean_return"] = statistics.mean(r["returns"])
                 res[fw].append(r)
                 print(f"  {task:14s} seed {seed} {fw:8s} return {r['eval_mean_return']:8.1f}  "
-                      f"train {r['train_seconds']:7.1f} s", flush=True)
+                      f"train {r['train_seconds']:7.1f} s wall, {r['train_cpu_seconds']:7.1f} s CPU", flush=True)
 
     header = ("| task | algo | budget | seeds | trustrl return | SB3 return | trustrl wall s | SB3 wall s "
-              "| ratio trustrl/SB3 |")
-    lines = [header, "|" + "---|" * 9]
+              "| wall ratio trustrl/SB3 | trustrl CPU s | SB3 CPU s | CPU ratio |")
+    lines = [header, "|" + "---|" * 12]
     for task, res in results.items():
         tr = [r["eval_mean_return"] for r in res["trustrl"]]
         sb = [r["eval_mean_return"] for r in res["sb3"]]
         tw = [r["train_seconds"] for r in res["trustrl"]]
         sw = [r["train_seconds"] for r in res["sb3"]]
+        tc = [r["train_cpu_seconds"] for r in res["trustrl"]]
+        sc = [r["train_cpu_seconds"] for r in res["sb3"]]
         ratio = statistics.mean(tw) / statistics.mean(sw)
+        cpu_ratio = statistics.mean(tc) / statistics.mean(sc)
         lines.append(f"| {res['env']} | {res['algo'].upper()} | {res['budget']:,} | {len(tr)} | {_fmt_ret(tr)} "
-                     f"| {_fmt_ret(sb)} | {statistics.mean(tw):.1f} | {statistics.mean(sw):.1f} | {ratio:.2f} |")
+                     f"| {_fmt_ret(sb)} | {statistics.mean(tw):.1f} | {statistics.mean(sw):.1f} | {ratio:.2f} "
+                     f"| {statistics.mean(tc):.1f} | {statistics.mean(sc):.1f} | {cpu_ratio:.2f} |")
         res["ratio"] = ratio
+        res["cpu_ratio"] = cpu_ratio
     table = "\n".join(lines)
+    load_end = os.getloadavg()
+    print(f"\nload average at end: {load_end[0]:.1f} {load_end[1]:.1f} {load_end[2]:.1f}")
     print()
     print(table)
     print("\nper seed (eval mean return over 10 deterministic episodes):")
     for task, res in results.items():
         for fw in ("trustrl", "sb3"):
-            per = ", ".join(f"s{r['seed']}: {r['eval_mean_return']:.1f} ({r['train_seconds']:.1f} s)" for r in res[fw])
+            per = ", ".join(f"s{r['seed']}: {r['eval_mean_return']:.1f} ({r['train_seconds']:.1f} s wall, "
+                            f"{r['train_cpu_seconds']:.1f} s CPU)" for r in res[fw])
             print(f"  {task:14s} {fw:8s} {per}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"argv": sys.argv, "results": results, "table": table}, indent=2))
+    out.write_text(json.dumps({"argv": sys.argv, "results": results, "table": table,
+                               "load_start": load_start, "load_end": load_end}, indent=2))
     return 0
 
 

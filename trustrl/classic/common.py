@@ -383,14 +383,18 @@ def collect_rollout(
     return ro, obs, valid
 
 
-def minibatches(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def minibatches(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor | slice]:
     """A random permutation of ``range(n)`` cut into minibatches of ``minibatch_size``.
 
     Every sample is in exactly one minibatch; when ``minibatch_size`` does not divide ``n``
     the last minibatch is smaller (``n = 10``, size 4 -> sizes 4, 4, 2), never dropped.
+    When one minibatch holds the whole batch the order cannot matter: the result is
+    ``[slice(None)]`` (index with it to get the batch itself, no shuffled copy).
     """
     if minibatch_size < 1:
         raise ValueError(f"common.minibatches: minibatch_size must be >= 1, got {minibatch_size}")
+    if minibatch_size >= n:
+        return [slice(None)]
     return list(torch.randperm(n, generator=generator).split(minibatch_size))
 
 
@@ -452,7 +456,7 @@ class OnPolicyTrainer:
         per_update = c.n_envs * c.n_steps
         n_updates = max(1, total_steps // per_update)
         log_every = c.log_every or max(per_update, (n_updates * per_update) // 100)
-        timer = Timer()
+        timer, cpu0 = Timer(), time.process_time()
         obs_np, _ = self.envs.reset(seed=self.seed)
         obs = torch.as_tensor(obs_np, dtype=torch.float32)
         valid = torch.ones(c.n_envs, dtype=torch.bool)
@@ -476,11 +480,11 @@ class OnPolicyTrainer:
                 out.log(env_steps, metrics)
                 recent_r, recent_l = [], []
                 last_log = env_steps
-        train_seconds = timer()
+        train_seconds, train_cpu_seconds = timer(), time.process_time() - cpu0
         ev = self.evaluate()
         wall = timer()
         out.log(env_steps, {"eval/return_mean": float(np.mean(ev)), "eval/return_std": float(np.std(ev))})
         self.envs.close()
         summary = make_summary(self.algo, self.env_id, self.seed, env_steps, wall, ev, config_dict(c),
-                               train_seconds=train_seconds)
+                               train_seconds=train_seconds, train_cpu_seconds=train_cpu_seconds)
         return out.finish(summary)

@@ -134,11 +134,12 @@ class PPO(OnPolicyTrainer):
         stopped = False
         for _epoch in range(c.n_epochs):
             for idx in minibatches(len(adv), c.minibatch_size):
-                mask = torch.ones((len(idx), 1), dtype=torch.bool)
-                params = actor(obs[idx])
+                o_mb, adv_mb = obs[idx], adv[idx]
+                mask = torch.ones((len(adv_mb), 1), dtype=torch.bool)
+                params = actor(o_mb)
                 logp = actor.log_prob(params, act[idx])
-                pl, pm = policy_loss(logp[:, None], old_logp[idx, None], adv[idx], mask, clip_low=clip)
-                vl, vm = value_loss(critic(obs[idx])[:, None], old_v[idx, None], returns[idx, None], mask,
+                pl, pm = policy_loss(logp[:, None], old_logp[idx, None], adv_mb, mask, clip_low=clip)
+                vl, vm = value_loss(critic(o_mb)[:, None], old_v[idx, None], returns[idx, None], mask,
                                     clip=c.clip_range_vf)
                 loss = pl + c.vf_coef * vl
                 if c.ent_coef:
@@ -151,7 +152,8 @@ class PPO(OnPolicyTrainer):
                 if c.target_kl is not None and pm["approx_kl"] > c.target_kl:
                     stopped = True  # too far from the old policy: this minibatch is not applied
                     break
-                self.opt.zero_grad()
+                for p in self.params:  # = self.opt.zero_grad(), without its per-call bookkeeping
+                    p.grad = None
                 loss.backward()
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
                 self.opt.step()

@@ -120,8 +120,8 @@ class TRPO(OnPolicyTrainer):
         vl_sum, n_mb = 0.0, 0
         for _ in range(c.critic_epochs):
             for idx in minibatches(batch, c.critic_minibatch_size):
-                mask = torch.ones((len(idx), 1), dtype=torch.bool)
                 r_mb = returns[idx, None]
+                mask = torch.ones_like(r_mb, dtype=torch.bool)
                 vl, _ = value_loss(self.critic(obs[idx])[:, None], r_mb, r_mb, mask)
                 self.critic_opt.zero_grad()
                 vl.backward()
