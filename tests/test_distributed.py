@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 
 from trustrl import distributed as dist
 from trustrl.rollout import counter_uniforms, generate, left_pad, sample_next, splitmix64
+from trustrl.loop.data_parallel import global_whiten, sampling_row_seeds
 
 MASK = (1 << 64) - 1
 
@@ -113,7 +114,7 @@ def test_row_seeded_generation_does_not_depend_on_the_batch_split(tiny_model_dir
     tok = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir)
     texts = ["1+2=", "13+4=", "7+", "9+9=", "2+", "5+13="]
-    seeds = dist.sampling_row_seeds(0, (0, 0), len(texts), 1)
+    seeds = sampling_row_seeds(0, (0, 0), len(texts), 1)
 
     def run(rows):
         ids, mask = left_pad([tok(texts[i])["input_ids"] for i in rows], tok.pad_token_id)
@@ -129,13 +130,13 @@ def test_row_seeded_generation_does_not_depend_on_the_batch_split(tiny_model_dir
 
 
 def test_sampling_row_seeds_are_distinct_and_depend_on_every_key():
-    a = dist.sampling_row_seeds(0, (0, 0), 16, 8)
+    a = sampling_row_seeds(0, (0, 0), 16, 8)
     assert a.shape == (128,) and a.dtype == torch.int64 and len(set(a.tolist())) == 128
-    others = [dist.sampling_row_seeds(1, (0, 0), 16, 8), dist.sampling_row_seeds(0, (1, 0), 16, 8),
-              dist.sampling_row_seeds(0, (0, 16), 16, 8)]
+    others = [sampling_row_seeds(1, (0, 0), 16, 8), sampling_row_seeds(0, (1, 0), 16, 8),
+              sampling_row_seeds(0, (0, 16), 16, 8)]
     for b in others:
         assert not set(a.tolist()) & set(b.tolist())
-    assert torch.equal(a, dist.sampling_row_seeds(0, (0, 0), 16, 8))
+    assert torch.equal(a, sampling_row_seeds(0, (0, 0), 16, 8))
 
 
 # -- sharding ------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_helpers_are_the_identity_in_one_process():
     x, m = torch.randn(3, 4), torch.rand(3, 4) > 0.3
     from trustrl.advantages import whiten
 
-    assert torch.equal(dist.whiten(x, m), whiten(x, m))
+    assert torch.equal(global_whiten(x, m), whiten(x, m))
 
 
 # -- a real 2-process run --------------------------------------------------------------------------
@@ -195,6 +196,7 @@ WORKER = textwrap.dedent('''
     torch.set_num_threads(1)
     from trustrl import distributed as dist
     from trustrl.advantages import whiten
+    from trustrl.loop.data_parallel import global_whiten
     from trustrl.cli import main
 
 
@@ -222,8 +224,8 @@ WORKER = textwrap.dedent('''
         x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
         m = torch.rand(5, 4, generator=torch.Generator().manual_seed(2)) > 0.3
         mine = slice(0, 2) if r == 0 else slice(2, 5)
-        assert torch.allclose(dist.whiten(x[mine], m[mine]), whiten(x, m)[mine], atol=1e-6)
-        assert torch.allclose(dist.whiten(x[mine], m[mine], shift_mean=False), whiten(x, m, shift_mean=False)[mine],
+        assert torch.allclose(global_whiten(x[mine], m[mine]), whiten(x, m)[mine], atol=1e-6)
+        assert torch.allclose(global_whiten(x[mine], m[mine], shift_mean=False), whiten(x, m, shift_mean=False)[mine],
                               atol=1e-6)
         # metrics: weighted mean (1 * 1 + 4 * 3) / 4 = 3.25, max 5, sum 30, a key on one rank only
         local = ({"a": 1.0, "completion/max_length": 3.0, "perf/tokens_per_second": 10.0} if r == 0 else

@@ -1,4 +1,5 @@
-"""Data parallelism over ``torch.distributed``: one process per device, each with a full copy
+"""Collectives and data parallelism over ``torch.distributed`` (nothing RL-specific here: what
+the RL loop builds on these is :mod:`trustrl.loop.data_parallel`): one process per device, each with a full copy
 of the model, each working on its shard of every global batch; the result equals a
 single-process run with the same global batch (up to float32 summation order).
 
@@ -13,7 +14,8 @@ The scheme, shared by every trainer (GRPO, PPO, reward model, SFT / pre-training
   contiguous shard :func:`shard_range` gives it (whole GRPO groups: prompts are sharded,
   never completions). PPO's minibatch permutation is drawn from a generator that is equal on
   every rank, over the *global* rollout indices; each rank computes the members it holds.
-* **Sampling does not depend on the split.** RL trainers pass :func:`sampling_row_seeds` to
+* **Sampling does not depend on the split.** RL trainers pass
+  :func:`trustrl.loop.data_parallel.sampling_row_seeds` to
   :func:`trustrl.rollout.generate`: the uniform number that picks row ``b``'s token ``t`` is a
   counter-based hash of (seed, sampler position, global prompt index, completion index, t), so
   a completion is the same whichever rank (or batch) samples it.
@@ -51,8 +53,8 @@ __all__ = [
     "init_from_env", "setup_device", "shutdown", "is_distributed", "world_size", "rank", "local_rank", "is_main",
     "barrier", "all_reduce_sum", "all_reduce_mean", "all_reduce_max", "all_true", "all_gather_objects",
     "broadcast_object", "sum_across_ranks", "reduce_metrics", "shard_range", "shard_indices", "shard_batch",
-    "shard_groups", "all_reduce_gradients", "on_main", "NullLogger", "sampling_row_seeds", "whiten", "gather_rows",
-    "gather_scored_batches", "evaluate_sharded", "require_single_process", "check_parameters_equal",
+    "shard_groups", "all_reduce_gradients", "on_main", "gather_rows", "require_single_process",
+    "check_parameters_equal",
 ]
 
 _STATE: dict[str, Any] = {"owned": False}
@@ -413,60 +415,6 @@ def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-class NullLogger:
-    """The metrics logger of ranks other than 0: accepts everything, writes nothing."""
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# -- world-size invariant sampling --------------------------------------------------------------------
-
-
-def sampling_row_seeds(seed: int, draw: Sequence[int], n_prompts: int, group_size: int) -> torch.Tensor:
-    """Per-completion seeds for :func:`trustrl.rollout.generate` (``row_seeds``): int64
-    ``[n_prompts * group_size]``, row ``p * group_size + j`` (completion ``j`` of the ``p``-th
-    prompt of the global draw) seeded by a splitmix64 chain over ``(seed, *draw, p, j)``.
-
-    ``draw`` names the global draw, e.g. the prompt sampler's ``(epoch, cursor)`` before it:
-    unique over a run, equal on every rank, and restored on resume; so a completion's tokens
-    depend neither on how the draw is split across ranks nor on an interrupted run."""
-    from trustrl.rollout import splitmix64
-
-    h = splitmix64(torch.tensor([int(seed)], dtype=torch.int64))
-    for value in list(draw):
-        h = splitmix64(h ^ splitmix64(torch.tensor([int(value)], dtype=torch.int64)))
-    p = torch.arange(n_prompts, dtype=torch.int64).repeat_interleave(group_size)
-    j = torch.arange(group_size, dtype=torch.int64).repeat(n_prompts)
-    h = splitmix64(h ^ splitmix64(p))
-    return splitmix64(h ^ splitmix64(j + (1 << 32)))
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`trustrl.advantages.whiten` with the mean and (population) variance taken over the
-    valid elements of every rank's ``x`` (two all-reduces). Same formula; one process: that
-    very function."""
-    from trustrl.advantages import whiten as local_whiten
-
-    if not is_distributed():
-        return local_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    m = torch.broadcast_to(mask, x.shape)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n = all_reduce_sum(m.sum().to(torch.float64)).clamp_min(1)
-    mu = (all_reduce_sum(torch.where(m, x, zero).sum().to(torch.float64)) / n).to(x.dtype)
-    var = (all_reduce_sum(torch.where(m, (x - mu).square(), zero).sum().to(torch.float64)) / n).to(x.dtype)
-    y = (x - mu) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        y = y + mu
-    return torch.where(m, y, zero)
-
-
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``values`` (first dimension may differ; other dimensions must
     match) in rank order, on the input's device."""
@@ -474,56 +422,3 @@ def gather_rows(values: torch.Tensor) -> torch.Tensor:
         return values
     parts = all_gather_objects(values.detach().cpu())
     return torch.cat(parts, dim=0).to(values.device)
-
-
-# -- helpers for the RL trainers ---------------------------------------------------------------------
-
-
-def _rollout_to(rollout, device):
-    from trustrl.rollout import Rollout
-
-    return Rollout(rollout.prompt_ids.to(device), rollout.prompt_mask.to(device), rollout.completion_ids.to(device),
-                   rollout.completion_mask.to(device), rollout.truncated.to(device),
-                   {k: v.to(device) for k, v in rollout.extras.items() if isinstance(v, torch.Tensor)})
-
-
-def gather_scored_batches(local, concat: Callable[[list, int], Any], pad_id: int, device):
-    """The global :class:`~trustrl.loop.experience.ScoredBatch` of one draw, on every rank:
-    each rank's shard (``None`` for a rank that held no prompts) concatenated in rank order,
-    i.e. in the order of the draw. Cheap next to generation (token ids and scores only)."""
-    if not is_distributed():
-        return local
-    from dataclasses import replace
-
-    if local is not None:
-        local = replace(local, rollout=_rollout_to(local.rollout, "cpu"))
-    parts = [b for b in all_gather_objects(local) if b is not None]
-    merged = concat(parts, pad_id)
-    return replace(merged, rollout=_rollout_to(merged.rollout, device))
-
-
-class _PromptShard:
-    """A contiguous slice of a PromptSet, seen as a PromptSet by ``sample_and_score``."""
-
-    def __init__(self, prompts, lo: int, hi: int):
-        self.base, self.lo, self.hi = prompts, lo, hi
-        self.token_ids = prompts.token_ids[lo:hi]
-        self.texts = prompts.texts[lo:hi]
-
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    def columns(self, indices: list[int]) -> dict[str, list[Any]]:
-        return self.base.columns([self.lo + i for i in indices])
-
-
-def evaluate_sharded(evaluate: Callable[..., dict[str, float]], policy, tokenizer, prompts, config, rewards, device):
-    """``evaluate(policy, tokenizer, prompts, config, rewards, device)`` (a greedy held-out
-    evaluation whose metrics are means over its prompts) with the evaluated prompts split
-    across ranks; the result is the mean over all of them, on every rank."""
-    if not is_distributed():
-        return evaluate(policy, tokenizer, prompts, config, rewards, device)
-    n = min(config.eval_prompts, len(prompts))
-    lo, hi = shard_range(n)
-    local = evaluate(policy, tokenizer, _PromptShard(prompts, lo, hi), config, rewards, device) if hi > lo else {}
-    return reduce_metrics(local, weight=hi - lo)

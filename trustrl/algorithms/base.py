@@ -21,6 +21,7 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl.config import RLConfig
+from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
 from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score
 from trustrl.loop.rl_loop import TrainingState, run_rl_loop
 from trustrl.models import save_model
@@ -97,7 +98,7 @@ class RLAlgorithm:
         repeats = getattr(cfg, self.repeats_field)
         draw = (sampler.epoch, sampler.cursor)
         indices = sampler.take(cfg.prompts_per_step)
-        seeds = dist.sampling_row_seeds(cfg.seed, draw, len(indices), repeats)
+        seeds = sampling_row_seeds(cfg.seed, draw, len(indices), repeats)
         if self.collects_local_share:  # every rank needs prompts: a clear error naming the key otherwise
             mine = dist.shard_batch(list(range(len(indices))), "prompts_per_step")
             lo, hi = mine[0], mine[-1] + 1
@@ -111,7 +112,7 @@ class RLAlgorithm:
             batch = local
             totals = dist.sum_across_ranks(local.scores.n_faults)
         else:
-            batch = dist.gather_scored_batches(local, concat_batches, self.tokenizer.pad_token_id, self.device)
+            batch = gather_scored_batches(local, concat_batches, self.tokenizer.pad_token_id, self.device)
             totals = batch.scores.n_faults
         if dist.is_distributed():  # each rank counted its own reward faults; keep the run's totals global
             mine = local.scores.n_faults if local is not None else {}

@@ -53,6 +53,7 @@ from trustrl.config.actor_critic import ActorCriticConfig
 from trustrl.kl_control import make_kl_controller
 from trustrl.logprobs import selective_log_softmax
 from trustrl.loop.accumulate import BatchNormalizer, MetricMeans
+from trustrl.loop.data_parallel import global_whiten
 from trustrl.loop.experience import ScoredBatch, reward_metrics
 from trustrl.loop.rl_loop import TrainingState
 from trustrl.losses import (
@@ -209,9 +210,9 @@ class PPOTrainer(RLAlgorithm):
         rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value)
         # (data parallel: whitening statistics over every rank's tokens)
         if cfg.whiten_rewards:
-            rewards = dist.whiten(rewards, mask, shift_mean=False)
+            rewards = global_whiten(rewards, mask, shift_mean=False)
         raw_adv, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = dist.whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
+        advantages = global_whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
         return PPOBatch(rollout, mask, old_logp, ref_logp, old_values, scores, rewards, kl, advantages, returns, raw_adv)
 
     # -- phase 4: one minibatch loss ---------------------------------------------------------

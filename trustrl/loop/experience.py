@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trustrl.config import RLConfig
-from trustrl.data import DataError, format_prompt, load_rows
+from trustrl.data import DataError, encode_prompt, load_rows
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped
@@ -36,14 +36,14 @@ class PromptSet:
             try:  # load_rows checks the text of a column named "prompt"; any other name is checked here
                 if isinstance(raw, str) and not raw.strip():
                     raise ValueError("empty or whitespace-only text")
-                text = format_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
-                                     system_prompt=config.system_prompt)
+                # one BOS policy (trustrl.data): template output as is, plain text with BOS
+                text, ids = encode_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
+                                          system_prompt=config.system_prompt)
             except (ValueError, TypeError, AttributeError) as err:
                 raise DataError(path, str(err), row_label=f"valid row {number}", row=number,
                                 column=config.prompt_column) from None
-            templated = text != raw
             self.texts.append(text)
-            self.token_ids.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+            self.token_ids.append(ids)
         self.prompt_column = config.prompt_column
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from trustrl import distributed as dist
 from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.loop.data_parallel import evaluate_sharded
 from trustrl.loop.experience import evaluate_greedy
 from trustrl.loop.stops import GracefulStop
 from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop
@@ -82,7 +83,7 @@ class LoopState:
 def evaluate(algorithm: RLAlgorithm, history: list[dict[str, float]], step: int) -> dict[str, float]:
     """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
     a = algorithm
-    ev = dist.evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
+    ev = evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
     history.append({"step": step, **ev})
     return ev
 

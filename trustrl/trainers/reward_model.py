@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 
 from trustrl import distributed as dist
-from trustrl.config import TrainConfig, register_config
+from trustrl.config import RewardConfig  # noqa: F401 (importable from here too)
 from trustrl.data import format_prompt, load_rows
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
@@ -50,41 +49,6 @@ from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, ma
 from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, encode_scored_text, scalar_model_from_lm
-
-
-class RewardConfig(TrainConfig):
-    """Bradley-Terry reward model on (prompt, chosen, rejected) pairs."""
-
-    prompt_column: str = "prompt"
-    """Column with the prompt (a string, or a list of chat messages)."""
-    chosen_column: str = "chosen"
-    """Column with the preferred response."""
-    rejected_column: str = "rejected"
-    """Column with the dispreferred response."""
-    margin_column: str | None = "margin"
-    """Optional column with a per-pair margin m (loss -log sigmoid(r_c - r_r - m)); rows without it use 0."""
-    use_chat_template: bool | None = None
-    """Format prompts with the tokenizer's chat template (None: when it has one)."""
-    system_prompt: str | None = None
-    """Optional system message prepended in chat formatting."""
-    max_length: int = Field(512, ge=2)
-    """Tokens per prompt + response (+ EOS); longer texts keep their last max_length tokens."""
-    batch_size: int = Field(16, ge=1)
-    """Pairs per optimizer step (split across gradient_accumulation_steps)."""
-    epochs: float | None = Field(None, gt=0)
-    """Passes over the training pairs: the run takes ceil(epochs * pairs / batch_size) steps.
-    Leave max_steps unset with it (or set it to that same number): other values are refused."""
-    center_rewards_coef: float | None = Field(None, ge=0)
-    """Coefficient of the centering term coef * mean((r_c + r_r)^2) (e.g. 0.01; None: off)."""
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
-    """Without eval_dataset: hold out this share of the training pairs for rm/accuracy."""
-    eval_batch_size: int = Field(64, ge=1)
-    """Pairs per forward pass in evaluation."""
-    max_eval_pairs: int = Field(1000, ge=1)
-    """Evaluate on at most this many held-out pairs."""
-
-
-register_config("rm", RewardConfig)
 
 
 @dataclass
