@@ -22,10 +22,10 @@ Each side runs in its own subprocess (so peak RSS is per side), in alternation
 first step is warm-up and not timed; the median is over all timed steps of all runs of a side,
 peak RSS (ru_maxrss of the worker process) the median over its runs.
 
-Both sides start with torch's default intra-op threads (`--threads N` pins both). trustrl
-then measures, each step, whether one thread beats the default on this machine right now
-(rollout._DecodeThreads / StepThreads); TRL keeps the default. `--threads 1` therefore gives
-the purely algorithmic comparison. CPU seconds per step (process time, all threads) are
+Both sides start with torch's default intra-op threads; `--threads N` pins both (trustrl's
+`cpu_threads` setting; no thread count is ever chosen by timing). On a machine shared with
+other jobs two threads stall on descheduled barriers, so `--threads 1` gives the steadier,
+purely algorithmic comparison. CPU seconds per step (process time, all threads) are
 reported beside wall time: on a shared machine they are the steadier number.
 
 On CUDA (when present, or `--device cuda`) both sides run in bfloat16 with SDPA attention and
