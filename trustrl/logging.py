@@ -336,6 +336,23 @@ def _continues(resume_step: int | None) -> bool:
     return resume_step is None or resume_step >= 0
 
 
+def _recorded_or_new_run(run_dir: Path, tracker: str, field: str, resume_step: int | None, project_env: str,
+                         new_value: Any) -> tuple[str, str]:
+    """(run id or name, project) of ``tracker``: the one recorded in ``run_dir/trackers.json``
+    when this run continues (a resume), else a new one (``new_value(8 random characters)``, the
+    project from ``$<project_env>`` or "trustrl"); recorded either way."""
+    known = _read_trackers_file(run_dir).get(tracker, {})
+    value = known.get(field) if _continues(resume_step) else None
+    if value:  # continue the recorded run, in its project
+        project = known.get("project") or "trustrl"
+    else:
+        alphabet = string.ascii_lowercase + string.digits
+        value = new_value("".join(secrets.choice(alphabet) for _ in range(8)))
+        project = os.environ.get(project_env) or "trustrl"
+    _remember_tracker_run(run_dir, tracker, {field: value, "project": project})
+    return value, project
+
+
 class WandbTracker:
     """Weights & Biases run: metrics against ``step`` (trustrl's step, declared with
     ``define_metric`` so that a resumed run may log a step again), config at init, sample
@@ -355,15 +372,8 @@ class WandbTracker:
 
         self._wandb = wandb
         run_dir = Path(run_dir)
-        known = _read_trackers_file(run_dir).get("wandb", {})
-        run_id = known.get("id") if _continues(resume_step) else None
-        if run_id:  # continue the recorded run, in its project
-            project = known.get("project") or "trustrl"
-        else:
-            alphabet = string.ascii_lowercase + string.digits
-            run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-            project = os.environ.get("WANDB_PROJECT") or "trustrl"
-        _remember_tracker_run(run_dir, "wandb", {"id": run_id, "project": project})
+        run_id, project = _recorded_or_new_run(run_dir, "wandb", "id", resume_step, "WANDB_PROJECT",
+                                               lambda suffix: suffix)
         self.run_id = run_id
         try:
             self._run = wandb.init(
@@ -406,15 +416,8 @@ class TrackioTracker:
 
         self._trackio = trackio
         run_dir = Path(run_dir)
-        known = _read_trackers_file(run_dir).get("trackio", {})
-        name = known.get("name") if _continues(resume_step) else None
-        if name:  # continue the recorded run, in its project
-            project = known.get("project") or "trustrl"
-        else:
-            alphabet = string.ascii_lowercase + string.digits
-            name = f"{run_dir.resolve().name}-" + "".join(secrets.choice(alphabet) for _ in range(8))
-            project = os.environ.get("TRACKIO_PROJECT") or "trustrl"
-        _remember_tracker_run(run_dir, "trackio", {"name": name, "project": project})
+        name, project = _recorded_or_new_run(run_dir, "trackio", "name", resume_step, "TRACKIO_PROJECT",
+                                             lambda suffix: f"{run_dir.resolve().name}-{suffix}")
         self.project, self.name = project, name
         try:
             self._run = trackio.init(project=project, name=name, config=public_config(config), resume="allow",
