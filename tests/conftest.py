@@ -30,6 +30,31 @@ def addition_data(tmp_path_factory):
     return write_task_data(path, AdditionTask(digits=1, holdout_every=5), seed=0, n_pretrain_docs=50, n_sft=64, n_eval=8)
 
 
+@pytest.fixture
+def first_step_gradients(monkeypatch):
+    """``first_step_gradients(trainer)``: train, and return the accumulated gradients of the
+    first optimizer step, captured where the trainer hands them to the data-parallel
+    reduction (``trustrl.distributed.all_reduce_gradients``)."""
+    import trustrl.distributed as dist
+
+    def run(trainer):
+        captured: dict = {}
+
+        def capture(module, *args, **kwargs):
+            if not captured:
+                for name, p in module.named_parameters():
+                    if p.grad is not None:
+                        captured[name] = p.grad.detach().clone()
+
+        monkeypatch.setattr(dist, "all_reduce_gradients", capture)
+        trainer.train()
+        monkeypatch.undo()
+        assert captured
+        return captured
+
+    return run
+
+
 def pytest_configure(config):
     # tiny models: one intra-op thread avoids oversubscribing the 2 cores of CI machines
     import torch

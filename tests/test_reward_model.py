@@ -188,27 +188,8 @@ def test_loss_sums_by_hand_and_against_the_mean():
     assert sums["accuracy"] == 1.0 and sums["margin"] == 1.0 and sums["center"] == pytest.approx(0.05)
 
 
-def _first_step_gradients(monkeypatch, trainer) -> dict[str, torch.Tensor]:
-    """Run one optimizer step and return the gradients it applies (captured where the trainer
-    hands them to the data-parallel reduction, i.e. the finished accumulation)."""
-    import trustrl.distributed as dist
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, *args, **kwargs):
-        for name, p in module.named_parameters():
-            if p.grad is not None:
-                captured[name] = p.grad.detach().clone()
-
-    monkeypatch.setattr(dist, "all_reduce_gradients", capture)
-    trainer.train()
-    monkeypatch.undo()
-    assert captured
-    return captured
-
-
 @pytest.mark.parametrize("center", [None, 0.05])
-def test_one_micro_batch_of_n_pairs_equals_n_micro_batches_of_one(tiny_model_dir, tmp_path, monkeypatch, center):
+def test_one_micro_batch_of_n_pairs_equals_n_micro_batches_of_one(tiny_model_dir, tmp_path, first_step_gradients, center):
     """Gradient accumulation is exact: 6 pairs (with margins, texts of unequal lengths) in one
     micro-batch give the gradient of 6 micro-batches of 1 pair and of 4 (2 + 2 + 1 + 1), with
     and without the centering term. float64 model, so only summation order differs."""
@@ -225,7 +206,7 @@ def test_one_micro_batch_of_n_pairs_equals_n_micro_batches_of_one(tiny_model_dir
                            output_dir=str(tmp_path / f"run{accum}"), max_steps=1, batch_size=6,
                            gradient_accumulation_steps=accum, center_rewards_coef=center, max_length=24,
                            progress=False, tensorboard=False, seed=0, device="cpu")
-        grads[accum] = _first_step_gradients(monkeypatch, RewardTrainer(cfg, model=model, tokenizer=tok))
+        grads[accum] = first_step_gradients(RewardTrainer(cfg, model=model, tokenizer=tok))
     for accum in (4, 6):
         assert grads[accum].keys() == grads[1].keys()
         for name, g in grads[1].items():

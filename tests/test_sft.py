@@ -72,27 +72,7 @@ def test_save_every_zero_still_saves_the_last_step(tiny_model_dir, addition_data
 # ----------------------------------------------------------------- gradient accumulation
 
 
-def _first_step_gradients(monkeypatch, trainer) -> dict[str, torch.Tensor]:
-    """The accumulated gradients of the first optimizer step, captured where guarded_step hands
-    them to the data-parallel reduction."""
-    import trustrl.distributed as dist
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, *args, **kwargs):
-        if not captured:
-            for name, p in module.named_parameters():
-                if p.grad is not None:
-                    captured[name] = p.grad.detach().clone()
-
-    monkeypatch.setattr(dist, "all_reduce_gradients", capture)
-    trainer.train()
-    monkeypatch.undo()
-    assert captured
-    return captured
-
-
-def test_one_micro_batch_of_n_rows_equals_n_micro_batches_of_one(tiny_model_dir, tmp_path, monkeypatch):
+def test_one_micro_batch_of_n_rows_equals_n_micro_batches_of_one(tiny_model_dir, tmp_path, first_step_gradients):
     """5 rows whose prompts and completions have unequal lengths (2 to 12 target tokens): the
     first update's gradient is the same with 1 micro-batch of 5, 5 of 1 and 3 (2 + 2 + 1).
     A per-micro-batch mean (the defect this guards) would weight the 1-row micro-batches'
@@ -113,7 +93,7 @@ def test_one_micro_batch_of_n_rows_equals_n_micro_batches_of_one(tiny_model_dir,
         trainer = SFTTrainer(cfg, model=model, tokenizer=load_tokenizer(tiny_model_dir))
         n_targets = [sum(m[1:]) for _, m in trainer.examples]
         assert len(set(n_targets)) >= 4, n_targets  # the rows really are of unequal lengths
-        grads[accum] = _first_step_gradients(monkeypatch, trainer)
+        grads[accum] = first_step_gradients(trainer)
     for accum in (3, 5):
         assert grads[accum].keys() == grads[1].keys()
         for name, g in grads[1].items():
