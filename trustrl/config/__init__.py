@@ -368,7 +368,7 @@ def _format_validation_error(cls: type[BaseModel], err: ValidationError, source:
             msg = f"unknown key; allowed keys: {allowed}"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
-        elif "input" in e and e["type"] != "missing":
+        elif "input" in e and e["type"] != "missing" and e["loc"]:  # (a whole-config check: no echo of it)
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
