@@ -268,6 +268,7 @@ class PPOTrainer(RLAlgorithm):
         n_local = pb.mask.shape[0]
         counts = dist.all_gather_objects(n_local)
         offset, n = sum(counts[:dist.rank()]), sum(counts)
+        row_tokens = dist.gather_rows(pb.mask.sum(dim=1).cpu())  # valid tokens of every global row, once
         self.policy.train()
         self.critic.train()
         sums: dict[str, float] = {}
@@ -280,7 +281,8 @@ class PPOTrainer(RLAlgorithm):
             for mb in order.split(cfg.minibatch_size):  # the last minibatch may be smaller: none is dropped
                 mine = mb[(mb >= offset) & (mb < offset + n_local)] - offset
                 micros = list(mine.tensor_split(min(cfg.gradient_accumulation_steps, len(mine)))) if len(mine) else []
-                normalizer = BatchNormalizer([pb.mask[m.to(self.device)] for m in micros])
+                # token means over the whole minibatch (all its micro-batches, all ranks)
+                normalizer = BatchNormalizer.from_counts({"tokens": float(row_tokens[mb].sum())})
                 means = MetricMeans()
                 actor_loss = critic_loss = 0.0
                 for micro in micros:

@@ -34,6 +34,13 @@ class BatchNormalizer:
                 local[unit] += n if share else 0
         self.counts: dict[str, float] = {u: float(v) for u, v in dist.sum_across_ranks(local).items()}
 
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, float]) -> "BatchNormalizer":
+        """A normalizer from global counts the caller already has (no collective)."""
+        self = cls.__new__(cls)
+        self.counts = {u: float(counts.get(u, 0.0)) for u in UNITS}
+        return self
+
     def weight(self, part: LossSum) -> float:
         """This part's share of the whole batch's normalizer: ``count(part) / count(batch)``."""
         return float(part.count) / max(self.counts[part.unit], 1.0)
