@@ -154,3 +154,22 @@ def test_top_p_frequencies_are_the_renormalized_nucleus():
     assert counts[3] == 0
     kept = torch.tensor([4 / 9, 3 / 9, 2 / 9], dtype=torch.float64)
     assert _chi_square(counts[:3], kept) < 13.8
+
+
+def test_sampling_emits_no_transformers_deprecation_warning(tiny_model_dir):
+    """The sampler hands the KV cache back under the keyword the installed transformers
+    expects (``cache`` in recent 5.x, ``past_key_values`` before), so a run prints none of
+    transformers' FutureWarnings about the cache API (every run printed one per step before).
+    Padded prompts: the attention-mask path, and enough steps to go through the cache."""
+    import warnings
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir)
+    ids, mask = _prompts(tok)
+    assert not bool(mask.all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = generate(model, ids, mask, max_new_tokens=5, eos_token_id=-1, pad_token_id=tok.pad_token_id,
+                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.completion_ids.shape == (3, 5)  # eos -1 never sampled: all five steps ran

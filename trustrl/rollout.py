@@ -15,13 +15,14 @@ samples from: ``log_softmax(model(input_ids, attention_mask, position_ids).logit
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from trustrl.logprobs import apply_logit_transform, chunked_token_logprobs
-from trustrl.models import lm_backbone_and_head, logit_transform, positions_from_mask, trunk_hidden_states
+from trustrl.models import is_peft, lm_backbone_and_head, logit_transform, positions_from_mask, trunk_hidden_states
 
 
 @dataclass
@@ -246,7 +247,8 @@ def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, p
     positions = positions_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=attention[:, :width] if padded else None,
                 position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache_name = _cache_argument(model)
+    cache, logits = _returned_cache(out), out.logits[:, -1]
     del out
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
@@ -264,11 +266,28 @@ def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, p
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         out = model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1] if padded else None,
-                    position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    position_ids=next_pos, use_cache=True, **{cache_name: cache})
+        cache, logits = _returned_cache(out), out.logits[:, -1]
         del out
         next_pos = next_pos + 1
     return tokens, valid, finished
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword under which this model's ``forward`` takes its KV cache: ``cache`` since
+    transformers renamed it (``past_key_values`` still works there, with a FutureWarning that it
+    will be removed), ``past_key_values`` in earlier 5.x releases. Read from the signature of the
+    (peft-unwrapped) model's ``forward``, never guessed from a version number."""
+    base = model.get_base_model() if is_peft(model) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out) -> object:
+    """The cache object (a ``transformers.Cache``, e.g. ``DynamicCache``) a forward with
+    ``use_cache=True`` returned, under its new name ``cache`` or its old ``past_key_values``
+    (reading the old name where the new exists warns). It is the model's own choice of cache
+    class (sliding-window layers, hybrid caches), so the sampler never builds one itself."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
 def completion_hidden_states(model: nn.Module, rollout_or_ids, attention_mask=None, completion_start: int | None = None) -> torch.Tensor:
