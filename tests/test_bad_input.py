@@ -69,8 +69,8 @@ def test_grpo_bad_row_names_file_row_and_column(tiny_model_dir, tmp_path, bad, c
 def test_grpo_renamed_prompt_column_is_type_checked(tiny_model_dir, tmp_path):
     # load_rows checks the text of a column named "prompt"; PromptSet checks a renamed one
     for bad, where, problem in [(5, "line 2", "expected str or list, got int"),
-                                ("  ", "valid row 2", "empty or whitespace-only"),
-                                (["not", "messages"], "valid row 2", "chat")]:
+                                ("  ", "line 2", "empty or whitespace-only"),
+                                (["not", "messages"], "line 2", "chat")]:
         data = write_lines(tmp_path / "rl.jsonl", [{"question": "1+1="}, {"question": bad}])
         with pytest.raises(DataError, match=rf"rl\.jsonl: {where}: column 'question': .*{problem}"):
             GRPOTrainer(grpo_config(tiny_model_dir, data, tmp_path, prompt_column="question"), reward_funcs=[count_a])
@@ -122,12 +122,12 @@ def test_cli_config_errors_name_keys_and_allowed_values_before_the_model(tmp_pat
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     err = result.stderr
-    # the typo, with the allowed keys (the right spelling among them)
-    assert "lerning_rate: unknown key; allowed keys:" in err and "learning_rate" in err
+    # the typo, with the closest known key
+    assert "lerning_rate: unknown key; did you mean learning_rate?" in err
     assert "group_size" in err and "greater than or equal to 2" in err
     assert "loss_aggregation" in err and "'seq_mean', 'token_mean' or 'seq_sum_constant'" in err and "'sum'" in err
     assert "temperature" in err and "greater than 0" in err
-    assert "lora.rr" in err and "lora.r" in err
+    assert "lora.rr: unknown key; did you mean r?" in err  # among the keys of the lora section
     assert str(missing_model) not in err and "ModelLoadError" not in err  # the model was never looked at
 
 

@@ -31,7 +31,44 @@ def test_yaml_then_overrides(tmp_path):
 def test_typo_names_the_key_and_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(GRPOConfig, None, ["model=m", "dataset=d", "betta=0.1"])
-    assert "betta" in str(err.value) and "allowed keys" in str(err.value) and "beta" in str(err.value)
+    assert "betta: unknown key; did you mean beta? (all keys: trustrl config-help grpo)" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # nothing close: the allowed keys
+        load_config(GRPOConfig, None, ["model=m", "dataset=d", "xyzzy=1"])
+    assert "xyzzy: unknown key; allowed keys: adam_betas, advantage_estimator, beta," in str(err.value)
+
+
+def test_unknown_keys_get_trls_name_mapping_only_where_the_meaning_is_the_same():
+    from trustrl.config import PPOConfig, SFTConfig, TRPOConfig
+
+    def message(cls, key):
+        with pytest.raises(ConfigError) as err:
+            load_config(cls, None, ["model=m", "dataset=d", f"{key}=1"])
+        return str(err.value)
+
+    assert "num_generations: unknown key; TRL's num_generations is group_size here" in message(GRPOConfig, "num_generations")
+    assert "TRL's num_generations is samples_per_prompt here" in message(PPOConfig, "num_generations")
+    assert "TRL's epsilon is clip_low here" in message(GRPOConfig, "epsilon")
+    assert "TRL's epsilon is clip_range here" in message(PPOConfig, "epsilon")
+    assert "TRL's loss_type is loss_aggregation here (values: grpo -> seq_mean, dapo -> token_mean" in \
+        message(GRPOConfig, "loss_type")
+    assert "TRL's num_train_epochs is epochs here" in message(SFTConfig, "num_train_epochs")
+    # kl_coef puts the KL term in the reward: beta means that in PPO / TRPO, not in GRPO (a loss term)
+    assert "TRL's kl_coef is beta here" in message(PPOConfig, "kl_coef")
+    assert "TRL's kl_coef is beta here" in message(TRPOConfig, "kl_coef")
+    grpo = message(GRPOConfig, "kl_coef")
+    assert "is beta here" not in grpo and "only ppo and trpo have" in grpo
+    # a batch size per device per micro-step is not our batch of a whole step: no mapping, a note
+    note = message(SFTConfig, "per_device_train_batch_size")
+    assert "no exact equivalent here" in note and "batch_size (sft, rm, pretrain)" in note
+    # a TRL name whose setting this trainer does not have
+    assert "TRL's num_train_epochs is epochs in trustrl, a setting this trainer does not have" in \
+        message(GRPOConfig, "num_train_epochs")
+    # every mapping names a real key of some trainer
+    from trustrl.config import CONFIG_CLASSES
+    from trustrl.config.suggest import TRL_NAMES
+
+    all_keys = {k for cls in (GRPOConfig, PPOConfig, TRPOConfig, *CONFIG_CLASSES.values()) for k in cls.model_fields}
+    assert {k for ours, _ in TRL_NAMES.values() for k in ours} <= all_keys
 
 
 def test_out_of_range_and_bad_choice_name_the_key():

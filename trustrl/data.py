@@ -18,6 +18,12 @@ directory                    written by ``datasets.Dataset.save_to_disk`` or
                              ``split=`` is given).
 ===========================  ===================================================================
 
+A dataset may also be a list of sources (:func:`load_rows` takes either): each entry a path,
+a glob (``data/*.parquet``: every match in sorted order; a glob matching nothing is an error
+naming it) or a ``{"path": ..., "weight": W}`` mapping. The rows are read file by file (errors
+name the file and its row) and mixed by repetition, see :func:`mix_indices`: a source of ``n``
+valid rows contributes ``round(W n)`` rows; the mix lists the sources in the order given.
+
 Row-number convention used in every :class:`DataError`:
 
 * JSON lines and CSV: ``line N``, the 1-based physical line of the file where the row starts
@@ -32,12 +38,14 @@ Row-number convention used in every :class:`DataError`:
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
 import os
+from fractions import Fraction
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,9 @@ __all__ = [
     "encode_rendered_text",
     "format_prompt",
     "load_rows",
+    "mix_indices",
+    "source_files",
+    "source_name",
     "write_jsonl",
 ]
 
@@ -100,17 +111,32 @@ class LoadedRows:
     """Result of :func:`load_rows`.
 
     Attributes:
-        rows: the valid rows, in file order, as plain ``dict`` objects.
+        rows: the valid rows, in file order (for a list of sources: the mix, source by
+            source), as plain ``dict`` objects; a row repeated by a weight is the same object.
         skipped: how many bad rows were skipped (always 0 unless ``skip_bad=True``).
-        path: the source that was read.
+        path: the source that was read (for a list of sources: the first file).
+        origins: for each row, ``(file, row label)`` where it was read, e.g.
+            ``(Path("a.jsonl"), "line 3")``; see :meth:`where`.
     """
 
     rows: list[dict[str, Any]]
     skipped: int
     path: Path
+    origins: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def where(self, index: int) -> tuple[Path, str | None]:
+        """``(file, row label)`` of row ``index`` (0-based in :attr:`rows`), for error messages."""
+        if index < len(self.origins):
+            return self.origins[index]
+        return self.path, f"valid row {index + 1}"
+
+    def error(self, index: int, problem: str, column: str | None = None) -> "DataError":
+        """A :class:`DataError` about row ``index`` naming its file and row."""
+        path, label = self.where(index)
+        return DataError(path, problem, row_label=label, column=column)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +441,7 @@ def _normalize_types(types: Mapping[str, _TypeSpec] | None) -> dict[str, tuple[t
 
 
 def load_rows(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[Any],
     *,
     required: Sequence[str] = ("prompt",),
     types: Mapping[str, _TypeSpec] | None = None,
@@ -439,7 +465,10 @@ def load_rows(
     Undecodable bytes (invalid UTF-8) and invalid JSON are row errors for JSON lines and CSV.
 
     Args:
-        path: file or directory (see the module docstring for formats).
+        path: file or directory (see the module docstring for formats), a glob, or a list of
+            them and of ``{"path": ..., "weight": W}`` mappings (or objects with ``path`` and
+            ``weight``): each is read as below, then mixed by :func:`mix_indices`; ``limit``
+            then keeps the first rows of the mix.
         required: columns every row must have, non-null.
         types: optional ``{column: type or tuple of types}``.
         skip_bad: skip bad rows and count them in ``LoadedRows.skipped`` instead of raising.
@@ -453,12 +482,115 @@ def load_rows(
         DataError: empty source, unknown format, or a bad row (unless ``skip_bad``); the
             message names the file, the row (see the convention above) and the column.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"load_rows: no such file or directory: {str(p)!r}")
     if limit is not None and limit <= 0:
         raise ValueError(f"load_rows: limit must be a positive integer or None, got {limit!r}")
-    type_map = _normalize_types(types)
+    sources = source_files(path)
+    if len(sources) == 1 and sources[0][1] == 1.0:
+        return _load_file(sources[0][0], required, _normalize_types(types), skip_bad, limit, split)
+    rows: list[dict[str, Any]] = []
+    origins: list[tuple[Path, str]] = []
+    skipped = 0
+    for file, weight in sources:
+        part = _load_file(file, required, _normalize_types(types), skip_bad, None,
+                          split if file.is_dir() else None)
+        skipped += part.skipped
+        taken = mix_indices(len(part.rows), weight)
+        if not taken:
+            raise DataError(file, f"weight {weight:g} x {len(part.rows)} rows rounds to no row; raise the weight")
+        rows.extend(part.rows[i] for i in taken)
+        origins.extend(part.origins[i] for i in taken)
+    if limit is not None:
+        rows, origins = rows[:limit], origins[:limit]
+    return LoadedRows(rows=rows, skipped=skipped, path=sources[0][0], origins=origins)
+
+
+def mix_indices(n: int, weight: float) -> list[int]:
+    """Which rows (0-based, with repeats) of a source of ``n`` valid rows enter the mix.
+
+    ``weight`` W > 0 is a repetition factor, applied deterministically (no random draw): with
+    ``W = k + f`` (``k`` whole, ``0 <= f < 1``) every row is taken ``k`` times (the file ``k``
+    times in order), then ``m = floor(f n + 1/2)`` more rows, evenly spaced through the file:
+    indices ``floor(j n / m)``, ``j = 0 .. m - 1``. The source contributes ``round(W n)`` rows
+    (halves rounded up; ``W`` taken as the decimal it is written as, so 0.15 x 10 = 1.5 -> 2).
+    A trainer's sampler then draws from the mix uniformly (shuffled each epoch), so a row of
+    source ``i`` is drawn with probability ``W_i n_i / sum_j W_j n_j`` per draw and each
+    source's share of the training rows is proportional to ``W_i n_i``.
+
+    Example: 10 rows, W = 2.5 -> rows 0..9, 0..9, then 5 more: 0, 2, 4, 6, 8 (25 rows)."""
+    if n < 0 or not weight > 0 or not math.isfinite(weight):
+        raise ValueError(f"mix_indices: need n >= 0 and a finite weight > 0, got n={n}, weight={weight}")
+    exact = Fraction(repr(float(weight)))
+    whole = math.floor(exact)
+    extra = math.floor((exact - whole) * n + Fraction(1, 2))
+    return list(range(n)) * whole + [j * n // extra for j in range(extra)]
+
+
+def _entry(entry: Any) -> tuple[str, float]:
+    """``(path or glob, weight)`` of one dataset entry: a path, a mapping or a DataSource."""
+    if isinstance(entry, (str, os.PathLike)):
+        return os.fspath(entry), 1.0
+    if isinstance(entry, Mapping):
+        unknown = set(entry) - {"path", "weight"}
+        if "path" not in entry or unknown:
+            raise ValueError(f"dataset entry {dict(entry)!r}: expected {{path: FILE, weight: W}}")
+        return os.fspath(entry["path"]), float(entry.get("weight", 1.0))
+    if hasattr(entry, "path"):
+        return os.fspath(entry.path), float(getattr(entry, "weight", 1.0))
+    raise ValueError(f"dataset entry {entry!r}: expected a path or {{path: FILE, weight: W}}")
+
+
+def source_files(source: Any) -> list[tuple[Path, float]]:
+    """A dataset spec as ``[(file or directory, weight)]``: globs expanded (sorted matches), in
+    the order given. Raises :class:`DataError` for a glob matching nothing and
+    ``FileNotFoundError`` for a path that does not exist, each naming it."""
+    entries = [source] if isinstance(source, (str, os.PathLike, Mapping)) or hasattr(source, "path") else list(source)
+    if not entries:
+        raise ValueError("load_rows: an empty list of dataset sources")
+    out: list[tuple[Path, float]] = []
+    for entry in entries:
+        pattern, weight = _entry(entry)
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"dataset {pattern}: weight must be a finite number > 0, got {weight}")
+        if glob.has_magic(pattern) and not os.path.exists(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise DataError(pattern, "the glob matches no file")
+            out.extend((Path(m), weight) for m in matches)
+            continue
+        if not os.path.exists(pattern):
+            raise FileNotFoundError(f"load_rows: no such file or directory: {pattern!r}")
+        out.append((Path(pattern), weight))
+    return out
+
+
+def source_name(source: Any) -> str:
+    """A dataset spec for messages: ``a.jsonl``, or ``a.jsonl + data/*.parquet x2``."""
+    if source is None:
+        return "none"
+    entries = [source] if isinstance(source, (str, os.PathLike, Mapping)) or hasattr(source, "path") else list(source)
+    names = []
+    for entry in entries:
+        try:
+            pattern, weight = _entry(entry)
+        except ValueError:
+            pattern, weight = repr(entry), 1.0
+        names.append(pattern if weight == 1.0 else f"{pattern} x{weight:g}")
+    return " + ".join(names)
+
+
+def _load_file(
+    p: Path,
+    required: Sequence[str],
+    type_map: dict[str, tuple[type, ...]],
+    skip_bad: bool,
+    limit: int | None,
+    split: str | None,
+) -> LoadedRows:
+    """:func:`load_rows` for one file or directory."""
+    if not p.exists():
+        raise FileNotFoundError(f"load_rows: no such file or directory: {str(p)!r}")
+    if not p.is_dir() and not os.access(p, os.R_OK):
+        raise DataError(p, "cannot read the file (permission denied)")
 
     suffix = p.suffix.lower()
     if split is not None and not p.is_dir():
@@ -482,6 +614,7 @@ def load_rows(
         )
 
     rows: list[dict[str, Any]] = []
+    origins: list[tuple[Path, str]] = []
     skipped = 0
     first_error: DataError | None = None
     seen = 0
@@ -499,6 +632,7 @@ def load_rows(
             continue
         assert not isinstance(item, DataError)
         rows.append(item)
+        origins.append((p, label))
         if limit is not None and len(rows) >= limit:
             break
 
@@ -513,7 +647,7 @@ def load_rows(
             row=first_error.row,
             column=first_error.column,
         )
-    return LoadedRows(rows=rows, skipped=skipped, path=p)
+    return LoadedRows(rows=rows, skipped=skipped, path=p, origins=origins)
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:

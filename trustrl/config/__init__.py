@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trustrl.config.datasets import DataSource, DatasetSpec, check_dataset_spec
 from trustrl.config.rewards import RewardSpec
 
 
@@ -46,10 +47,13 @@ class TrainConfig(_Strict):
     """Path to a Hugging Face causal-LM directory (config.json + weights + tokenizer)."""
     tokenizer: str | None = None
     """Tokenizer directory when it differs from ``model``."""
-    dataset: str
-    """Training data: a .jsonl/.json/.csv/.parquet file or a saved `datasets` directory."""
-    eval_dataset: str | None = None
-    """Held-out data, evaluated every ``eval_every`` steps (greedy decoding for RL trainers)."""
+    dataset: DatasetSpec
+    """Training data: a .jsonl/.json/.csv/.parquet file, a saved `datasets` directory or a glob
+    (data/*.parquet), or a list of them, each optionally {path: ..., weight: W}: a source of n
+    rows contributes round(W * n) rows (every row floor(W) times, the rest evenly spaced)."""
+    eval_dataset: DatasetSpec | None = None
+    """Held-out data, evaluated every ``eval_every`` steps (greedy decoding for RL trainers);
+    written like ``dataset``."""
     output_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, TensorBoard, checkpoints, report, summary.json."""
     seed: int = 0
@@ -108,6 +112,11 @@ class TrainConfig(_Strict):
     """Train LoRA adapters instead of all weights (needs peft)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+
+    @field_validator("dataset", "eval_dataset", mode="before")
+    @classmethod
+    def _dataset_spec(cls, v: Any) -> Any:
+        return check_dataset_spec(v)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -358,14 +367,44 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _section(cls: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The config model that holds the key at ``loc`` (``lora.r`` -> LoRAConfig, ``rewards.0.x``
+    -> RewardSpec); ``cls`` itself for a top-level key."""
+    model = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a list index
+        inner = _models_in(field.annotation)
+        if not inner:
+            return model
+        model = inner[0]
+    return model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _trainer_name(cls: type) -> str | None:
+    return next((name for name, c in CONFIG_CLASSES.items() if c is cls), None)
+
+
 def _format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    from trustrl.config.suggest import unknown_key_message
+
     lines = [f"invalid {cls.__name__} in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(cls.model_fields))
-            msg = f"unknown key; allowed keys: {allowed}"
+            section = _section(cls, tuple(e["loc"]))
+            msg = unknown_key_message(str(e["loc"][-1]), section.model_fields,
+                                      _trainer_name(cls) if section is cls else None)
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         elif "input" in e and e["type"] != "missing" and e["loc"]:  # (a whole-config check: no echo of it)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trustrl.config import RLConfig
-from trustrl.data import DataError, encode_prompt, load_rows
+from trustrl.data import encode_prompt, load_rows, source_name
 from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped
@@ -22,10 +22,10 @@ class PromptSet:
     """Prompts of one dataset, formatted (chat template when configured) and tokenized once.
     Every column other than the prompt travels with it to the reward functions."""
 
-    def __init__(self, path: str, config: RLConfig, tokenizer, limit: int | None = None):
+    def __init__(self, path, config: RLConfig, tokenizer, limit: int | None = None):
         loaded = load_rows(path, required=(config.prompt_column,), types={config.prompt_column: (str, list)},
                            skip_bad=config.skip_bad_rows, limit=limit)
-        warn_skipped(loaded.skipped, path)
+        warn_skipped(loaded.skipped, source_name(path))
         self.path = path
         self.skipped = loaded.skipped  # malformed rows left out (skip_bad_rows=true)
         self.rows = loaded.rows
@@ -40,8 +40,7 @@ class PromptSet:
                 text, ids = encode_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
                                           system_prompt=config.system_prompt)
             except (ValueError, TypeError, AttributeError) as err:
-                raise DataError(path, str(err), row_label=f"valid row {number}", row=number,
-                                column=config.prompt_column) from None
+                raise loaded.error(number - 1, str(err), column=config.prompt_column) from None
             self.texts.append(text)
             self.token_ids.append(ids)
         self.prompt_column = config.prompt_column

@@ -38,7 +38,7 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl.config import RewardConfig  # noqa: F401 (importable from here too)
-from trustrl.data import format_prompt, load_rows
+from trustrl.data import format_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
 from trustrl.losses import LossSum, bradley_terry_loss, bradley_terry_sum, reward_centering_sum
@@ -68,20 +68,20 @@ class PairSet:
                        [self.margins[i] for i in indices])
 
 
-def load_pairs(path: str, config: RewardConfig, tokenizer, limit: int | None = None) -> PairSet:
+def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) -> PairSet:
     """Read, validate and tokenize the pairs of one file (errors name the file and the row)."""
     cols = (config.prompt_column, config.chosen_column, config.rejected_column)
     loaded = load_rows(path, required=cols, skip_bad=config.skip_bad_rows, limit=limit,
                        types={config.margin_column: (int, float)} if config.margin_column else None)
-    warn_skipped(loaded.skipped, path)
+    warn_skipped(loaded.skipped, source_name(path))
     chosen, rejected, margins = [], [], []
     for row_no, row in enumerate(loaded.rows, start=1):
         prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
                                system_prompt=config.system_prompt)
         for key in (config.chosen_column, config.rejected_column):
             if not isinstance(row[key], str):
-                raise ValueError(f"{path} row {row_no}: column {key!r} must be a string response, "
-                                 f"got {type(row[key]).__name__}")
+                raise loaded.error(row_no - 1, f"must be a string response, got {type(row[key]).__name__}",
+                                   column=key)
         chosen.append(encode_scored_text(tokenizer, prompt, row[config.chosen_column], config.max_length))
         rejected.append(encode_scored_text(tokenizer, prompt, row[config.rejected_column], config.max_length))
         margin = row.get(config.margin_column) if config.margin_column else None
@@ -179,7 +179,7 @@ class RewardTrainer:
             random.Random(config.seed).shuffle(order)
             n_eval = max(1, int(round(config.eval_fraction * len(pairs))))
             if n_eval >= len(pairs):
-                raise ValueError(f"rm: eval_fraction={config.eval_fraction} leaves no training pairs in {config.dataset}")
+                raise ValueError(f"rm: eval_fraction={config.eval_fraction} leaves no training pairs in {source_name(config.dataset)}")
             self.eval_pairs = pairs.subset(order[:n_eval][: config.max_eval_pairs])
             pairs = pairs.subset(order[n_eval:])
         else:

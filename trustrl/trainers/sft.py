@@ -28,7 +28,7 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl.config import ConfigError, PretrainConfig, SFTConfig
-from trustrl.data import encode_prompt, load_rows
+from trustrl.data import encode_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
 from trustrl.losses import token_nll_sum
@@ -105,7 +105,7 @@ class _LMTrainer:
         self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
-            raise ValueError(f"{config.dataset}: no training examples after tokenization")
+            raise ValueError(f"{source_name(config.dataset)}: no training examples after tokenization")
         self.max_steps = steps_for_epochs(config, len(self.examples))
         if getattr(config, "epochs", None) is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})
@@ -183,12 +183,12 @@ class PretrainTrainer(_LMTrainer):
     def build_examples(self):
         cfg: PretrainConfig = self.config
         loaded = load_rows(cfg.dataset, required=(cfg.text_column,), types={cfg.text_column: str}, skip_bad=cfg.skip_bad_rows)
-        warn_skipped(loaded.skipped, cfg.dataset)
+        warn_skipped(loaded.skipped, source_name(cfg.dataset))
         self.skipped_rows = loaded.skipped
         tokens = [self.tokenizer(r[cfg.text_column], add_special_tokens=False)["input_ids"] for r in loaded.rows]
         blocks = pack_text(tokens, self.tokenizer.eos_token_id, cfg.block_size)
         if not blocks:
-            raise ValueError(f"{cfg.dataset}: fewer tokens than one block of block_size={cfg.block_size}")
+            raise ValueError(f"{source_name(cfg.dataset)}: fewer tokens than one block of block_size={cfg.block_size}")
         return [(b, [True] * len(b)) for b in blocks]
 
 
@@ -219,13 +219,13 @@ class SFTTrainer(_LMTrainer):
                     if cfg.skip_bad_rows:
                         skipped += 1
                         continue
-                    raise ValueError(f"{cfg.dataset} row {row_no} (counting valid rows): column "
-                                     f"{cfg.messages_column!r}: the last message must be the assistant's")
+                    raise loaded.error(row_no - 1, "the last message must be the assistant's",
+                                       column=cfg.messages_column)
                 prompt, completion = messages[:-1], messages[-1]["content"]
             else:
                 for key in (cfg.prompt_column, cfg.completion_column):
                     if key not in row or not isinstance(row[key], (str, list)) or not row[key]:
-                        raise ValueError(f"{cfg.dataset} row {row_no}: missing or empty {key!r}")
+                        raise loaded.error(row_no - 1, "missing or empty", column=key)
                 prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
             # the BOS policy of trustrl.data: template text as written, plain text (with or
             # without system_prompt) with the tokenizer's special tokens
@@ -236,6 +236,6 @@ class SFTTrainer(_LMTrainer):
             mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[: cfg.max_length]
             if any(mask):
                 out.append((ids, mask))
-        warn_skipped(skipped, cfg.dataset)
+        warn_skipped(skipped, source_name(cfg.dataset))
         self.skipped_rows = skipped
         return out
