@@ -25,6 +25,8 @@ _LAZY = {
     "PPOConfig": "trustrl.config",
     "TRPOTrainer": "trustrl.algorithms.trpo",
     "TRPOConfig": "trustrl.config",
+    "Reward": "trustrl.config.rewards",
+    "UserError": "trustrl.errors",
 }
 
 

@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from trustrl.errors import UserError
 from trustrl.logging import _fsync_dir, to_jsonable, write_json_atomic
 from trustrl.utils import rng_state as _capture_rng_state
 
@@ -67,7 +68,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED_STATE_KEYS = ("rng",)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder is incomplete, corrupt or does not match what is being loaded."""
 
 

@@ -1,6 +1,9 @@
 """The command line: `trustrl demo | train {pretrain,sft,grpo,...} | classic | report | config-help`.
 
 This is the only place that turns strings into objects; everything below takes typed configs.
+A failure the user can fix (:class:`trustrl.errors.UserError`: config, data, model directory,
+reward, sandbox) prints its message without a traceback and exits with status 2; ``--debug``
+(any subcommand) or ``TRUSTRL_DEBUG=1`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -8,7 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
+
+from trustrl.errors import DEBUG_ENV, UserError, debug_requested
+
+#: exit status of a failure the user can fix (as for a usage error)
+USER_ERROR_STATUS = 2
 
 TRAINERS = {
     "pretrain": ("trustrl.trainers.sft", "PretrainTrainer"),
@@ -128,9 +137,18 @@ def cmd_config_help(args: argparse.Namespace) -> int:
     return 0
 
 
+DEBUG_HELP = f"on an error, also print the traceback (or set {DEBUG_ENV}=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustrl", description="RL post-training of language models.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # every subcommand takes --debug too (SUPPRESS: not given there keeps the top-level value)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common, *k.pop("parents", [])], **k)  # type: ignore
 
     demo = sub.add_parser("demo", help="pre-train, SFT and GRPO (or RM + PPO, or TRPO) on a built-in arithmetic task")
     demo.add_argument("--pipeline", choices=("grpo", "rlhf", "trpo"), default="grpo",
@@ -166,12 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_user_error(err: UserError, debug: bool) -> int:
+    """One message (a few lines) naming what to fix; the traceback only with ``debug``."""
+    if debug:
+        traceback.print_exception(err)
+    print(f"trustrl: {err}", file=sys.stderr, flush=True)
+    return USER_ERROR_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested()
     if argv and argv[0] == "classic":
-        return cmd_classic(argv[1:])
+        rest = [a for a in argv[1:] if a != "--debug"]
+        debug = debug or len(rest) < len(argv) - 1
+        try:
+            return cmd_classic(rest)
+        except UserError as err:
+            return report_user_error(err, debug)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    debug = debug or bool(getattr(args, "debug", False))
     if args.command == "train":
         # key=value overrides may come before or after --config
         stray = [u for u in unknown if u.startswith("-") or "=" not in u]
@@ -180,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        return report_user_error(err, debug)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustrl.errors import UserError
 from trustrl.logging import atomic_writer
 
 __all__ = [
@@ -72,7 +73,7 @@ TEXT_FIELDS: tuple[str, ...] = ("prompt", "completion", "chosen", "rejected", "t
 _TypeSpec = type | tuple[type, ...]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file, or one row of it, is unusable.
 
     Attributes:
@@ -104,6 +105,10 @@ class DataError(ValueError):
         if column is not None:
             parts.append(f"column {column!r}")
         super().__init__(": ".join(parts) + ": " + problem)
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The data file or directory does not exist (also a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -558,7 +563,7 @@ def source_files(source: Any) -> list[tuple[Path, float]]:
             out.extend((Path(m), weight) for m in matches)
             continue
         if not os.path.exists(pattern):
-            raise FileNotFoundError(f"load_rows: no such file or directory: {pattern!r}")
+            raise DataNotFoundError(pattern, "no such file or directory")
         out.append((Path(pattern), weight))
     return out
 
@@ -588,7 +593,7 @@ def _load_file(
 ) -> LoadedRows:
     """:func:`load_rows` for one file or directory."""
     if not p.exists():
-        raise FileNotFoundError(f"load_rows: no such file or directory: {str(p)!r}")
+        raise DataNotFoundError(p, "no such file or directory")
     if not p.is_dir() and not os.access(p, os.R_OK):
         raise DataError(p, "cannot read the file (permission denied)")
 

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from trustrl.config import LoRAConfig
+from trustrl.errors import UserError, cause_summary
 from trustrl.logprobs import IDENTITY, LogitTransform, chunked_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model or tokenizer directory that cannot be used, naming the path and the problem."""
 
 
@@ -60,7 +61,7 @@ def load_tokenizer(path: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # transformers raises many types here
-        raise ModelLoadError(f"could not load the tokenizer in {path}: {err}") from err
+        raise ModelLoadError(f"could not load the tokenizer in {path}: {cause_summary(err)}") from err
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer in {path} has no EOS token; completions could never end")
     if tok.pad_token_id is None:
@@ -108,7 +109,7 @@ def load_policy(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     except Exception as err:
-        raise ModelLoadError(f"could not load the model in {path}: {err}") from err
+        raise ModelLoadError(f"could not load the model in {path}: {cause_summary(err)}") from err
     if tokenizer is not None:
         check_vocab(model, tokenizer, str(path))
     disable_dropout(model)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trustrl.errors import cause_summary
 from trustrl.models import DTYPES, ModelLoadError, check_vocab, disable_dropout, trunk_hidden_states
 from trustrl.rollout import Rollout, left_pad
 
@@ -150,7 +151,7 @@ def _load_trunk(path: Path, dtype: str, gradient_checkpointing: bool) -> nn.Modu
     try:
         trunk = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype])
     except Exception as err:  # transformers raises many types here
-        raise ModelLoadError(f"could not load a trunk (AutoModel) from {path}: {err}") from err
+        raise ModelLoadError(f"could not load a trunk (AutoModel) from {path}: {cause_summary(err)}") from err
     if not hasattr(trunk, "get_input_embeddings"):
         raise ModelLoadError(f"{path}: AutoModel gave {type(trunk).__name__}, which has no input embeddings")
     disable_dropout(trunk)
@@ -228,7 +229,10 @@ def load_scalar_model(
     head_file = path / HEAD_FILE
     if not head_file.is_file():
         raise ModelLoadError(f"{path}: {HEAD_FILE} is missing")
-    state = load_file(str(head_file))
+    try:
+        state = load_file(str(head_file))
+    except Exception as err:  # safetensors raises its own error types on a corrupt file
+        raise ModelLoadError(f"{head_file}: cannot read the scalar head: {cause_summary(err)}") from err
     hidden = trunk.config.hidden_size
     if tuple(state.get("weight", torch.empty(0)).shape) != (1, hidden) or tuple(state.get("bias", torch.empty(0)).shape) != (1,):
         raise ModelLoadError(f"{head_file}: expected weight [1, {hidden}] and bias [1], "

@@ -22,7 +22,7 @@ import torch
 from trustrl import distributed as dist
 from trustrl.config import RLConfig
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
-from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score
+from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score, with_reward_funcs
 from trustrl.loop.rl_loop import TrainingState, run_rl_loop
 from trustrl.models import save_model
 from trustrl.trainers.common import FaultCounter, PromptSampler, check_resume_setting
@@ -50,8 +50,9 @@ def warn_top_p(config: RLConfig) -> None:
 class RLAlgorithm:
     """Base of the plug-ins: ``Algo(config, reward_funcs=None, model=None, tokenizer=None).train()``.
 
-    ``reward_funcs`` adds Python callables ``fn(prompts, completions, **columns) -> list[float]``
-    to the configured rewards; ``model``/``tokenizer`` replace loading from ``config.model``."""
+    ``reward_funcs`` adds Python rewards to the configured ones: ``fn``, ``(fn, weight)``,
+    ``Reward(fn, weight=, name=)`` (signature: :mod:`trustrl.rewards.registry`); they are recorded
+    in ``config.yaml`` by qualified name. ``model``/``tokenizer`` replace loading from ``config.model``."""
 
     name = "rl"
     #: progress-bar fields
@@ -64,13 +65,14 @@ class RLAlgorithm:
     allow_gradient_checkpointing = True
 
     def __init__(self, config: RLConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None):
+        config = with_reward_funcs(config, reward_funcs)  # a copy: the caller's config is unchanged
         self.config = config
         check_resume_setting(config)
         apply_cpu_threads(config.cpu_threads)
         seed_everything(config.seed, deterministic=config.deterministic)
         warn_top_p(config)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
-        loaded = load_rl_models(config, self.device, who=type(self).__name__, reward_funcs=reward_funcs, model=model,
+        loaded = load_rl_models(config, self.device, who=type(self).__name__, model=model,
                                 tokenizer=tokenizer,
                                 gradient_checkpointing=None if self.allow_gradient_checkpointing else False)
         self.rewards, self.tokenizer = loaded.rewards, loaded.tokenizer

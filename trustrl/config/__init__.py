@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trustrl.config.datasets import DataSource, DatasetSpec, check_dataset_spec
 from trustrl.config.rewards import RewardSpec
+from trustrl.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, naming the key at fault."""
 
 

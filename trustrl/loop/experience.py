@@ -13,7 +13,8 @@ from torch import nn
 
 from trustrl.config import RLConfig
 from trustrl.data import encode_prompt, load_rows, source_name
-from trustrl.rewards.registry import NamedReward, ScoreResult, resolve_reward, score_completions
+from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpecError, ScoreResult, resolve_reward,
+                                      score_completions, to_spec)
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped
 
@@ -27,6 +28,7 @@ class PromptSet:
                            skip_bad=config.skip_bad_rows, limit=limit)
         warn_skipped(loaded.skipped, source_name(path))
         self.path = path
+        self.loaded = loaded  # where each row was read, for error messages
         self.skipped = loaded.skipped  # malformed rows left out (skip_bad_rows=true)
         self.rows = loaded.rows
         self.texts: list[str] = []
@@ -44,6 +46,9 @@ class PromptSet:
             self.texts.append(text)
             self.token_ids.append(ids)
         self.prompt_column = config.prompt_column
+        #: rows whose prompt is a conversation (a list of messages): their completions also reach
+        #: the reward functions as messages (``completion_messages``)
+        self.is_conversation = [isinstance(row[config.prompt_column], list) for row in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,30 +70,82 @@ class ScoredBatch:
     scores: ScoreResult
 
 
-class RewardSuite:
-    """The configured reward functions (and optional reward model), weighted and checked."""
+def with_reward_funcs(config: RLConfig, reward_funcs: list[Any] | None) -> RLConfig:
+    """A copy of ``config`` whose ``rewards`` end with ``reward_funcs`` (any form
+    :func:`trustrl.rewards.registry.to_spec` takes: ``fn``, ``(fn, 0.5)``, ``Reward(...)``), so
+    they are resolved like the others and recorded in ``config.yaml`` by qualified name.
+    The caller's config is left as it was."""
+    if not reward_funcs:
+        return config
+    return config.model_copy(update={"rewards": [*config.rewards, *(to_spec(f) for f in reward_funcs)]})
 
-    def __init__(self, config: RLConfig, extra: list[Callable | NamedReward] | None = None, device=None):
+
+class RewardSuite:
+    """The configured reward functions (and optional reward model), weighted and checked.
+
+    ``step``: the training step reward functions are told (keyword ``step``); the loop sets it
+    before each step's sampling, so held-out evaluation after step s sees s."""
+
+    def __init__(self, config: RLConfig, extra: list[Any] | None = None, device=None):
         self.config = config
-        self.rewards: list[NamedReward] = [resolve_reward(spec) for spec in config.rewards]
-        for fn in extra or []:
-            self.rewards.append(fn if isinstance(fn, NamedReward) else resolve_reward(fn))
+        self.step = 0
+        self.rewards: list[NamedReward] = [resolve_reward(spec) for spec in [*config.rewards, *(extra or [])]]
         if config.reward_model:
             from trustrl.rewards.reward_model import reward_model_reward
 
             self.rewards.append(NamedReward("reward_model", reward_model_reward(config.reward_model, device=device),
                                             config.reward_model_weight))
         if not self.rewards:
-            raise ValueError("no reward: set `rewards:` (e.g. [{name: numeric_answer}]) or `reward_model:`")
+            raise RewardSpecError("no reward: set `rewards:` (e.g. [{name: numeric_answer}]) or `reward_model:`")
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
-            raise ValueError(f"reward names must be unique (use alias): {names}")
+            raise RewardSpecError(f"reward names must be unique: {names}; name one: alias: in a config, "
+                                  "Reward(fn, name='...') or (fn, weight, 'name') from Python")
         self.fault_totals: dict[str, int] = {name: 0 for name in names}
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], lengths: list[int]) -> ScoreResult:
+    def check_columns(self, prompts: PromptSet) -> None:
+        """Before any model loads: every argument a reward requires (a declared parameter
+        without default, a built-in's ``required_columns``) is a column of every row, and no
+        column is named like an argument the trainers pass.
+
+        Raises:
+            RewardSpecError: naming the reward, the column and the file (and the first row
+                lacking it).
+        """
+        present = {k for row in prompts.rows for k in row if k != prompts.prompt_column}
+        clash = sorted(present & set(BATCH_ARGUMENTS))
+        if clash:
+            raise RewardSpecError(f"{source_name(prompts.path)}: column {clash[0]!r} has the name of an argument trustrl passes "
+                                  f"to reward functions ({', '.join(BATCH_ARGUMENTS)}); rename it")
+        available = set(BATCH_ARGUMENTS) - {"completion_messages"}
+        if any(prompts.is_conversation):
+            available.add("completion_messages")
+        for reward in self.rewards:
+            for name in reward.missing(available | present):
+                if name == "completion_messages":
+                    raise RewardSpecError(f"reward '{reward.name}' requires completion_messages, given only when the "
+                                          f"prompts are conversations; those in {source_name(prompts.path)} are text")
+                columns = ", ".join(sorted(present)) or "none besides the prompt"
+                raise RewardSpecError(f"reward '{reward.name}' needs column {name!r}, which {source_name(prompts.path)} "
+                                      f"does not have (its columns: {columns})")
+            for name in reward.required_columns():
+                for index, row in enumerate(prompts.rows):
+                    if row.get(name) is None:
+                        file, label = prompts.loaded.where(index)
+                        raise RewardSpecError(f"reward '{reward.name}' needs column {name!r}, which {file} {label} "
+                                              "lacks (or holds null)")
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], lengths: list[int],
+              completion_ids: list[list[int]] | None = None,
+              completion_messages: list[list[dict] | None] | None = None) -> ScoreResult:
         cfg = self.config
+        columns = {**columns, "completion_lengths": lengths}
+        if completion_ids is not None:
+            columns["completion_ids"] = completion_ids
+        if completion_messages is not None:
+            columns["completion_messages"] = completion_messages
         result = score_completions(
-            self.rewards, prompts, completions, {**columns, "completion_lengths": lengths},
+            self.rewards, prompts, completions, columns, context={"step": self.step},
             timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error, default_score=cfg.reward_default,
         )
         for name, n in result.n_faults.items():
@@ -131,17 +188,23 @@ def sample_and_score(
         temperature=0.0 if greedy else config.temperature, top_p=config.top_p, generator=generator,
         row_seeds=row_seeds,
     )
-    completions = decode_completions(tokenizer, rollout)
+    sampled = sampled_ids(rollout)
+    completions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in sampled]
     texts = [prompts.texts[i] for i in rows]
-    scores = rewards.score(texts, completions, prompts.columns(rows), rollout.completion_lengths.tolist())
+    messages = None
+    if any(prompts.is_conversation):  # completions as chat messages too, for conversation prompts
+        messages = [[{"role": "assistant", "content": c}] if prompts.is_conversation[i] else None
+                    for i, c in zip(rows, completions)]
+    scores = rewards.score(texts, completions, prompts.columns(rows), rollout.completion_lengths.tolist(),
+                           completion_ids=sampled, completion_messages=messages)
     return ScoredBatch(rollout, rows, texts, completions, scores)
 
 
-def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
-    out = []
-    for ids, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
-        out.append(tokenizer.decode([t for t, v in zip(ids, valid) if v], skip_special_tokens=True))
-    return out
+def sampled_ids(rollout: Rollout) -> list[list[int]]:
+    """The sampled token ids of each completion (EOS included when sampled, no padding)."""
+    return [[t for t, v in zip(ids, valid) if v]
+            for ids, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist())]
+
 
 
 def reward_metrics(scores: ScoreResult) -> dict[str, float]:
@@ -189,8 +252,9 @@ class RLModels:
 
 def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_funcs=None, model=None,
                    tokenizer=None, gradient_checkpointing: bool | None = None) -> RLModels:
-    """Rewards first (cheap, fail fast on a bad spec), then data, then models. ``beta = 0`` loads
-    no reference model at all; with LoRA the reference is the base model (``reference_context``)."""
+    """Rewards first (cheap, fail fast on a bad spec), then data and the columns the rewards need,
+    then models. ``beta = 0`` loads no reference model at all; with LoRA the reference is the
+    base model (``reference_context``)."""
     from trustrl.models import check_vocab, load_policy, load_tokenizer, logit_transform, make_reference
 
     rewards = RewardSuite(config, extra=reward_funcs, device=device)
@@ -198,6 +262,9 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
     prompts = PromptSet(config.dataset, config, tokenizer)
     eval_prompts = (PromptSet(config.eval_dataset, config, tokenizer, limit=config.eval_prompts)
                     if config.eval_dataset else None)
+    for prompt_set in (prompts, eval_prompts):
+        if prompt_set is not None:
+            rewards.check_columns(prompt_set)
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
     if model is None:

@@ -132,6 +132,7 @@ def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
     with GracefulStop() as stop:
         while step < cfg.max_steps:
             t0 = time.time()
+            algorithm.rewards.step = step + 1  # what reward functions get as `step`
             # 1-3. prompts -> completions from the current (old) policy -> rewards
             batch, metrics = algorithm.collect(sampler)
             gen_seconds = time.time() - t0

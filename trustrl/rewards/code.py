@@ -112,6 +112,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from trustrl.errors import UserError
 from trustrl.rewards.code_grader import HARNESS, TestPlan, case_passes, parse_tests, read_frames
 
 __all__ = [
@@ -489,6 +490,10 @@ def _probe(mode: str, netns: bool) -> bool:
     return res.returncode == 0 and res.stdout.strip() == token
 
 
+class SandboxError(UserError, RuntimeError):
+    """No sandbox mode can run code on this machine (the message says why)."""
+
+
 def sandbox_capabilities() -> dict[str, Any]:
     """What isolation :func:`run_in_sandbox` applies on this machine (probed once, cached).
 
@@ -521,7 +526,7 @@ def sandbox_capabilities() -> dict[str, Any]:
                 chosen = ("plain", False)
                 if not _probe("plain", False):
                     # Never fall back to running untrusted code as root.
-                    raise RuntimeError(
+                    raise SandboxError(
                         "trustrl.rewards.code.sandbox_capabilities: no sandbox mode works here "
                         "(namespaces unavailable, and the interpreter "
                         f"{_interpreter()[0]} cannot be run"
@@ -771,6 +776,8 @@ def code_tests_reward(timeout_s: float = 5.0, memory_mb: int = 512, tests_column
         code_tests.last_grades = grades
         return [g.score for g in grades]
 
+    sandbox_capabilities()  # a sandbox that cannot be set up fails now, before any model loads
     code_tests.last_isolation = None
     code_tests.last_grades = []
+    code_tests.required_columns = (tests_column,)
     return code_tests

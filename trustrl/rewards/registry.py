@@ -2,29 +2,48 @@
 
 A reward is named in a config as a :class:`RewardSpec` (a built-in name or a
 ``"module:function"`` path, a weight, keyword arguments, an optional alias for logs), or
-handed over as a plain Python callable. :func:`resolve_reward` turns either into a
-:class:`NamedReward`; :func:`score_completions` calls each one on a batch and checks what
-comes back before anything reaches the advantage computation.
+handed over from Python as a callable, ``(fn, weight)``, ``Reward(fn, weight=, name=)`` or a
+spec whose ``name`` is the function (see :mod:`trustrl.config.rewards`).
+:func:`resolve_reward` turns any of them into a :class:`NamedReward`; :func:`score_completions`
+calls each one on a batch and checks what comes back before anything reaches the advantage
+computation.
 
-Time limits: each reward call runs in a fresh *daemon* worker thread and the caller waits at
-most ``timeout_s``. Python cannot kill a thread, so a call that overruns is *abandoned*: it
-keeps running in the background (using CPU, possibly holding whatever it holds) while
-training moves on with an error or the default score. A daemon thread never blocks
-interpreter exit (a ``concurrent.futures`` pool would: its exit hook joins every worker).
-A subprocess could be killed, but would have to pickle the reward function and every column
-for each call, and lambdas, closures and reward-model wrappers holding a GPU model do not
-pickle; rewards that run untrusted code (``code_tests``) do their own process isolation.
-Consequence of the thread: a reward function that relies on being in the main thread (for
-example ``signal.alarm``) must not do so when called with a timeout -- see
+What a reward function receives (the full signature)::
+
+    def my_reward(prompts, completions, *, completion_ids, completion_lengths,
+                  completion_messages, step, answer, **columns) -> list[float]: ...
+
+* ``prompts``: the prompt texts as the model saw them (chat template applied), one per
+  completion; ``completions``: the decoded completion texts.
+* ``completion_ids``: the sampled token ids of each completion (EOS included when sampled, no
+  padding); ``completion_lengths``: their counts.
+* ``completion_messages``: ``[{"role": "assistant", "content": text}]`` per completion, given
+  when the dataset's prompts are conversations (``None`` for a row whose prompt is text).
+* ``step``: the training step whose batch is scored (1-based; in held-out evaluation, the
+  number of steps done).
+* every other dataset column (``answer``, ``tests``, ...), aligned with ``completions``.
+
+A function receives only the keyword arguments it declares, or all of them with
+``**kwargs``, so ``fn(prompts, completions, **columns)`` keeps working. One that declares a
+parameter named ``completions`` is called by keyword (TRL's ``fn(completions, **kwargs)``
+works); otherwise ``prompts`` and ``completions`` are its first two positional arguments. A
+declared argument without a default is a requirement: a column the dataset lacks is refused
+before any model loads (:meth:`NamedReward.missing`); built-ins declare theirs in
+``fn.required_columns``. ``async def`` functions are awaited concurrently with the batch's
+other async rewards (``asyncio.gather``), under the same time limit and fault policy.
+
+Time limits and the fault policy are :mod:`trustrl.calls` (daemon worker threads, abandoned
+when they overrun; see there). A reward function that relies on being in the main thread
+(``signal.alarm``) must not do so when called with a timeout -- see
 :func:`trustrl.rewards.rules.math_equivalence_reward`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,26 +51,34 @@ from typing import Any, Literal
 
 import torch
 
-
-from trustrl.config.rewards import RewardSpec
+from trustrl.calls import CallTimeout, FunctionFault, Outcome, call_with_limit, gather_with_limit, is_async_callable
+from trustrl.config.rewards import Reward, RewardSpec, callable_path
+from trustrl.errors import UserError
 from trustrl.rewards import rules
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "BATCH_ARGUMENTS",
     "NamedReward",
+    "Reward",
     "RewardError",
     "RewardSpec",
+    "RewardSpecError",
     "ScoreResult",
     "register_reward",
     "resolve_reward",
     "resolve_rewards",
     "score_completions",
+    "to_spec",
 ]
 
 RewardFn = Callable[..., Any]
 
+#: Arguments the trainers pass besides the dataset columns; a dataset column may not use these names.
+BATCH_ARGUMENTS = ("prompts", "completions", "completion_ids", "completion_lengths", "completion_messages", "step")
 
-class RewardError(RuntimeError):
+
+class RewardError(FunctionFault):
     """A reward function failed, returned the wrong number of values, a non-number, NaN/inf,
     or ran past its time limit.
 
@@ -61,19 +88,92 @@ class RewardError(RuntimeError):
             the fault is not attributable to one sample.
     """
 
-    def __init__(self, message: str, *, function: str, sample_index: int | None = None) -> None:
-        super().__init__(message)
-        self.function = function
-        self.sample_index = sample_index
+
+class RewardSpecError(UserError, ValueError):
+    """A reward that cannot be used as given: unknown name, import failure, bad kwargs, a
+    signature it cannot be called with, a column the dataset lacks."""
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How a reward function is called, read once from its signature.
+
+    Attributes:
+        keyword: it declares ``completions`` and is called with keywords only.
+        accepts_all: it takes ``**kwargs`` (or its signature is unknown): every argument.
+        names: the keyword arguments it declares (in positional mode, besides the first two).
+        required: those of ``names`` without a default.
+        is_async: an ``async def`` function (awaited).
+    """
+
+    keyword: bool
+    accepts_all: bool
+    names: frozenset[str]
+    required: frozenset[str]
+    is_async: bool
+
+
+def call_plan(fn: RewardFn, name: str) -> CallPlan:
+    """Read :class:`CallPlan` from ``inspect.signature(fn)``."""
+    is_async = is_async_callable(fn)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (some builtins): the old contract, everything
+        return CallPlan(False, True, frozenset(), frozenset(), is_async)
+    P = inspect.Parameter
+    accepts_all = any(p.kind is P.VAR_KEYWORD for p in params)
+    by_name = {p.name: p for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+    keyword = "completions" in by_name
+    if not keyword:
+        positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind is P.VAR_POSITIONAL for p in params):
+            raise RewardSpecError(
+                f"reward {name!r}: cannot be called as fn(prompts, completions, ...) nor declares a "
+                f"`completions` parameter; its signature is {name}{inspect.signature(fn)}")
+        for p in positional[:2]:
+            by_name.pop(p.name, None)
+    required = frozenset(n for n, p in by_name.items() if p.default is P.empty)
+    return CallPlan(keyword, accepts_all, frozenset(by_name), required, is_async)
 
 
 @dataclass(frozen=True)
 class NamedReward:
-    """A resolved reward: ``fn(prompts, completions, **columns) -> list[float]``."""
+    """A resolved reward: its name in logs, the function, its weight in the total, and how it
+    is called (:class:`CallPlan`, read from the signature)."""
 
     name: str
     fn: RewardFn
     weight: float = 1.0
+    plan: CallPlan | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            object.__setattr__(self, "plan", call_plan(self.fn, self.name))
+
+    def required_columns(self) -> list[str]:
+        """Dataset columns this reward cannot do without: declared parameters without a
+        default, and the built-in's ``fn.required_columns``, minus what the trainers pass."""
+        declared = set(self.plan.required) | set(getattr(self.fn, "required_columns", ()) or ())
+        return sorted(declared - set(BATCH_ARGUMENTS) - {"prompts", "completions"})
+
+    def missing(self, available: set[str]) -> list[str]:
+        """Required arguments (columns, or ``completion_messages``) not in ``available``."""
+        needs = set(self.required_columns())
+        if "completion_messages" in self.plan.required:
+            needs.add("completion_messages")
+        return sorted(needs - available)
+
+    def arguments(self, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any],
+                  context: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of one call: only what the function declares (all with ``**kwargs``)."""
+        extra = {**columns, **context}
+        plan = self.plan
+        if plan.keyword:
+            extra = {"prompts": list(prompts), "completions": list(completions), **extra}
+        kwargs = extra if plan.accepts_all else {k: v for k, v in extra.items() if k in plan.names}
+        if plan.keyword:
+            return (), kwargs
+        return (list(prompts), list(completions)), kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,12 +185,12 @@ def _code_tests(**kwargs: Any) -> RewardFn:
     try:
         module = importlib.import_module("trustrl.rewards.code")
     except ImportError as e:
-        raise ValueError(
+        raise RewardSpecError(
             f"built-in reward 'code_tests' needs trustrl.rewards.code, which failed to import: {e}"
         ) from e
     factory = getattr(module, "code_tests_reward", None)
     if factory is None or not callable(factory):
-        raise ValueError("built-in reward 'code_tests': trustrl.rewards.code has no callable 'code_tests_reward'")
+        raise RewardSpecError("built-in reward 'code_tests': trustrl.rewards.code has no callable 'code_tests_reward'")
     # Like every built-in, code_tests_reward is a factory: called with the spec's kwargs
     # (possibly none) it returns fn(prompts, completions, **columns).
     return factory(**kwargs)
@@ -99,7 +199,7 @@ def _code_tests(**kwargs: Any) -> RewardFn:
 def _reward_model(**kwargs: Any) -> RewardFn:
     """``{name: reward_model, kwargs: {path: DIR}}``: a model trained with ``trustrl train rm``."""
     if "path" not in kwargs:
-        raise ValueError("built-in reward 'reward_model' needs kwargs.path: the directory of a trained reward model")
+        raise RewardSpecError("built-in reward 'reward_model' needs kwargs.path: the directory of a trained reward model")
     from trustrl.rewards.reward_model import reward_model_reward
 
     return reward_model_reward(**kwargs)
@@ -140,69 +240,104 @@ def _callable_name(fn: Any) -> str:
 def _import_attr(path: str) -> Any:
     module_name, _, attr_path = path.partition(":")
     if not module_name or not attr_path:
-        raise ValueError(f"reward {path!r}: expected 'module:function'")
+        raise RewardSpecError(f"reward {path!r}: expected 'module:function'")
+    if "<" in attr_path:  # recorded from a lambda or closure (config.yaml of a Python run)
+        raise RewardSpecError(
+            f"reward {path!r} was a Python lambda or closure and cannot be imported again; "
+            "pass the function again from Python (reward_funcs=[...] or rewards=[{'name': fn}])")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {e}") from e
+        raise RewardSpecError(f"reward {path!r}: cannot import module {module_name!r}: {e}") from e
+    except Exception as e:  # the module itself raised while importing
+        raise RewardSpecError(f"reward {path!r}: importing module {module_name!r} raised "
+                              f"{type(e).__name__}: {e}") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr_path!r}")
+            raise RewardSpecError(f"reward {path!r}: module {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     return obj
 
 
-def resolve_reward(spec: RewardSpec | Mapping[str, Any] | str | NamedReward | RewardFn) -> NamedReward:
-    """Turn a spec (or a mapping / a bare name string parsed as one) or a callable into a
-    :class:`NamedReward`.
+def to_spec(spec: Any) -> RewardSpec:
+    """Any accepted form (:mod:`trustrl.config.rewards`) as a :class:`RewardSpec` (what
+    ``reward_funcs=`` entries become in a trainer's config)."""
+    if isinstance(spec, RewardSpec):
+        return spec
+    if isinstance(spec, NamedReward):
+        return RewardSpec(name=spec.fn, weight=spec.weight, alias=spec.name)
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+    elif not (isinstance(spec, (str, tuple, Reward)) or callable(spec)):
+        raise RewardSpecError(f"a reward must be a name, a callable, (fn, weight), Reward(...), a mapping or a "
+                              f"RewardSpec; got {type(spec).__name__}")
+    from pydantic import ValidationError
+
+    try:
+        return RewardSpec.model_validate(spec)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'reward'}: {x['msg']}" for x in e.errors())
+        raise RewardSpecError(f"invalid reward {spec!r}: {problems}") from None
+
+
+def resolve_reward(spec: Any) -> NamedReward:
+    """Turn any accepted form of a reward into a :class:`NamedReward`.
 
     * a built-in name calls the registered factory with ``kwargs``;
     * ``"module:function"`` imports the module and takes the attribute: the attribute is the
       reward function itself, unless ``kwargs`` are given, in which case it is called with
       them to build the function;
-    * a plain callable is used directly with weight 1.0 and name ``fn.__name__``;
+    * a callable (alone, in ``(fn, weight[, name])``, in :class:`Reward` or as a spec's
+      ``name``) is the reward function itself, or its factory when ``kwargs`` are given; its
+      name in logs is ``alias`` / ``Reward.name``, else ``fn.__name__``;
     * a :class:`NamedReward` is returned unchanged.
 
     Raises:
-        ValueError: unknown name (the message lists the built-ins), import failure, invalid
-            spec, or a factory that does not return a callable.
-        NotImplementedError: ``"reward_model"`` while it is not wired.
+        RewardSpecError (a ValueError): unknown name (the message lists the built-ins),
+            import failure, invalid spec or kwargs, a factory that does not return a
+            callable, a function that cannot be called with ``(prompts, completions)``.
+        UserError: what a built-in's factory raises (a reward-model directory that is not
+            one, a sandbox that cannot be set up).
     """
     if isinstance(spec, NamedReward):
         return spec
-    if isinstance(spec, str):
-        spec = RewardSpec(name=spec)
-    elif isinstance(spec, Mapping):
-        spec = RewardSpec.model_validate(dict(spec))
-    elif not isinstance(spec, RewardSpec):
-        if callable(spec):
-            return NamedReward(name=_callable_name(spec), fn=spec, weight=1.0)
-        raise ValueError(
-            f"resolve_reward: expected a RewardSpec, a mapping, a name or a callable, got {type(spec).__name__}"
-        )
-
-    if ":" in spec.name:
-        attr = _import_attr(spec.name)
+    spec = to_spec(spec)
+    name = spec.name
+    if callable(name):
+        try:
+            fn = name(**spec.kwargs) if spec.kwargs else name
+        except (TypeError, ValueError) as e:
+            raise RewardSpecError(f"reward {_callable_name(name)!r}: calling it with kwargs {spec.kwargs} "
+                                  f"failed: {e}") from e
+        default_name = _callable_name(name)
+        shown = callable_path(name)[0]
+    elif spec.note is not None:  # recorded in config.yaml from a callable that cannot be imported
+        raise RewardSpecError(f"reward {name!r} was passed from Python ({spec.note}); pass the function "
+                              "again from Python (reward_funcs=[...] or rewards=[{'name': fn}])")
+    elif ":" in name:
+        attr = _import_attr(name)
         if not callable(attr):
-            raise ValueError(f"reward {spec.name!r}: attribute is a {type(attr).__name__}, not callable")
+            raise RewardSpecError(f"reward {name!r}: attribute is a {type(attr).__name__}, not callable")
         try:
             fn = attr(**spec.kwargs) if spec.kwargs else attr
-        except TypeError as e:
-            raise ValueError(f"reward {spec.name!r}: calling it with kwargs {spec.kwargs} failed: {e}") from e
-        default_name = spec.name.partition(":")[2].rsplit(".", 1)[-1]
-    elif spec.name in BUILTIN_REWARDS:
+        except (TypeError, ValueError) as e:
+            raise RewardSpecError(f"reward {name!r}: calling it with kwargs {spec.kwargs} failed: {e}") from e
+        default_name, shown = name.partition(":")[2].rsplit(".", 1)[-1], name
+    elif name in BUILTIN_REWARDS:
         try:
-            fn = BUILTIN_REWARDS[spec.name](**spec.kwargs)
-        except TypeError as e:
-            raise ValueError(f"reward {spec.name!r}: invalid kwargs {spec.kwargs}: {e}") from e
-        default_name = spec.name
+            fn = BUILTIN_REWARDS[name](**spec.kwargs)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise RewardSpecError(f"reward {name!r}: invalid kwargs {spec.kwargs}: {e}") from e
+        default_name = shown = name
     else:
-        raise ValueError(
-            f"unknown reward {spec.name!r}; built-in rewards are {sorted(BUILTIN_REWARDS)}, "
+        raise RewardSpecError(
+            f"unknown reward {name!r}; built-in rewards are {sorted(BUILTIN_REWARDS)}, "
             "or give 'module:function', or pass a callable"
         )
     if not callable(fn):
-        raise ValueError(f"reward {spec.name!r}: factory returned {type(fn).__name__}, not a callable")
+        raise RewardSpecError(f"reward {shown!r}: factory returned {type(fn).__name__}, not a callable")
     return NamedReward(name=spec.alias or default_name, fn=fn, weight=float(spec.weight))
 
 
@@ -218,7 +353,9 @@ def _check_unique(rewards: Sequence[NamedReward]) -> None:
     seen: set[str] = set()
     for r in rewards:
         if r.name in seen:
-            raise ValueError(f"two rewards are named {r.name!r}; give one an alias")
+            raise RewardSpecError(
+                f"two rewards are named {r.name!r}; name one: Reward(fn, name='...') or (fn, weight, 'name') "
+                "from Python, alias: in a config")
         seen.add(r.name)
 
 
@@ -255,10 +392,6 @@ class ScoreResult:
         return out
 
 
-class _Timeout(Exception):
-    pass
-
-
 class _BadOutput(Exception):
     def __init__(self, message: str, index: int | None) -> None:
         super().__init__(message)
@@ -272,27 +405,11 @@ class _Fault:
     cause: BaseException | None = None
 
 
-def _call(fn: RewardFn, args: tuple[Any, ...], kwargs: dict[str, Any], timeout_s: float | None, name: str) -> Any:
-    """Call ``fn``; with a timeout, in a daemon thread that is abandoned if it overruns."""
-    if timeout_s is None:
-        return fn(*args, **kwargs)
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the caller's thread below
-            box["error"] = e
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name=f"trustrl-reward-{name}", daemon=True).start()
-    if not done.wait(max(timeout_s, 0.0)):
-        raise _Timeout()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def _call(reward: NamedReward, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any],
+          context: Mapping[str, Any], timeout_s: float | None) -> Any:
+    """One call of ``reward`` with what it declares; raises CallTimeout past ``timeout_s``."""
+    args, kwargs = reward.arguments(prompts, completions, columns, context)
+    return call_with_limit(reward.fn, args, kwargs, timeout_s=timeout_s, name=reward.name)
 
 
 def _to_values(out: Any, n: int, name: str) -> list[Any]:
@@ -343,6 +460,7 @@ def _isolate(
     prompts: Sequence[str],
     completions: Sequence[str],
     columns: Mapping[str, Sequence[Any]],
+    context: Mapping[str, Any],
     timeout_s: float | None,
     error: Exception,
     stop_at_first: bool,
@@ -364,8 +482,8 @@ def _isolate(
             break
         cols = {k: v[i : i + 1] for k, v in columns.items()}
         try:
-            out = _call(reward.fn, (list(prompts[i : i + 1]), list(completions[i : i + 1])), cols, remaining, name)
-        except _Timeout:
+            out = _call(reward, prompts[i : i + 1], completions[i : i + 1], cols, context, remaining)
+        except CallTimeout:
             stopped = f"sample {i} alone ran past the remaining time"
             break
         except Exception as e:
@@ -404,19 +522,30 @@ def _evaluate(
     prompts: Sequence[str],
     completions: Sequence[str],
     columns: Mapping[str, Sequence[Any]],
+    context: Mapping[str, Any],
     timeout_s: float | None,
     stop_at_first: bool,
+    first: Outcome | None = None,
 ) -> tuple[list[float | None], list[_Fault]]:
+    """Score the batch with one reward; ``first``: the batch call's outcome when it already
+    ran (async rewards, gathered), else the call is made here."""
     n = len(completions)
     name = reward.name
-    try:
-        out = _call(reward.fn, (list(prompts), list(completions)), dict(columns), timeout_s, name)
-    except _Timeout:
+    if first is None:
+        try:
+            first = Outcome(value=_call(reward, prompts, completions, columns, context, timeout_s))
+        except CallTimeout:
+            first = Outcome(timed_out=True)
+        except Exception as e:
+            first = Outcome(error=e)
+    if first.timed_out:
         return [None] * n, [_Fault(None, f"reward function '{name}' exceeded timeout {float(timeout_s or 0)} s")]
-    except Exception as e:
-        return _isolate(reward, prompts, completions, columns, timeout_s, e, stop_at_first)
+    if first.error is not None:
+        if not isinstance(first.error, Exception):  # pragma: no cover - KeyboardInterrupt and friends
+            raise first.error
+        return _isolate(reward, prompts, completions, columns, context, timeout_s, first.error, stop_at_first)
     try:
-        raw = _to_values(out, n, name)
+        raw = _to_values(first.value, n, name)
     except _BadOutput as b:
         return [None] * n, [_Fault(None, str(b))]
     values: list[float | None] = []
@@ -433,19 +562,24 @@ def _evaluate(
 
 
 def score_completions(
-    rewards: Sequence[NamedReward],
+    rewards: Sequence[Any],
     prompts: Sequence[str],
     completions: Sequence[str],
     columns: Mapping[str, Sequence[Any]] | None = None,
     *,
+    context: Mapping[str, Any] | None = None,
     timeout_s: float | None = 30.0,
     on_error: Literal["raise", "default"] = "raise",
     default_score: float = 0.0,
 ) -> ScoreResult:
     """Score ``N`` completions with every reward, check the values, and combine them.
 
-    Each reward is called once on the whole batch as ``fn(prompts, completions, **columns)``.
-    It must return ``N`` finite real numbers (a list, tuple, or 1-D tensor/array). Faults:
+    Each reward is called once on the whole batch with the arguments it declares (module
+    docstring): ``prompts``, ``completions``, the ``columns`` (lists aligned with the
+    completions: dataset columns, ``completion_ids``, ...) and the ``context`` (values for the
+    whole batch, e.g. ``{"step": 3}``). ``async def`` rewards are started together and awaited
+    concurrently, each within ``timeout_s``. A reward must return ``N`` finite real numbers (a
+    list, tuple, or 1-D tensor/array). Faults:
 
     * the call raises -> the function is re-run one sample at a time (within ``timeout_s``
       in total) to find the failing sample(s); the error names the function, the sample
@@ -453,13 +587,21 @@ def score_completions(
     * wrong number of values, or not a sequence -> names the function, expected and got;
     * a non-numeric, NaN or infinite value -> names the function and the sample index;
     * the call runs past ``timeout_s`` -> "reward function 'x' exceeded timeout 2.0 s"; the
-      call is abandoned in its daemon thread (see the module docstring). ``timeout_s=None``
-      calls in the current thread without a limit.
+      call is abandoned in its daemon thread (see :mod:`trustrl.calls`). ``timeout_s=None``
+      calls a sync function in the current thread without a limit.
 
     With ``on_error="raise"`` the first fault raises :class:`RewardError`. With
     ``"default"`` the affected samples (all samples when the fault cannot be pinned to
     samples: timeout, wrong length, unisolated exception) get ``default_score`` and are
     counted in ``n_faults``; samples scored alone during isolation keep those scores.
+
+    Example (a TRL-style function: only what it declares reaches it)::
+
+        def brevity(completions, completion_ids, step, **kwargs):
+            return [-len(ids) / 100 for ids in completion_ids]
+
+        score_completions([Reward(brevity, weight=0.5)], prompts, completions,
+                          {"completion_ids": ids}, context={"step": 1})
 
     Returns:
         :class:`ScoreResult` with ``total = sum_k weight_k * score_k`` ([N] float32).
@@ -467,7 +609,7 @@ def score_completions(
     Raises:
         RewardError: a fault with ``on_error="raise"``.
         ValueError: mismatched lengths, an empty batch, no rewards, duplicate names, or a
-            column named ``prompts``/``completions``.
+            column named like an argument (``prompts``, ``completions``, a context key).
     """
     if on_error not in ("raise", "default"):
         raise ValueError(f"score_completions: on_error must be 'raise' or 'default', got {on_error!r}")
@@ -485,17 +627,24 @@ def score_completions(
     if len(prompts) != n:
         raise ValueError(f"score_completions: {len(prompts)} prompts for {n} completions")
     columns = dict(columns or {})
+    context = dict(context or {})
     for key, col in columns.items():
-        if key in ("prompts", "completions"):
-            raise ValueError(f"score_completions: column name {key!r} clashes with the positional argument")
+        if key in ("prompts", "completions") or key in context:
+            raise ValueError(f"score_completions: column name {key!r} clashes with an argument of that name")
         if len(col) != n:
             raise ValueError(f"score_completions: column {key!r} has {len(col)} values for {n} completions")
+
+    # async rewards: every batch call started at once and awaited together
+    pending = [r for r in rewards if r.plan.is_async]
+    calls = [(r.fn, *r.arguments(prompts, completions, columns, context)) for r in pending]
+    gathered = dict(zip((r.name for r in pending), gather_with_limit(calls, timeout_s=timeout_s, name="rewards")))
 
     per_function: dict[str, torch.Tensor] = {}
     n_faults: dict[str, int] = {}
     total = torch.zeros(n, dtype=torch.float64)
     for reward in rewards:
-        values, faults = _evaluate(reward, prompts, completions, columns, timeout_s, on_error == "raise")
+        values, faults = _evaluate(reward, prompts, completions, columns, context, timeout_s, on_error == "raise",
+                                   first=gathered.get(reward.name))
         if faults and on_error == "raise":
             f = faults[0]
             raise RewardError(f.message, function=reward.name, sample_index=f.index) from f.cause

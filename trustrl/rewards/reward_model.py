@@ -17,7 +17,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["reward_model_reward"]
+__all__ = ["check_reward_model_dir", "reward_model_reward"]
+
+
+def check_reward_model_dir(path: str | Path) -> Path:
+    """Cheap checks, before anything loads: ``path`` is a directory holding a trained scalar
+    model (``trustrl_head.json``, ``value_head.safetensors``, ``config.json``).
+
+    Raises:
+        ModelLoadError: naming the directory and what is missing.
+    """
+    from trustrl.models import ModelLoadError
+    from trustrl.value_model import HEAD_FILE, read_head_meta
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"reward model directory not found: {path}")
+    try:
+        read_head_meta(path)  # "not a trustrl scalar model: no trustrl_head.json" otherwise
+    except ModelLoadError as err:
+        raise ModelLoadError(f"reward model: {err}") from None
+    for name in (HEAD_FILE, "config.json"):
+        if not (path / name).is_file():
+            raise ModelLoadError(f"reward model {path}: {name} is missing")
+    return path
 
 
 def reward_model_reward(path: str | Path, device: torch.device | str | None = None, batch_size: int = 32,
@@ -36,7 +59,7 @@ def reward_model_reward(path: str | Path, device: torch.device | str | None = No
 
     if batch_size < 1:
         raise ValueError(f"reward_model_reward: batch_size must be >= 1, got {batch_size}")
-    path = Path(path)
+    path = check_reward_model_dir(path)
     tokenizer = load_tokenizer(path)
     model = load_scalar_model(path, device=device or "cpu", tokenizer=tokenizer)
     model.eval()

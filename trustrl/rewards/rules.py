@@ -46,9 +46,12 @@ _NUMBER_RE = re.compile(rf"(?<![\w.])({_NUM})(?:\s*/\s*({_NUM.replace('[-+]?', '
 _FULL_NUMBER_RE = re.compile(rf"({_NUM})(?:\s*/\s*({_NUM.replace('[-+]?', '', 1)}))?")
 
 
-def _named(fn: RewardFn, name: str) -> RewardFn:
+def _named(fn: RewardFn, name: str, required_columns: tuple[str, ...] = ()) -> RewardFn:
+    """Name a built-in's function; ``required_columns``: the dataset columns it reads, checked
+    against the dataset before any model loads (:meth:`trustrl.rewards.NamedReward.required`)."""
     fn.__name__ = name
     fn.__qualname__ = name
+    fn.required_columns = tuple(required_columns)  # type: ignore[attr-defined]
     return fn
 
 
@@ -197,7 +200,7 @@ def numeric_answer_reward(
             out.append(1.0 if pred is not None and abs(pred - gold) <= tolerance else 0.0)
         return out
 
-    return _named(fn, "numeric_answer")
+    return _named(fn, "numeric_answer", (answer_column,))
 
 
 def exact_answer_reward(answer_column: str = "answer", tag_required: bool = True,
@@ -228,7 +231,7 @@ def exact_answer_reward(answer_column: str = "answer", tag_required: bool = True
             out.append(1.0 if found is not None and norm(found) == norm(str(gold)) else 0.0)
         return out
 
-    return _named(fn, "exact_answer")
+    return _named(fn, "exact_answer", (answer_column,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def math_equivalence_reward(
             out.append(1.0 if ok else 0.0)
         return out
 
-    return _named(fn, "math_equivalence")
+    return _named(fn, "math_equivalence", (answer_column,))
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,11 +33,12 @@ from torch import nn
 from trustrl import distributed as dist
 from trustrl.checkpoint import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trustrl.config import ConfigError, TrainConfig, save_config
+from trustrl.errors import UserError
 from trustrl.logging import MetricsLogger
 from trustrl.utils import rng_state, set_rng_state
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite losses or gradients: the run stops, last checkpoint intact."""
 
 
