@@ -13,8 +13,8 @@ from torch import nn
 
 from trustrl.config import RLConfig
 from trustrl.data import encode_prompt, load_rows, source_name
-from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpecError, ScoreResult, resolve_reward,
-                                      score_completions, to_spec)
+from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpecError, ScoreResult, check_unique_names,
+                                      resolve_reward, score_completions, to_spec)
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped
 
@@ -97,10 +97,8 @@ class RewardSuite:
                                             config.reward_model_weight))
         if not self.rewards:
             raise RewardSpecError("no reward: set `rewards:` (e.g. [{name: numeric_answer}]) or `reward_model:`")
+        check_unique_names(self.rewards)
         names = [r.name for r in self.rewards]
-        if len(set(names)) != len(names):
-            raise RewardSpecError(f"reward names must be unique: {names}; name one: alias: in a config, "
-                                  "Reward(fn, name='...') or (fn, weight, 'name') from Python")
         self.fault_totals: dict[str, int] = {name: 0 for name in names}
 
     def check_columns(self, prompts: PromptSet) -> None:

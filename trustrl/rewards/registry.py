@@ -59,6 +59,7 @@ from trustrl.rewards import rules
 __all__ = [
     "BUILTIN_REWARDS",
     "BATCH_ARGUMENTS",
+    "check_unique_names",
     "NamedReward",
     "Reward",
     "RewardError",
@@ -345,11 +346,12 @@ def resolve_rewards(specs: Sequence[Any]) -> list[NamedReward]:
     """:func:`resolve_reward` over a list; names must be unique (set ``alias`` to tell apart
     two uses of the same function)."""
     out = [resolve_reward(s) for s in specs]
-    _check_unique(out)
+    check_unique_names(out)
     return out
 
 
-def _check_unique(rewards: Sequence[NamedReward]) -> None:
+def check_unique_names(rewards: Sequence[NamedReward]) -> None:
+    """Names are keys of logs and metrics: two rewards may not share one."""
     seen: set[str] = set()
     for r in rewards:
         if r.name in seen:
@@ -620,7 +622,7 @@ def score_completions(
     if not rewards:
         raise ValueError("score_completions: no reward functions given")
     rewards = [resolve_reward(r) for r in rewards]
-    _check_unique(rewards)
+    check_unique_names(rewards)
     n = len(completions)
     if n == 0:
         raise ValueError("score_completions: no completions to score")
