@@ -111,10 +111,11 @@ class RewardSuite:
                 lacking it).
         """
         present = {k for row in prompts.rows for k in row if k != prompts.prompt_column}
+        source = source_name(prompts.path)
         clash = sorted(present & set(BATCH_ARGUMENTS))
         if clash:
-            raise RewardSpecError(f"{source_name(prompts.path)}: column {clash[0]!r} has the name of an argument trustrl passes "
-                                  f"to reward functions ({', '.join(BATCH_ARGUMENTS)}); rename it")
+            raise RewardSpecError(f"{source}: column {clash[0]!r} has the name of an argument trustrl passes to "
+                                  f"reward functions ({', '.join(BATCH_ARGUMENTS)}); rename it")
         available = set(BATCH_ARGUMENTS) - {"completion_messages"}
         if any(prompts.is_conversation):
             available.add("completion_messages")
@@ -122,10 +123,10 @@ class RewardSuite:
             for name in reward.missing(available | present):
                 if name == "completion_messages":
                     raise RewardSpecError(f"reward '{reward.name}' requires completion_messages, given only when the "
-                                          f"prompts are conversations; those in {source_name(prompts.path)} are text")
+                                          f"prompts are conversations; those in {source} are text")
                 columns = ", ".join(sorted(present)) or "none besides the prompt"
-                raise RewardSpecError(f"reward '{reward.name}' needs column {name!r}, which {source_name(prompts.path)} "
-                                      f"does not have (its columns: {columns})")
+                raise RewardSpecError(f"reward '{reward.name}' needs column {name!r}, which {source} does not have "
+                                      f"(its columns: {columns})")
             for name in reward.required_columns():
                 for index, row in enumerate(prompts.rows):
                     if row.get(name) is None:

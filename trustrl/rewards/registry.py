@@ -200,7 +200,8 @@ def _code_tests(**kwargs: Any) -> RewardFn:
 def _reward_model(**kwargs: Any) -> RewardFn:
     """``{name: reward_model, kwargs: {path: DIR}}``: a model trained with ``trustrl train rm``."""
     if "path" not in kwargs:
-        raise RewardSpecError("built-in reward 'reward_model' needs kwargs.path: the directory of a trained reward model")
+        raise RewardSpecError("built-in reward 'reward_model' needs kwargs.path: the directory of a trained "
+                              "reward model")
     from trustrl.rewards.reward_model import reward_model_reward
 
     return reward_model_reward(**kwargs)
