@@ -218,7 +218,7 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["n_rows"] != self.n_rows:
-            raise ValueError(f"resume: the dataset has {self.n_rows} rows, the checkpoint expects {state['n_rows']}")
+            raise ConfigError(f"resume: the dataset has {self.n_rows} rows, the checkpoint expects {state['n_rows']}")
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
         self._order = self._permutation()
 
@@ -267,7 +267,7 @@ class Run:
             return find_latest_checkpoint(self.output_dir)
         path = Path(mode)
         if not path.is_dir():
-            raise FileNotFoundError(f"resume: checkpoint directory not found: {path}")
+            raise ConfigError(f"resume: checkpoint directory not found: {path}")
         return path
 
     def _set_aside_stale_checkpoints(self) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from trustrl import distributed as dist
-from trustrl.config import RewardConfig  # noqa: F401 (importable from here too)
+from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
 from trustrl.data import format_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
@@ -161,7 +161,7 @@ class RewardTrainer:
         if model is not None:
             check_vocab(model.trunk, self.tokenizer, "the model passed to RewardTrainer")
         if config.lora is not None:
-            raise ValueError("rm: lora is not supported for reward models yet; remove the `lora:` section")
+            raise ConfigError("rm: lora is not supported for reward models yet; remove the `lora:` section")
         self.model = model if model is not None else scalar_model_from_lm(
             config.model, kind="reward", zero_head=False, dtype=config.dtype, device=self.device,
             tokenizer=self.tokenizer, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
@@ -179,7 +179,7 @@ class RewardTrainer:
             random.Random(config.seed).shuffle(order)
             n_eval = max(1, int(round(config.eval_fraction * len(pairs))))
             if n_eval >= len(pairs):
-                raise ValueError(f"rm: eval_fraction={config.eval_fraction} leaves no training pairs in {source_name(config.dataset)}")
+                raise ConfigError(f"rm: eval_fraction={config.eval_fraction} leaves no training pairs in {source_name(config.dataset)}")
             self.eval_pairs = pairs.subset(order[:n_eval][: config.max_eval_pairs])
             pairs = pairs.subset(order[n_eval:])
         else:

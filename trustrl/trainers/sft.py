@@ -28,7 +28,7 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl.config import ConfigError, PretrainConfig, SFTConfig
-from trustrl.data import encode_prompt, load_rows, source_name
+from trustrl.data import DataError, encode_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
 from trustrl.losses import token_nll_sum
@@ -105,7 +105,7 @@ class _LMTrainer:
         self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
-            raise ValueError(f"{source_name(config.dataset)}: no training examples after tokenization")
+            raise DataError(source_name(config.dataset), "no training examples after tokenization")
         self.max_steps = steps_for_epochs(config, len(self.examples))
         if getattr(config, "epochs", None) is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})
@@ -188,7 +188,7 @@ class PretrainTrainer(_LMTrainer):
         tokens = [self.tokenizer(r[cfg.text_column], add_special_tokens=False)["input_ids"] for r in loaded.rows]
         blocks = pack_text(tokens, self.tokenizer.eos_token_id, cfg.block_size)
         if not blocks:
-            raise ValueError(f"{source_name(cfg.dataset)}: fewer tokens than one block of block_size={cfg.block_size}")
+            raise DataError(source_name(cfg.dataset), f"fewer tokens than one block of block_size={cfg.block_size}")
         return [(b, [True] * len(b)) for b in blocks]
 
 
