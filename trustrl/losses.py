@@ -24,6 +24,8 @@ References
 * Value clipping / explained variance: Huang et al. 2024, "The N+ Implementation Details of
   RLHF with PPO"; Ziegler et al. 2019, arXiv 1909.08593.
 * Bradley-Terry reward model: Bradley & Terry 1952; Ouyang et al. 2022, arXiv 2203.02155.
+* Rankings of K: all pairs per ranking (Ouyang et al. 2022); Plackett-Luce (Plackett 1975;
+  Luce 1959), ties by Breslow 1974.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ __all__ = [
     "entropy_from_logits",
     "bradley_terry_loss",
     "explained_variance",
+    "ranking_pair_count",
+    "ranking_pairwise_sum",
+    "plackett_luce_sum",
 ]
 
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_constant")
@@ -600,3 +605,97 @@ def reward_centering_sum(chosen_rewards: torch.Tensor, rejected_rewards: torch.T
         )
     both = chosen_rewards + rejected_rewards
     return LossSum(both.square().sum(), _count(torch.tensor(float(both.numel())), both), "rows")
+
+
+# ------------------------------------------------------------ rankings of K responses
+# A batch of N rankings: ``scores [N, K]`` (the reward model's score of each response),
+# ``ranks [N, K]`` integers (1 = best; equal ranks = a tie; any increasing numbers work) and
+# ``valid [N, K]`` bool (True = a real response; rankings of fewer than K are padded).
+# Both losses are summed over rankings, unit ``rows`` (one row per ranking): every ranking
+# weighs the same in the batch mean however many responses it holds (InstructGPT).
+
+
+def _ranking_pair_masks(ranks: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``better[n, i, j]``: response i is ranked strictly above j; ``tied[n, i, j]``: i != j
+    share a rank. Both ``[N, K, K]`` bool, False wherever i or j is padding."""
+    if valid.dtype != torch.bool:
+        raise ValueError(f"rankings: valid must be torch.bool (True = a real response), got {valid.dtype}")
+    if ranks.shape != valid.shape or ranks.dim() != 2:
+        raise ValueError(f"rankings: ranks {tuple(ranks.shape)} and valid {tuple(valid.shape)} must be the same [N, K]")
+    both = valid[:, :, None] & valid[:, None, :]
+    better = both & (ranks[:, :, None] < ranks[:, None, :])
+    eye = torch.eye(ranks.shape[1], dtype=torch.bool, device=ranks.device)
+    tied = both & (ranks[:, :, None] == ranks[:, None, :]) & ~eye
+    return better, tied
+
+
+def ranking_pair_count(ranks: torch.Tensor, valid: torch.Tensor, ties: str = "skip") -> torch.Tensor:
+    """Comparisons each ranking contributes, ``[N]``: its strictly ordered pairs
+    (``K(K-1)/2`` for a ranking of K without ties), plus each unordered tied pair when
+    ``ties="half"``."""
+    better, tied = _ranking_pair_masks(ranks, valid)
+    count = better.sum(dim=(1, 2))
+    if ties == "half":
+        count = count + tied.sum(dim=(1, 2)) // 2
+    return count
+
+
+def ranking_pairwise_sum(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
+                         ties: str = "skip") -> LossSum:
+    """Bradley-Terry over all pairs of each ranking, each ranking's pairs kept together as
+    one batch element (Ouyang et al. 2022, arXiv 2203.02155, eq. 1: the ``K choose 2``
+    comparisons of a prompt are one element, so one prompt's many pairs do not dominate and
+    its scores are computed once)::
+
+        loss_n = (1 / P_n) * [ sum_{i above j} -log sigmoid(s_i - s_j)
+                               + sum_{i ~ j tied} (-log sigmoid(s_i - s_j) - log sigmoid(s_j - s_i)) / 2 ]
+
+    ``total = sum_n loss_n`` over the rankings with ``P_n > 0``, ``count`` = those rankings
+    (unit ``rows``). ``ties="skip"``: tied pairs are left out; ``ties="half"``: a tied pair
+    is the cross-entropy with target probability 1/2 (margin 0: minimal at s_i = s_j) and
+    counts as one comparison in ``P_n``. At K = 2 without ties this is
+    :func:`bradley_terry_sum`. Shapes: ``scores, ranks, valid [N, K]``."""
+    if ties not in ("skip", "half"):
+        raise ValueError(f"ranking_pairwise_sum: ties must be 'skip' or 'half', got {ties!r}")
+    if scores.shape != ranks.shape:
+        raise ValueError(f"ranking_pairwise_sum: scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} differ")
+    better, tied = _ranking_pair_masks(ranks, valid)
+    diff = scores[:, :, None] - scores[:, None, :]  # [N, K, K]: s_i - s_j
+    nll = -F.logsigmoid(diff)
+    zero = torch.zeros((), dtype=nll.dtype, device=nll.device)
+    per_ranking = torch.where(better, nll, zero).sum(dim=(1, 2))
+    pairs = better.sum(dim=(1, 2)).to(nll.dtype)
+    if ties == "half":  # every ordered tied pair (i, j) and (j, i) once, each at weight 1/2
+        per_ranking = per_ranking + 0.5 * torch.where(tied, nll, zero).sum(dim=(1, 2))
+        pairs = pairs + tied.sum(dim=(1, 2)).to(nll.dtype) / 2
+    used = pairs > 0
+    total = torch.where(used, per_ranking / pairs.clamp_min(1), zero).sum()
+    return LossSum(total, _count(used.sum(), nll), "rows")
+
+
+def plackett_luce_sum(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> LossSum:
+    """Listwise Plackett-Luce negative log-likelihood of each ranking (Plackett 1975; Luce
+    1959; as a ranking loss: ListMLE, Xia et al. 2008). For an order ``o_1 > ... > o_K``::
+
+        -log P(o) = sum_{t=1..K} [ log sum_{u >= t} exp(s_{o_u}) - s_{o_t} ]
+
+    written per response as ``sum_i [logsumexp_{j: rank_j >= rank_i} s_j - s_i]``, which is
+    exactly the line above without ties, and for tied responses (equal ranks) Breslow's
+    approximation: each member of a tied group is drawn from the same remaining set. At K = 2
+    without a tie it is ``-log sigmoid(s_1 - s_2)``, the Bradley-Terry loss.
+    ``total = sum_n -log P_n``, ``count = N`` rankings (unit ``rows``).
+    Shapes: ``scores, ranks, valid [N, K]``."""
+    if scores.shape != ranks.shape:
+        raise ValueError(f"plackett_luce_sum: scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} differ")
+    better, tied = _ranking_pair_masks(ranks, valid)
+    eye = torch.eye(scores.shape[1], dtype=torch.bool, device=scores.device)
+    # remaining[n, i, j]: j is still in the pool when i is drawn (j = i, below i, or tied with
+    # it); j = i always, so no row is all -inf (a padded row's term is dropped below, and an
+    # all -inf logsumexp would put NaN into the gradient even there)
+    remaining = better | tied | eye
+    pool = torch.where(remaining, scores[:, None, :].expand_as(remaining),
+                       torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device))
+    lse = torch.logsumexp(pool, dim=2)  # [N, K], finite (padded scores must be finite)
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    terms = torch.where(valid, lse - scores, zero)
+    return LossSum(terms.sum(), _count(torch.tensor(float(scores.shape[0])), scores), "rows")

@@ -169,7 +169,7 @@ class SFTConfig(TrainConfig):
 
 
 class RewardConfig(TrainConfig):
-    """Bradley-Terry reward model on (prompt, chosen, rejected) pairs."""
+    """Bradley-Terry reward model on (prompt, chosen, rejected) pairs or rankings of K responses."""
 
     prompt_column: str = "prompt"
     """Column with the prompt (a string, or a list of chat messages)."""
@@ -186,7 +186,7 @@ class RewardConfig(TrainConfig):
     max_length: int = Field(512, ge=2)
     """Tokens per prompt + response (+ EOS); longer texts keep their last max_length tokens."""
     batch_size: int = Field(16, ge=1)
-    """Pairs per optimizer step (split across gradient_accumulation_steps)."""
+    """Pairs (or rankings) per optimizer step (split across gradient_accumulation_steps)."""
     epochs: float | None = Field(None, gt=0)
     """Passes over the training pairs: the run takes ceil(epochs * pairs / batch_size) steps.
     Leave max_steps unset with it (or set it to that same number): other values are refused."""
@@ -198,6 +198,20 @@ class RewardConfig(TrainConfig):
     """Pairs per forward pass in evaluation."""
     max_eval_pairs: int = Field(1000, ge=1)
     """Evaluate on at most this many held-out pairs."""
+    data_format: Literal["auto", "pairs", "rankings"] = "auto"
+    """Rows of (chosen, rejected) pairs, or rankings of K responses (responses_column +
+    ranks_column, or a `trustrl label` judgement log); auto: rankings when the first row has
+    responses_column or an `action`."""
+    responses_column: str = "responses"
+    """Rankings: column with the list of K responses to one prompt."""
+    ranks_column: str = "ranks"
+    """Rankings: column with each response's rank (1 = best; equal ranks = a tie)."""
+    rank_loss: Literal["pairwise", "plackett_luce"] = "pairwise"
+    """Rankings: pairwise = Bradley-Terry over all K(K-1)/2 pairs of a ranking, the ranking one
+    batch element (InstructGPT); plackett_luce = the listwise likelihood of the whole order."""
+    rank_ties: Literal["skip", "half"] = "skip"
+    """Rankings, pairwise loss: tied pairs left out (skip), or each a cross-entropy with target
+    1/2, i.e. pulled to equal scores (half). Plackett-Luce treats ties by Breslow's rule."""
 
 
 class RLConfig(TrainConfig):

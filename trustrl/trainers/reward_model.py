@@ -21,6 +21,17 @@ One optimizer step:
   4. every ``eval_every`` steps (and at the start and the end) the held-out pairwise accuracy
      ``rm/accuracy`` (share of pairs with r_c > r_r) and mean margin ``rm/margin`` (mean r_c - r_r).
 
+Rankings of K responses (rows ``(prompt, responses, ranks)``, or the judgement log written by
+``trustrl label``; see :mod:`trustrl.rankings`): one ranking is one batch element, scored in one
+forward pass with its K responses. ``rank_loss: pairwise`` (default) is Bradley-Terry over
+all its K(K-1)/2 pairs, averaged within the ranking (Ouyang et al. 2022: one prompt's many
+pairs neither dominate the batch nor overfit); ties left out or pulled together
+(``rank_ties``); ``rank_loss: plackett_luce`` is the listwise likelihood of the whole order.
+Both are sums over rankings (:func:`trustrl.losses.ranking_pairwise_sum`,
+:func:`trustrl.losses.plackett_luce_sum`) normalized by the rankings of the whole batch, the
+same one normalizer as pairs. Held-out ``rm/accuracy`` is then the share of the held-out
+rankings' strictly ordered pairs that the model orders right.
+
 The final model is saved to ``output_dir/final`` (trunk + tokenizer + ``value_head.safetensors``
 + ``trustrl_head.json``) and loads with :func:`trustrl.value_model.load_scalar_model`, or as a
 reward with ``reward_model: output_dir/final`` in an RL config.
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +53,10 @@ from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig
 from trustrl.data import format_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
-from trustrl.losses import LossSum, bradley_terry_loss, bradley_terry_sum, reward_centering_sum
+from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
+                            reward_centering_sum)
 from trustrl.models import check_vocab, load_tokenizer
+from trustrl.rankings import check_ranks, current_judgements
 from trustrl.rollout import left_pad
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
                                      restore_loop, warn_skipped)
@@ -149,6 +163,148 @@ def evaluate_pairs(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device, 
     }
 
 
+# ------------------------------------------------------------------ rankings of K responses
+
+
+@dataclass
+class RankingSet:
+    """Tokenized rankings: per ranking the ids of prompt+response+EOS for each of its K
+    responses, and their ranks (1 = best, equal = tie)."""
+
+    texts: list[list[list[int]]]
+    ranks: list[list[int]]
+    skipped: int = 0  # malformed rows left out (skip_bad_rows=true)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> "RankingSet":
+        return RankingSet([self.texts[i] for i in indices], [self.ranks[i] for i in indices])
+
+
+def is_rankings_file(path: str, config: RewardConfig) -> bool:
+    """``data_format``, or for ``auto``: does the first row hold ``responses_column`` or an
+    ``action`` (a judgement log)?"""
+    if config.data_format != "auto":
+        return config.data_format == "rankings"
+    first = load_rows(path, required=(), limit=1, skip_bad=True).rows[0]
+    return config.responses_column in first or "action" in first
+
+
+def _has_comparison(ranks: list[int], config: RewardConfig) -> bool:
+    if config.rank_loss == "pairwise" and config.rank_ties == "half":
+        return len(ranks) >= 2
+    return len(set(ranks)) >= 2  # skip / Plackett-Luce: an all-tied ranking says nothing
+
+
+def load_rankings(path: str, config: RewardConfig, tokenizer, limit: int | None = None) -> RankingSet:
+    """Read, validate and tokenize the rankings of one file: a rankings file, or a judgement
+    log replayed to the rankings in force (skips and undone rows left out). Rankings without
+    any comparison (all tied, unless ``rank_ties: half``) are left out with a warning; errors
+    name the file and the ranking."""
+    loaded = load_rows(path, required=(), skip_bad=config.skip_bad_rows)
+    warn_skipped(loaded.skipped, path)
+    rows = [r for r in current_judgements(loaded.rows, where=path) if r.get("action", "rank") == "rank"]
+    texts, ranks, no_comparison = [], [], 0
+    for row_no, row in enumerate(rows, start=1):
+        where = f"{path} ranking {row_no}"
+        for key in (config.prompt_column, config.responses_column, config.ranks_column):
+            if row.get(key) is None:
+                raise ValueError(f"{where}: column {key!r} is missing (a ranking needs {config.prompt_column!r}, "
+                                 f"{config.responses_column!r} and {config.ranks_column!r})")
+        responses = row[config.responses_column]
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            raise ValueError(f"{where}: column {config.responses_column!r} must be a list of 2 or more strings")
+        order = check_ranks(row[config.ranks_column], len(responses), where)
+        if not _has_comparison(order, config):
+            no_comparison += 1
+            continue
+        prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
+                               system_prompt=config.system_prompt)
+        texts.append([encode_scored_text(tokenizer, prompt, r, config.max_length) for r in responses])
+        ranks.append(order)
+        if limit is not None and len(texts) >= limit:
+            break
+    if no_comparison:
+        warnings.warn(f"{path}: left out {no_comparison} rankings that tie every response (nothing to learn)",
+                      stacklevel=2)
+    if not texts:
+        raise ValueError(f"{path}: no ranking with two differently ranked responses")
+    return RankingSet(texts, ranks, loaded.skipped)
+
+
+def ranking_scores(model: ScalarHeadModel, rankings: RankingSet, pad_id: int, device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores [N, K], ranks [N, K], valid [N, K])`` with all responses of the N rankings
+    in one forward pass; rankings of fewer than K = max responses are padded (score 0,
+    rank 0, valid False)."""
+    flat = [ids for texts in rankings.texts for ids in texts]
+    ids, mask = left_pad(flat, pad_id)
+    flat_scores = model.score(ids.to(device), mask.to(device))
+    n, width = len(rankings), max(len(t) for t in rankings.texts)
+    valid = torch.zeros(n, width, dtype=torch.bool)
+    ranks = torch.zeros(n, width, dtype=torch.long)
+    for row, order in enumerate(rankings.ranks):
+        valid[row, :len(order)] = True
+        ranks[row, :len(order)] = torch.tensor(order)
+    valid, ranks = valid.to(flat_scores.device), ranks.to(flat_scores.device)
+    scores = torch.zeros(n, width, dtype=flat_scores.dtype, device=flat_scores.device)
+    scores = scores.masked_scatter(valid, flat_scores)  # row-major: ranking by ranking
+    return scores, ranks, valid
+
+
+def ranking_loss_sum(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, config: RewardConfig
+                     ) -> tuple[LossSum, dict[str, float]]:
+    """The configured ranking loss summed over the N rankings (count N, unit ``rows``), and
+    metric sums over the rankings: ``rank`` (the loss), ``accuracy`` (per ranking, the share
+    of its strictly ordered pairs scored in that order), ``margin`` (per ranking, the mean of
+    s_winner - s_loser over those pairs)."""
+    if config.rank_loss == "plackett_luce":
+        part = plackett_luce_sum(scores, ranks, valid)
+    else:
+        part = ranking_pairwise_sum(scores, ranks, valid, ties=config.rank_ties)
+    with torch.no_grad():
+        better = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+        diff = scores[:, :, None] - scores[:, None, :]
+        pairs = better.sum(dim=(1, 2)).clamp_min(1)
+        right = (better & (diff > 0)).sum(dim=(1, 2)) / pairs
+        margin = torch.where(better, diff, torch.zeros_like(diff)).sum(dim=(1, 2)) / pairs
+    return part, {"rank": float(part.total.detach()), "accuracy": float(right.sum()), "margin": float(margin.sum())}
+
+
+@torch.no_grad()
+def evaluate_rankings(model: ScalarHeadModel, rankings: RankingSet, pad_id: int, device, batch_size: int,
+                      config: RewardConfig) -> dict[str, float]:
+    """Held-out ``rm/accuracy`` (share of all strictly ordered pairs of the rankings with
+    s_winner > s_loser; equal scores count as wrong), ``rm/margin`` (mean s_winner - s_loser
+    over those pairs), ``rm/loss`` (the ranking loss, mean over rankings), score mean and std.
+    ``batch_size`` counts rankings."""
+    was_training = model.training
+    model.eval()
+    right = pairs = 0
+    margin_sum = loss_sum = 0.0
+    all_scores = []
+    for start in range(0, len(rankings), batch_size):
+        part = rankings.subset(list(range(start, min(len(rankings), start + batch_size))))
+        scores, ranks, valid = ranking_scores(model, part, pad_id, device)
+        scores = scores.float()
+        loss, _ = ranking_loss_sum(scores, ranks, valid, config)
+        loss_sum += float(loss.total)
+        better = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+        diff = scores[:, :, None] - scores[:, None, :]
+        right += int((better & (diff > 0)).sum())
+        pairs += int(better.sum())
+        margin_sum += float(diff[better].sum())
+        all_scores.append(scores[valid].cpu())
+    model.train(was_training)
+    both = torch.cat(all_scores)
+    return {
+        "rm/accuracy": right / max(pairs, 1), "rm/margin": margin_sum / max(pairs, 1),
+        "rm/loss": loss_sum / max(len(rankings), 1),
+        "rm/score_mean": float(both.mean()), "rm/score_std": float(both.std(unbiased=False)),
+    }
+
+
 class RewardTrainer:
     """``RewardTrainer(config).train()`` -> summary dict (``model_dir``, accuracies, history)."""
 
@@ -168,11 +324,19 @@ class RewardTrainer:
         )
         self.model.kind = "reward"
         self.model.extra["max_length"] = config.max_length
-        pairs = load_pairs(config.dataset, config, self.tokenizer)
+        self.rankings = is_rankings_file(config.dataset, config)
+        if self.rankings and config.center_rewards_coef:
+            raise ValueError("rm: center_rewards_coef is defined on pairs; with rankings leave it unset "
+                             f"({config.dataset} holds rankings)")
+        load = load_rankings if self.rankings else load_pairs
+        pairs = load(config.dataset, config, self.tokenizer)
         self.skipped_rows = pairs.skipped
         if config.eval_dataset:
-            self.eval_pairs: PairSet | None = load_pairs(config.eval_dataset, config, self.tokenizer,
-                                                         limit=config.max_eval_pairs)
+            if is_rankings_file(config.eval_dataset, config) != self.rankings:
+                raise ValueError(f"rm: dataset {config.dataset} and eval_dataset {config.eval_dataset} must both "
+                                 "hold pairs or both hold rankings")
+            self.eval_pairs: PairSet | RankingSet | None = load(config.eval_dataset, config, self.tokenizer,
+                                                                limit=config.max_eval_pairs)
             self.skipped_rows += self.eval_pairs.skipped
         elif config.eval_fraction > 0:
             order = list(range(len(pairs)))
@@ -185,12 +349,15 @@ class RewardTrainer:
         else:
             self.eval_pairs = None
         self.pairs = pairs
-        self.max_steps = steps_for_epochs(config, len(pairs), "training pairs")
+        self.max_steps = steps_for_epochs(config, len(pairs), "training rankings" if self.rankings else "training pairs")
         if config.epochs is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})
 
     def evaluate(self) -> dict[str, float]:
         assert self.eval_pairs is not None
+        if self.rankings:
+            return evaluate_rankings(self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.device,
+                                     self.config.eval_batch_size, self.config)
         return evaluate_pairs(self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.device,
                               self.config.eval_batch_size)
 
@@ -229,9 +396,12 @@ class RewardTrainer:
             total = 0.0
             for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
                 micro = batch.subset(rows.tolist())
-                r_c, r_r = pair_scores(model, micro, pad, self.device)
-                margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
-                part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
+                if self.rankings:  # one ranking = one row, its K responses in one forward pass
+                    part, m = ranking_loss_sum(*ranking_scores(model, micro, pad, self.device), cfg)
+                else:
+                    r_c, r_r = pair_scores(model, micro, pad, self.device)
+                    margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
+                    part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
                 normalizer.loss([(1.0, part)]).backward()
                 total += float(part.total.detach())
                 for k, v in m.items():
@@ -244,7 +414,8 @@ class RewardTrainer:
             step += 1
             last_loss = total
             metrics = {
-                "loss/total": total, "loss/bt": sums["bt"], "rm/train_accuracy": sums["accuracy"],
+                "loss/total": total, ("loss/rank" if self.rankings else "loss/bt"): sums["rank" if self.rankings else "bt"],
+                "rm/train_accuracy": sums["accuracy"],
                 "rm/train_margin": sums["margin"], "optim/grad_norm": grad_norm,
                 "optim/lr": scheduler.get_last_lr()[0], "optim/skipped": float(not applied),
                 "perf/step_seconds": time.time() - t0,
@@ -259,7 +430,7 @@ class RewardTrainer:
                 metrics.update(ev)
             run.log(step, metrics)
             bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["loss/bt", "rm/accuracy"]))
+            bar.set_postfix(format_postfix(metrics, ["loss/rank" if self.rankings else "loss/bt", "rm/accuracy"]))
             if run.should_save(step, self.max_steps, faults):
                 run.save(step, {"reward_model": model}, {"reward_model": optimizer}, {"reward_model": scheduler},
                          {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
