@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,lora,wandb,trackio]"
+	$(BIN)/pip install -q -e ".[test,lora,wandb,trackio,label]"
 	touch $(STAMP)
 
 # Headless Chromium for the browser tests (Debian's chromium + chromium-driver; selenium drives

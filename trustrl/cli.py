@@ -1,4 +1,4 @@
-"""The command line: `trustrl demo | train {pretrain,sft,grpo,...} | classic | report | config-help`.
+"""The command line: `trustrl demo | train {pretrain,sft,grpo,...} | label | classic | report | config-help`.
 
 This is the only place that turns strings into objects; everything below takes typed configs.
 A failure the user can fix (:class:`trustrl.errors.UserError`: config, data, model directory,
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     helpc.add_argument("algo", choices=sorted(TRAINERS))
     helpc.set_defaults(func=cmd_config_help)
 
+    sub.add_parser("label", help="rank K responses per prompt in the browser, or with a judge; `label stats` "
+                   "(see trustrl label -h)", add_help=False)
     sub.add_parser("classic", help="classic RL: maze, TD, Q-learning, REINFORCE, PPO, TRPO (see trustrl classic -h)",
                    add_help=False)
     return parser
@@ -200,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         debug = debug or len(rest) < len(argv) - 1
         try:
             return cmd_classic(rest)
+        except UserError as err:
+            return report_user_error(err, debug)
+    if argv and argv[0] == "label":
+        from trustrl.label.cli import main as label_main
+
+        try:
+            return int(label_main(argv[1:]) or 0)
         except UserError as err:
             return report_user_error(err, debug)
     parser = build_parser()

@@ -207,6 +207,16 @@ def _reward_model(**kwargs: Any) -> RewardFn:
     return reward_model_reward(**kwargs)
 
 
+def _judge(**kwargs: Any) -> RewardFn:
+    """``{name: judge, kwargs: {path: DIR, template: ...}}``: a generative judge model
+    (:func:`trustrl.rewards.judge.generative_judge_reward`)."""
+    if "path" not in kwargs:
+        raise ValueError("built-in reward 'judge' needs kwargs.path: the directory of the judge language model")
+    from trustrl.rewards.judge import generative_judge_reward
+
+    return generative_judge_reward(**kwargs)
+
+
 #: Built-in reward factories by name. Each is called with the spec's ``kwargs``.
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "format": rules.format_reward,
@@ -217,6 +227,7 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "soft_overlong": rules.soft_overlong_reward,
     "code_tests": _code_tests,
     "reward_model": _reward_model,
+    "judge": _judge,
 }
 
 
