@@ -49,7 +49,6 @@ def generative_judge_reward(path: str | Path, template: str = DEFAULT_TEMPLATE,
     """Load the judge model in ``path`` once; return ``fn(prompts, completions, **columns) ->
     list[float]`` (``fn.last_outputs`` holds the raw outputs of the latest call)."""
     from trustrl.data import encode_prompt
-    from trustrl.loop.experience import decode_completions
     from trustrl.models import load_policy, load_tokenizer
     from trustrl.rollout import generate, left_pad
 
@@ -82,7 +81,8 @@ def generative_judge_reward(path: str | Path, template: str = DEFAULT_TEMPLATE,
                 rollout = generate(model, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                    temperature=0.0)
-                outputs.extend(decode_completions(tokenizer, rollout))
+                for out_ids, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+                    outputs.append(tokenizer.decode([t for t, v in zip(out_ids, valid) if v], skip_special_tokens=True))
         judge.last_outputs = outputs  # type: ignore[attr-defined]
         scores = []
         for i, out in enumerate(outputs):
