@@ -125,10 +125,10 @@ function renderText(el, text) {
       code.textContent = part.replace(/^[\w+-]*\n/, '');
       pre.appendChild(code);
       el.appendChild(pre);
-    } else if (part) {
+    } else if (i > 0 ? part.replace(/^\n/, '') : part) {
       const div = document.createElement('div');
       div.className = 'plain';
-      div.textContent = part;
+      div.textContent = i > 0 ? part.replace(/^\n/, '') : part;  // the line break after a fence
       el.appendChild(div);
     }
   });
@@ -227,6 +227,7 @@ function showItem(data) {
     $('note').value = prev.note || '';
   }
   render();
+  if (document.activeElement && document.activeElement.tagName === 'BUTTON') document.activeElement.blur();
   setState('ready');
 }
 
