@@ -64,7 +64,8 @@ def current_judgements(rows: Iterable[Mapping[str, Any]], where: str = "judgemen
             continue
         key = str(row.get("id", f"line-{line}"))
         if key in kept:
-            raise ValueError(f"{where} line {line}: id {key!r} is used twice")
+            raise ValueError(f"{where} line {line}: id {key!r} is used twice (replaying a judgement log needs each "
+                             "log listed once, with weight 1)")
         kept[key] = dict(row)
         order.append(key)
     return [kept[k] for k in order if k in kept]

@@ -182,7 +182,7 @@ class RankingSet:
         return RankingSet([self.texts[i] for i in indices], [self.ranks[i] for i in indices])
 
 
-def is_rankings_file(path: str, config: RewardConfig) -> bool:
+def is_rankings_file(path, config: RewardConfig) -> bool:
     """``data_format``, or for ``auto``: does the first row hold ``responses_column`` or an
     ``action`` (a judgement log)?"""
     if config.data_format != "auto":
@@ -197,17 +197,18 @@ def _has_comparison(ranks: list[int], config: RewardConfig) -> bool:
     return len(set(ranks)) >= 2  # skip / Plackett-Luce: an all-tied ranking says nothing
 
 
-def load_rankings(path: str, config: RewardConfig, tokenizer, limit: int | None = None) -> RankingSet:
+def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = None) -> RankingSet:
     """Read, validate and tokenize the rankings of one file: a rankings file, or a judgement
     log replayed to the rankings in force (skips and undone rows left out). Rankings without
     any comparison (all tied, unless ``rank_ties: half``) are left out with a warning; errors
     name the file and the ranking."""
     loaded = load_rows(path, required=(), skip_bad=config.skip_bad_rows)
-    warn_skipped(loaded.skipped, path)
-    rows = [r for r in current_judgements(loaded.rows, where=path) if r.get("action", "rank") == "rank"]
+    name = source_name(path)
+    warn_skipped(loaded.skipped, name)
+    rows = [r for r in current_judgements(loaded.rows, where=name) if r.get("action", "rank") == "rank"]
     texts, ranks, no_comparison = [], [], 0
     for row_no, row in enumerate(rows, start=1):
-        where = f"{path} ranking {row_no}"
+        where = f"{name} ranking {row_no}"
         for key in (config.prompt_column, config.responses_column, config.ranks_column):
             if row.get(key) is None:
                 raise ValueError(f"{where}: column {key!r} is missing (a ranking needs {config.prompt_column!r}, "
@@ -226,10 +227,10 @@ def load_rankings(path: str, config: RewardConfig, tokenizer, limit: int | None 
         if limit is not None and len(texts) >= limit:
             break
     if no_comparison:
-        warnings.warn(f"{path}: left out {no_comparison} rankings that tie every response (nothing to learn)",
+        warnings.warn(f"{name}: left out {no_comparison} rankings that tie every response (nothing to learn)",
                       stacklevel=2)
     if not texts:
-        raise ValueError(f"{path}: no ranking with two differently ranked responses")
+        raise ValueError(f"{name}: no ranking with two differently ranked responses")
     return RankingSet(texts, ranks, loaded.skipped)
 
 
@@ -327,13 +328,14 @@ class RewardTrainer:
         self.rankings = is_rankings_file(config.dataset, config)
         if self.rankings and config.center_rewards_coef:
             raise ValueError("rm: center_rewards_coef is defined on pairs; with rankings leave it unset "
-                             f"({config.dataset} holds rankings)")
+                             f"({source_name(config.dataset)} holds rankings)")
         load = load_rankings if self.rankings else load_pairs
         pairs = load(config.dataset, config, self.tokenizer)
         self.skipped_rows = pairs.skipped
         if config.eval_dataset:
             if is_rankings_file(config.eval_dataset, config) != self.rankings:
-                raise ValueError(f"rm: dataset {config.dataset} and eval_dataset {config.eval_dataset} must both "
+                raise ValueError(f"rm: dataset {source_name(config.dataset)} and eval_dataset "
+                                 f"{source_name(config.eval_dataset)} must both "
                                  "hold pairs or both hold rankings")
             self.eval_pairs: PairSet | RankingSet | None = load(config.eval_dataset, config, self.tokenizer,
                                                                 limit=config.max_eval_pairs)
