@@ -151,7 +151,6 @@ class SampledCandidates:
             import torch
 
             from trustrl.data import encode_prompt
-            from trustrl.loop.experience import decode_completions
             from trustrl.models import load_policy, load_tokenizer
             from trustrl.rollout import generate, left_pad
 
@@ -175,7 +174,8 @@ class SampledCandidates:
                                    max_new_tokens=s["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, temperature=s["temperature"],
                                    top_p=s["top_p"], row_seeds=seeds)
-                responses = decode_completions(tokenizer, rollout)
+                responses = [tokenizer.decode([t for t, v in zip(ids_, valid) if v], skip_special_tokens=True)
+                             for ids_, valid in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist())]
                 row = {"index": index, "item": self.item_ids[index], "prompt": self.prompts[index],
                        "responses": responses, "seed": self.seed}
                 with self.cache_path.open("a", encoding="utf-8") as f:

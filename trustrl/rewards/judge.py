@@ -64,13 +64,15 @@ def generative_judge_reward(path: str | Path, template: str = DEFAULT_TEMPLATE,
 
     def judge(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         texts = []
+        n = len(completions)
+        per_sample = {k: v for k, v in columns.items() if isinstance(v, (list, tuple)) and len(v) == n}
         for i, (p, c) in enumerate(zip(prompts, completions)):
-            fields = {k: v[i] for k, v in columns.items()}
+            fields = {k: v[i] for k, v in per_sample.items()}  # columns; not batch-wide values like step
             try:
                 texts.append(template.format(**{**fields, "prompt": p, "response": c}))
             except (KeyError, IndexError) as err:
                 raise ValueError(f"judge: the template names {err}, which is neither prompt, response nor a "
-                                 f"column ({sorted(columns)})") from err
+                                 f"column ({sorted(per_sample)})") from err
         outputs: list[str] = []
         with lock:
             for start in range(0, len(texts), batch_size):
