@@ -16,6 +16,13 @@ Layout of one checkpoint::
         rng.pt                    RNG states (see :func:`trustrl.utils.rng_state`)
         COMPLETE                  JSON manifest: sha256 and size of every other file; written last
 
+Sharded layout (``parallelism.strategy=fsdp``, :func:`save_sharded_checkpoint`): ``models/``
+and ``optimizers.pt`` are replaced by ``dcp/``, a ``torch.distributed.checkpoint`` folder into
+which every rank writes its own shard of every model and optimizer state (``__<rank>_0.distcp``,
+plus the ``.metadata`` rank 0 writes); the rest is as above, written by rank 0, and the
+manifest says ``"sharded": true`` and the world size. DCP re-slices on load, so such a
+checkpoint resumes at any world size (one process included), bitwise at the same one.
+
 Atomicity: everything is written into ``step_000123.tmp-<pid>``, every file and folder is
 fsync'd, then the folder is renamed into place with ``os.replace``. A crash leaves at worst a
 ``.tmp-`` folder, which :func:`find_latest_checkpoint` ignores (with a warning) and the next
@@ -57,6 +64,7 @@ __all__ = [
     "list_checkpoints",
     "verify_checkpoint",
     "load_checkpoint",
+    "save_sharded_checkpoint",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -212,27 +220,9 @@ def save_checkpoint(
     Returns:
         The final checkpoint folder.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
-    if keep_last is not None and (isinstance(keep_last, bool) or int(keep_last) < 1):
-        raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last!r}")
-    if not models:
-        raise ValueError("save_checkpoint: models must name at least one module")
     optimizers = dict(optimizers or {})
     schedulers = dict(schedulers or {})
-    state = dict(trainer_state or {})
-    for key in _RESERVED_STATE_KEYS:
-        if key in state:
-            raise ValueError(f"save_checkpoint: trainer_state key {key!r} is reserved")
-    if "step" in state and state["step"] != step:
-        raise ValueError(
-            f"save_checkpoint: trainer_state['step']={state['step']!r} disagrees with step={step}"
-        )
-    state["step"] = step
-    for kind, names in (("model", models), ("optimizer", optimizers), ("scheduler", schedulers)):
-        for n in names:
-            _check_name(kind, n)
-    json_state = to_jsonable(state)  # fail early, before writing anything
+    json_state = _check_save_args(step, keep_last, models, optimizers, schedulers, dict(trainer_state or {}))
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -251,34 +241,7 @@ def save_checkpoint(
         write_json_atomic(tmp / "trainer_state.json", json_state)
         torch.save(dict(rng) if rng is not None else _capture_rng_state(), tmp / "rng.pt")
 
-        files: dict[str, dict[str, Any]] = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(tmp).as_posix()
-                files[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
-        _fsync_tree(tmp)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created_unix": time.time(),
-            "models": model_meta,
-            "optimizers": sorted(optimizers),
-            "schedulers": sorted(schedulers),
-            "files": files,
-        }
-        write_json_atomic(tmp / MARKER, manifest)
-        _fsync_dir(tmp)
-
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = root / f"{final.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        _seal(tmp, final, root, step, model_meta, optimizers, schedulers)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -286,6 +249,156 @@ def save_checkpoint(
     if keep_last is not None:
         _prune(root, keep=final, keep_last=int(keep_last))
     return final
+
+
+def _check_save_args(step, keep_last, models, optimizers, schedulers, state) -> dict[str, Any]:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or int(keep_last) < 1):
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last!r}")
+    if not models:
+        raise ValueError("save_checkpoint: models must name at least one module")
+    for key in _RESERVED_STATE_KEYS:
+        if key in state:
+            raise ValueError(f"save_checkpoint: trainer_state key {key!r} is reserved")
+    if "step" in state and state["step"] != step:
+        raise ValueError(f"save_checkpoint: trainer_state['step']={state['step']!r} disagrees with step={step}")
+    state["step"] = step
+    for kind, names in (("model", models), ("optimizer", optimizers), ("scheduler", schedulers)):
+        for n in names:
+            _check_name(kind, n)
+    return to_jsonable(state)  # fail early, before writing anything
+
+
+def _dcp_state(models: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """``{"models": {name: state}, "optimizers": {name: state}}`` in DCP's form (FQN keys; a
+    sharded model's tensors are its DTensor shards). Every optimizer must share its model's name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from trustrl import parallel
+
+    for name in optimizers:
+        if name not in models:
+            raise ValueError(f"sharded checkpoint: optimizer {name!r} has no model of the same name (models: "
+                             f"{sorted(models)}); DCP keys an optimizer's state by its model's parameter names")
+    for m in models.values():
+        for unit in parallel.fsdp_units(m):  # no gathered copy: the shards are the state
+            unit.reshard()
+    return {"models": {n: get_model_state_dict(m) for n, m in models.items()},
+            "optimizers": {n: get_optimizer_state_dict(models[n], o) for n, o in optimizers.items()}}
+
+
+def save_sharded_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    schedulers: Mapping[str, Any] | None = None,
+    trainer_state: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    rng: Mapping[str, Any] | None = None,
+    keep_last: int | None = 3,
+) -> Path:
+    """:func:`save_checkpoint` for FSDP runs, called by EVERY rank: each writes its shard of the
+    models and optimizer states with ``torch.distributed.checkpoint`` into the same partial
+    folder; then rank 0 writes the rest (schedulers, trainer state, its RNG states, tokenizer),
+    the checksummed manifest, renames the folder into place and prunes. Same arguments and
+    guarantees (atomic, verifiable, keep-last-K) as :func:`save_checkpoint`; works in one
+    process too (the same layout, so a run can resume at another world size)."""
+    import torch.distributed.checkpoint as dcp
+
+    from trustrl import distributed as dist
+
+    optimizers = dict(optimizers or {})
+    schedulers = dict(schedulers or {})
+    json_state = _check_save_args(step, keep_last, models, optimizers, schedulers, dict(trainer_state or {}))
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = checkpoint_dir(run_dir, step)
+
+    def prepare() -> Path:
+        root.mkdir(parents=True, exist_ok=True)
+        _cleanup_partials(root)
+        tmp = root / f"{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    tmp = dist.on_main(prepare)  # rank 0 names the partial folder; every rank writes into it
+    try:
+        dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp / "dcp"))
+        written = True
+    except Exception:
+        written = False
+        if not dist.is_distributed():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if not dist.all_true(written):
+        dist.on_main(shutil.rmtree, tmp, True)
+        raise CheckpointError(f"save_sharded_checkpoint: a rank failed writing its shard into {tmp}")
+
+    def finish() -> Path:
+        try:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            torch.save({n: s.state_dict() for n, s in schedulers.items()}, tmp / "schedulers.pt")
+            write_json_atomic(tmp / "trainer_state.json", json_state)
+            torch.save(dict(rng) if rng is not None else _capture_rng_state(), tmp / "rng.pt")
+            meta = {n: {"format": "dcp", "class": type(m).__qualname__} for n, m in models.items()}
+            _seal(tmp, final, root, step, meta, optimizers, schedulers,
+                  extra={"sharded": True, "world_size": dist.world_size()})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep_last is not None:
+            _prune(root, keep=final, keep_last=int(keep_last))
+        return final
+
+    return dist.on_main(finish)
+
+
+def _seal(tmp: Path, final: Path, root: Path, step: int, model_meta: dict, optimizers, schedulers,
+          extra: dict | None = None) -> None:
+    """Checksum every file of ``tmp``, fsync, write the manifest last, rename into ``final``."""
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    _fsync_tree(tmp)
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "created_unix": time.time(), "models": model_meta,
+                "optimizers": sorted(optimizers), "schedulers": sorted(schedulers), "files": files, **(extra or {})}
+    write_json_atomic(tmp / MARKER, manifest)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step: move the old one aside first
+        old = root / f"{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _load_sharded(path: Path, manifest: dict, models, optimizers) -> None:
+    """Load a DCP checkpoint into ``models`` / ``optimizers`` (sharded or not, any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    _pick("model", manifest.get("models", {}), models, path)
+    _pick("optimizer", dict.fromkeys(manifest.get("optimizers", [])), optimizers, path)
+    state = _dcp_state(models, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except Exception as exc:
+        raise CheckpointError(f"load_checkpoint: {path / 'dcp'}: {exc}") from exc
+    for name, model in models.items():
+        set_model_state_dict(model, state["models"][name])
+    for name, opt in optimizers.items():
+        set_optimizer_state_dict(models[name], opt, state["optimizers"][name])
 
 
 def _prune(root: Path, *, keep: Path, keep_last: int) -> None:
@@ -450,9 +563,17 @@ def load_checkpoint(
     optimizers = dict(optimizers or {})
     schedulers = dict(schedulers or {})
 
-    saved_models = manifest.get("models", {})
-    _pick("model", saved_models, models, path)
-    for name, model in models.items():
+    from trustrl import parallel
+
+    if manifest.get("sharded"):
+        _load_sharded(path, manifest, models, optimizers)
+        optimizers = {}  # loaded with the models
+    elif any(parallel.is_sharded(m) for m in models.values()):
+        raise CheckpointError(f"load_checkpoint: {path} was written without parallelism.strategy=fsdp; a sharded "
+                              "run resumes from sharded (DCP) checkpoints only (resume it with strategy ddp)")
+    saved_models = {} if manifest.get("sharded") else manifest.get("models", {})
+    _pick("model", saved_models, {} if manifest.get("sharded") else models, path)
+    for name, model in ({} if manifest.get("sharded") else models).items():
         state_file = path / "models" / name / saved_models[name]["state_file"]
         try:
             load_model(model, str(state_file), strict=True, device="cpu")

@@ -89,10 +89,8 @@ def init_from_env(device: str = "auto", timeout_minutes: float | None = None) ->
     world = _env_int("WORLD_SIZE", 1)
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
-    if world <= 1:
-        from trustrl.models import resolve_device
-
-        return resolve_device(device)
+    if world <= 1:  # (trustrl.models.resolve_device, without importing it: models uses this module)
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     wants_cuda = (device in ("auto", "cuda") and torch.cuda.is_available()) or device.startswith("cuda")
     if wants_cuda:
         dev = torch.device("cuda" if device == "auto" else device)
@@ -339,10 +337,13 @@ def all_reduce_gradients(module: nn.Module | Iterable[torch.nn.Parameter], bucke
     gets zeros there first, so every rank applies the same update; parameters with no gradient
     anywhere keep ``None`` (AdamW then leaves them alone, as in one process). Gradients are
     flattened into buckets of at most ``bucket_mb`` MiB per (device, dtype) and reduced with
-    one collective each. No-op when not distributed."""
+    one collective each. Parameters sharded by FSDP (:mod:`trustrl.parallel`) are left out:
+    their gradients were reduce-scattered (summed) in the backward. No-op when not distributed."""
     if not is_distributed():
         return
     params = [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.requires_grad]
+    # FSDP-sharded parameters (DTensors) had their gradients reduce-scattered in the backward
+    params = [p for p in params if not _is_dtensor(p)]
     if not params:
         return
     flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_comm_device())
@@ -374,6 +375,14 @@ def all_reduce_gradients(module: nn.Module | Iterable[torch.nn.Parameter], bucke
             for g in bucket:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
 
 
 def check_parameters_equal(module: nn.Module, what: str = "model") -> None:

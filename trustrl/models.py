@@ -181,6 +181,20 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`trunk_hidden_states` of a causal LM's trunk. An FSDP-sharded model (see
+    :mod:`trustrl.parallel`) runs them through its root forward instead, with the same
+    arguments, so that its LM head weight is gathered (whole and current) when the log-prob
+    code reads it next."""
+    from trustrl import parallel
+
+    backbone, _ = lm_backbone_and_head(model)
+    if parallel.is_sharded(model):
+        return parallel.root_hidden_states(model, backbone, input_ids=input_ids, attention_mask=attention_mask.long(),
+                                           position_ids=positions_from_mask(attention_mask), use_cache=False)
+    return trunk_hidden_states(backbone, input_ids, attention_mask)
+
+
 def trunk_hidden_states(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``last_hidden_state [B, T, H]`` of a transformers trunk for left-padded rows: the
     attention mask as integers and position ids from :func:`positions_from_mask`, exactly the
@@ -306,11 +320,13 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     base = model.get_base_model() if is_peft(model) else model
     cls_name = type(base).__name__
     config = getattr(base, "config", None)
-    if cls_name in VERIFIED_ARCHITECTURES and _is_transformers_class(type(base), cls_name):
-        return _verified_transform(cls_name, config)
-    cached = base.__dict__.get(_CHECKED_ATTR)
+    cached = base.__dict__.get(_CHECKED_ATTR)  # (also what an FSDP-sharded model, class FSDP<cls>, answers)
     if cached is not None:
         return cached
+    if cls_name in VERIFIED_ARCHITECTURES and _is_transformers_class(type(base), cls_name):
+        transform = _verified_transform(cls_name, config)
+        base.__dict__[_CHECKED_ATTR] = transform
+        return transform
     active = _active_transform_attributes(config)
     if active:
         raise LogitsMismatchError(
@@ -384,6 +400,36 @@ def save_model(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def save_final_model(model: nn.Module, tokenizer, directory: str | Path) -> Path:
+    """:func:`save_model` by rank 0 (data parallel), every rank returning its path. An
+    FSDP-sharded model is gathered first (a collective: every rank calls this) into a plain
+    copy on rank 0, so ``final/`` is the same ordinary directory either way."""
+    from trustrl import distributed as dist
+    from trustrl import parallel
+
+    if not parallel.is_sharded(model):
+        return dist.on_main(save_model, model, tokenizer, directory)
+    state = parallel.full_state_dict(model)
+    return dist.on_main(lambda: save_model(_plain_copy(model, state), tokenizer, directory))
+
+
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """An unsharded causal LM (LoRA adapters included) holding ``state`` (on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model() if is_peft(model) else model
+    dtype = next(iter(state.values())).dtype
+    plain = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    if is_peft(model):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, model.peft_config[model.active_adapter])
+    from trustrl import parallel
+
+    parallel.load_full_state_dict(plain, state, f"final model ({type(base).__name__})")
+    return plain
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from trustrl.logprobs import apply_logit_transform, chunked_token_logprobs
-from trustrl.models import is_peft, lm_backbone_and_head, logit_transform, positions_from_mask, trunk_hidden_states
+from trustrl import parallel
+from trustrl.models import is_peft, lm_backbone_and_head, lm_hidden_states, logit_transform, positions_from_mask
 
 
 @dataclass
@@ -300,8 +301,7 @@ def completion_hidden_states(model: nn.Module, rollout_or_ids, attention_mask=No
         completion_start = rollout_or_ids.prompt_ids.shape[1]
     else:
         input_ids = rollout_or_ids
-    backbone, _ = lm_backbone_and_head(model)
-    hidden = trunk_hidden_states(backbone, input_ids, attention_mask)
+    hidden = lm_hidden_states(model, input_ids, attention_mask)
     return hidden[:, completion_start - 1: -1]
 
 
@@ -336,9 +336,14 @@ def batched_completion_logprobs(
     was_training = model.training
     model.eval()
     parts = []
-    for start in range(0, rollout.prompt_ids.shape[0], batch_size):
+    starts = range(0, rollout.prompt_ids.shape[0], batch_size)
+    # FSDP: as many forwards on every rank (stand-in slices are dropped), root freed after
+    for start, live in parallel.lockstep(starts, sharded=parallel.is_sharded(model)):
         index = torch.arange(start, min(start + batch_size, rollout.prompt_ids.shape[0]))
-        parts.append(completion_logprobs(model, rollout.select(index), temperature=temperature, chunk_size=chunk_size))
+        logp = completion_logprobs(model, rollout.select(index), temperature=temperature, chunk_size=chunk_size)
+        if live:
+            parts.append(logp)
+    parallel.reshard(model)
     model.train(was_training)
     return torch.cat(parts, dim=0)
 
@@ -351,8 +356,8 @@ def completion_logprobs_for_targets(
     used by pre-training and SFT), with the model's final-logit transform as in
     :func:`completion_logprobs`."""
     transform = logit_transform(model)
-    backbone, head = lm_backbone_and_head(model)
-    hidden = trunk_hidden_states(backbone, input_ids, attention_mask)
+    _, head = lm_backbone_and_head(model)
+    hidden = lm_hidden_states(model, input_ids, attention_mask)
     return chunked_token_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], bias=getattr(head, "bias", None),
                                   temperature=temperature, chunk_size=chunk_size, transform=transform)
 

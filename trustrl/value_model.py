@@ -143,6 +143,30 @@ class ScalarHeadModel(nn.Module):
         return directory
 
 
+def save_final_scalar_model(model: ScalarHeadModel, directory: str | Path, tokenizer=None) -> Path:
+    """:meth:`ScalarHeadModel.save_pretrained` by rank 0 (data parallel), every rank returning
+    the path; an FSDP-sharded trunk is gathered first (a collective: every rank calls this)
+    into a plain copy on rank 0 (the head is never sharded)."""
+    import copy
+
+    from transformers import AutoModel
+
+    from trustrl import distributed as dist
+    from trustrl import parallel
+
+    if not parallel.is_sharded(model):
+        return dist.on_main(model.save_pretrained, directory, tokenizer=tokenizer)
+    state = parallel.full_state_dict(model.trunk)
+
+    def save() -> Path:
+        trunk = AutoModel.from_config(model.trunk.config, dtype=next(iter(state.values())).dtype)
+        parallel.load_full_state_dict(trunk, state, f"final {model.kind} model trunk")
+        plain = ScalarHeadModel(trunk, copy.deepcopy(model.head), kind=model.kind, extra=model.extra)
+        return plain.save_pretrained(directory, tokenizer=tokenizer)
+
+    return dist.on_main(save)
+
+
 def _load_trunk(path: Path, dtype: str, gradient_checkpointing: bool) -> nn.Module:
     from transformers import AutoModel
 

@@ -20,11 +20,12 @@ from typing import Any, Callable
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.config import RLConfig
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
 from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score, with_reward_funcs
 from trustrl.loop.rl_loop import TrainingState, run_rl_loop
-from trustrl.models import save_model
+from trustrl.models import save_final_model
 from trustrl.trainers.common import FaultCounter, PromptSampler, check_resume_setting
 from trustrl.utils import seed_everything
 
@@ -63,6 +64,8 @@ class RLAlgorithm:
     collects_local_share = False
     #: gradient checkpointing allowed (TRPO's double backward needs the activations)
     allow_gradient_checkpointing = True
+    #: parallelism.strategy=fsdp supported (TRPO's Fisher-vector products are not sharded yet)
+    allow_fsdp = True
 
     def __init__(self, config: RLConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None):
         config = with_reward_funcs(config, reward_funcs)  # a copy: the caller's config is unchanged
@@ -72,11 +75,17 @@ class RLAlgorithm:
         seed_everything(config.seed, deterministic=config.deterministic)
         warn_top_p(config)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
+        if config.parallelism.strategy == "fsdp" and not self.allow_fsdp:
+            raise ValueError(f"parallelism.strategy=fsdp: {self.name} does not support sharded models yet; "
+                             "use parallelism.strategy=ddp")
         loaded = load_rl_models(config, self.device, who=type(self).__name__, model=model,
                                 tokenizer=tokenizer,
                                 gradient_checkpointing=None if self.allow_gradient_checkpointing else False)
         self.rewards, self.tokenizer = loaded.rewards, loaded.tokenizer
         self.policy, self.reference = loaded.policy, loaded.reference
+        # parallelism.strategy=fsdp: shard policy and reference (no-op otherwise)
+        parallel.apply(self.policy, config.parallelism, self.device)
+        parallel.apply(self.reference, config.parallelism, self.device)
         self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.last_metrics: dict[str, float] = {}
@@ -107,9 +116,11 @@ class RLAlgorithm:
         else:
             lo, hi = dist.shard_range(len(indices))
         local = None
-        if hi > lo:
-            local = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], repeats, cfg,
-                                     self.rewards, self.generator, self.device, row_seeds=seeds[lo * repeats:hi * repeats])
+        with parallel.gathered(self.policy):  # FSDP: whole weights while decoding (every rank enters)
+            if hi > lo:
+                local = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], repeats, cfg,
+                                         self.rewards, self.generator, self.device,
+                                         row_seeds=seeds[lo * repeats:hi * repeats])
         if self.collects_local_share:
             batch = local
             totals = dist.sum_across_ranks(local.scores.n_faults)
@@ -139,7 +150,7 @@ class RLAlgorithm:
 
     def save_final(self, output_dir: Path) -> dict[str, Any]:
         """Write the final model(s); returns summary fields."""
-        final_dir = dist.on_main(save_model, self.policy, self.tokenizer, output_dir / "final")
+        final_dir = save_final_model(self.policy, self.tokenizer, output_dir / "final")
         return {"model_dir": str(final_dir)}
 
     def train(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.advantages import outcome_advantages, soft_overlong_penalty
 from trustrl.algorithms.base import RLAlgorithm
 from trustrl.config import GRPOConfig
@@ -125,14 +126,15 @@ class GRPOTrainer(RLAlgorithm):
         for iteration in range(cfg.num_iterations):
             means = MetricMeans()
             total_loss = 0.0
-            for rows in micro_rows:
+            # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
+            for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(self.policy)):
                 terms, m = self.loss_terms(rollout.select(rows.to(self.device)), advantages[rows],
                                            None if old_logp is None else old_logp[rows],
                                            None if ref_logp is None else ref_logp[rows], mask[rows])
-                loss = normalizer.loss(terms) * share
+                loss = normalizer.loss(terms) * (share * live)
                 loss.backward()
                 total_loss += float(loss.detach())
-                means.add(m, normalizer.weight(terms[0][1]) * share)
+                means.add(m, normalizer.weight(terms[0][1]) * share * live)
             total_loss = dist.all_reduce_sum(total_loss)
             grad_norm, applied = guarded_step(self.policy, self.optimizer, self.scheduler, cfg.max_grad_norm, faults,
                                               f"grpo step {step} iteration {iteration + 1}", loss=total_loss)

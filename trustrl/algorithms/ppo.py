@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.advantages import apply_missing_eos_penalty, gae, token_rewards  # noqa: F401 (re-exported)
 from trustrl.algorithms.base import RLAlgorithm
 from trustrl.config import PPOConfig
@@ -69,7 +70,7 @@ from trustrl.losses import (
 from trustrl.models import check_vocab, load_tokenizer, reference_context
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
-from trustrl.value_model import ScalarHeadModel, load_scalar_model, scalar_model_from_lm
+from trustrl.value_model import ScalarHeadModel, load_scalar_model, save_final_scalar_model, scalar_model_from_lm
 
 
 
@@ -110,8 +111,13 @@ def batched_values(critic: ScalarHeadModel, rollout: Rollout, batch_size: int) -
     was_training = critic.training
     critic.eval()
     n = rollout.prompt_ids.shape[0]
-    parts = [critic.completion_values(rollout.select(torch.arange(s, min(n, s + batch_size), device=rollout.prompt_ids.device)))
-             for s in range(0, n, batch_size)]
+    parts = []
+    for s, live in parallel.lockstep(range(0, n, batch_size), sharded=parallel.is_sharded(critic)):  # (FSDP)
+        values = critic.completion_values(rollout.select(torch.arange(s, min(n, s + batch_size),
+                                                                      device=rollout.prompt_ids.device)))
+        if live:
+            parts.append(values)
+    parallel.reshard(critic)
     critic.train(was_training)
     return torch.cat(parts, dim=0).float()
 
@@ -150,6 +156,7 @@ class PPOTrainer(RLAlgorithm):
         self.critic = critic if critic is not None else make_critic(config, self.tokenizer, self.device)
         if critic is not None:
             check_vocab(critic.trunk, self.tokenizer, "the critic passed to PPOTrainer")
+        parallel.apply(self.critic, config.parallelism, self.device, root=self.critic.trunk)  # fsdp: shard it
         self.kl_ctl = make_kl_controller(config.kl_control, config.beta, config.kl_target, config.kl_horizon)
         self.shuffle_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
 
@@ -189,7 +196,7 @@ class PPOTrainer(RLAlgorithm):
 
     def save_final(self, output_dir: Path) -> dict[str, Any]:
         out = super().save_final(output_dir)
-        critic_dir = dist.on_main(self.critic.save_pretrained, output_dir / "final_critic", tokenizer=self.tokenizer)
+        critic_dir = save_final_scalar_model(self.critic, output_dir / "final_critic", tokenizer=self.tokenizer)
         return {**out, "critic_dir": str(critic_dir), "kl_coef": self.kl_ctl.value}
 
     # -- phase 3: old log-probs, values, rewards, advantages ---------------------------------
@@ -285,14 +292,17 @@ class PPOTrainer(RLAlgorithm):
                 normalizer = BatchNormalizer.from_counts({"tokens": float(row_tokens[mb].sum())})
                 means = MetricMeans()
                 actor_loss = critic_loss = 0.0
-                for micro in micros:
+                # (FSDP: as many passes on every rank, a rank without members of this minibatch
+                # included; a stand-in pass has weight 0)
+                for micro, live in parallel.lockstep(micros, standin=torch.zeros(1, dtype=torch.long),
+                                                     sharded=parallel.is_sharded(self.policy)):
                     micro = micro.to(self.device)
                     actor_terms, critic_terms, m = self.minibatch_terms(pb, micro)
-                    a_loss, c_loss = normalizer.loss(actor_terms), normalizer.loss(critic_terms)
+                    a_loss, c_loss = normalizer.loss(actor_terms) * live, normalizer.loss(critic_terms) * live
                     (a_loss + c_loss).backward()  # disjoint parameters: one backward fills both
                     actor_loss += float(a_loss.detach())
                     critic_loss += float(c_loss.detach())
-                    means.add(m, normalizer.weight(actor_terms[0][1]))
+                    means.add(m, normalizer.weight(actor_terms[0][1]) * live)
                 actor_loss, critic_loss = dist.all_reduce_sum(actor_loss), dist.all_reduce_sum(critic_loss)
                 mb_metrics = {**means.reduce(), "loss/total": actor_loss + critic_loss}
                 evaluated += 1

@@ -174,6 +174,7 @@ class TRPOTrainer(RLAlgorithm):
     config: TRPOConfig
     postfix_keys = ["reward/mean", "trpo/kl", "eval/accuracy"]
     allow_gradient_checkpointing = False  # the double backward of Fisher-vector products needs activations
+    allow_fsdp = False  # Fisher-vector products and the line search on sharded parameters: not yet
 
     def __init__(self, config: TRPOConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None,
                  critic=None):

@@ -41,6 +41,24 @@ class LoRAConfig(_Strict):
     """Module names to adapt, or "all-linear"."""
 
 
+class ParallelismConfig(_Strict):
+    """How a run launched on several processes (``torchrun --nproc_per_node N``) splits the
+    work (docs/distributed.md). One process: nothing is split, whatever is set here."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """"ddp": every rank holds the whole model, gradients summed across ranks. "fsdp": FSDP2
+    (torch.distributed.fsdp.fully_shard) per decoder layer: each rank holds 1/N of the
+    parameters, gradients and optimizer states of the policy, reference, critic and reward
+    model being trained; checkpoints are sharded (torch.distributed.checkpoint) and resume at
+    another world size. Not with TRPO."""
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """FSDP mixed precision: "auto" = bfloat16 parameters and compute with float32 gradient
+    reduction on GPUs, float32 on CPUs; "bfloat16" needs GPUs."""
+    cpu_offload: bool = False
+    """FSDP on GPUs: keep the sharded parameters, gradients and optimizer states in host
+    memory (torch CPUOffloadPolicy); the optimizer step runs on the CPU."""
+
+
 class TrainConfig(_Strict):
     """Fields shared by every trainer."""
 
@@ -113,6 +131,8 @@ class TrainConfig(_Strict):
     """Train LoRA adapters instead of all weights (needs peft)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    """Multi-process runs: data parallel ("ddp") or sharded ("fsdp"); see docs/distributed.md."""
 
     @field_validator("dataset", "eval_dataset", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.data_parallel import evaluate_sharded
 from trustrl.loop.experience import evaluate_greedy
@@ -83,7 +84,8 @@ class LoopState:
 def evaluate(algorithm: RLAlgorithm, history: list[dict[str, float]], step: int) -> dict[str, float]:
     """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
     a = algorithm
-    ev = evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
+    with parallel.gathered(a.policy):  # FSDP: whole weights while decoding (every rank enters)
+        ev = evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
     history.append({"step": step, **ev})
     return ev
 

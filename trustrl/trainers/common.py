@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from trustrl import distributed as dist
-from trustrl.checkpoint import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trustrl import parallel
+from trustrl.checkpoint import (CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                                save_sharded_checkpoint)
 from trustrl.config import ConfigError, TrainConfig, save_config
 from trustrl.errors import UserError
 from trustrl.logging import MetricsLogger
@@ -156,14 +158,14 @@ def guarded_steps(
         dist.all_reduce_gradients(model)
         params = [p for p in model.parameters() if p.grad is not None]
         loss_ok = dist.all_true(loss is None or math.isfinite(_as_float(loss)))
-        if params:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-            norms.append(float(norm))
+        if params:  # (FSDP shards: the norm over every rank's slices)
+            norms.append(parallel.clip_grad_norm(params, max_grad_norm if max_grad_norm else float("inf")))
         else:
             norms.append(0.0)
         losses_ok = losses_ok and loss_ok
         ok = ok and loss_ok and math.isfinite(norms[-1])
     for model, optimizer, scheduler, _ in parts:
+        parallel.reshard(model)  # FSDP: no gathered copy may outlive the step (it would be stale)
         if ok:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -326,6 +328,11 @@ class Run:
 
     def save(self, step: int, models: dict[str, nn.Module], optimizers: dict, schedulers: dict,
              trainer_state: dict[str, Any], generators: dict, tokenizer=None) -> Path:
+        if self.config.parallelism.strategy == "fsdp":  # every rank writes its shard (DCP), any world size
+            return save_sharded_checkpoint(
+                self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
+                trainer_state={"step": step, **trainer_state}, tokenizer=tokenizer,
+                rng=rng_state(generators=generators), keep_last=self.config.keep_last_checkpoints)
         return dist.on_main(  # data parallel: written once, by rank 0; every rank waits for it
             save_checkpoint, self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
             trainer_state={"step": step, **trainer_state}, tokenizer=tokenizer,

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
 from trustrl.data import format_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
@@ -62,7 +63,7 @@ from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, ma
                                      restore_loop, warn_skipped)
 from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
-from trustrl.value_model import ScalarHeadModel, encode_scored_text, scalar_model_from_lm
+from trustrl.value_model import ScalarHeadModel, encode_scored_text, save_final_scalar_model, scalar_model_from_lm
 
 
 @dataclass
@@ -150,6 +151,7 @@ def evaluate_pairs(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device, 
         c, r = pair_scores(model, pairs.subset(list(range(start, min(len(pairs), start + batch_size)))), pad_id, device)
         rc.append(c.float().cpu())
         rr.append(r.float().cpu())
+    parallel.reshard(model)  # (FSDP: free the gathered root unit after no-grad passes)
     model.train(was_training)
     r_c, r_r = torch.cat(rc), torch.cat(rr)
     margins = torch.tensor(pairs.margins, dtype=torch.float32)
@@ -297,6 +299,7 @@ def evaluate_rankings(model: ScalarHeadModel, rankings: RankingSet, pad_id: int,
         pairs += int(better.sum())
         margin_sum += float(diff[better].sum())
         all_scores.append(scores[valid].cpu())
+    parallel.reshard(model)  # (FSDP: free the gathered root unit after no-grad passes)
     model.train(was_training)
     both = torch.cat(all_scores)
     return {
@@ -324,6 +327,7 @@ class RewardTrainer:
             tokenizer=self.tokenizer, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
         )
         self.model.kind = "reward"
+        parallel.apply(self.model, config.parallelism, self.device, root=self.model.trunk)  # fsdp: shard it
         self.model.extra["max_length"] = config.max_length
         self.rankings = is_rankings_file(config.dataset, config)
         if self.rankings and config.center_rewards_coef:
@@ -396,7 +400,9 @@ class RewardTrainer:
             n = normalizer.counts["rows"]
             sums: dict[str, float] = {}
             total = 0.0
-            for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
+            # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
+            micro_rows = torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps)
+            for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(model)):
                 micro = batch.subset(rows.tolist())
                 if self.rankings:  # one ranking = one row, its K responses in one forward pass
                     part, m = ranking_loss_sum(*ranking_scores(model, micro, pad, self.device), cfg)
@@ -404,10 +410,10 @@ class RewardTrainer:
                     r_c, r_r = pair_scores(model, micro, pad, self.device)
                     margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
                     part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
-                normalizer.loss([(1.0, part)]).backward()
-                total += float(part.total.detach())
+                (normalizer.loss([(1.0, part)]) * live).backward()
+                total += float(part.total.detach()) * live
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums.get(k, 0.0) + v * live
             total, sums = dist.all_reduce_sum(total), dist.sum_across_ranks(sums)
             total, sums = total / max(n, 1.0), {k: v / max(n, 1.0) for k, v in sums.items()}
             # 3. guarded update (data parallel: it sums the gradients over ranks)
@@ -438,7 +444,7 @@ class RewardTrainer:
                          {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
                          {}, tokenizer=self.tokenizer)
         bar.close()
-        final_dir = dist.on_main(model.save_pretrained, Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
+        final_dir = save_final_scalar_model(model, Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
         summary = {
             "steps": step, "final_loss": last_loss, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
             "accuracy_first": history[0]["rm/accuracy"] if history else None,

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.config import ConfigError, PretrainConfig, SFTConfig
 from trustrl.data import DataError, encode_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
 from trustrl.loop.accumulate import BatchNormalizer
 from trustrl.losses import token_nll_sum
-from trustrl.models import check_vocab, load_policy, load_tokenizer, save_model
+from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
                                      restore_loop, warn_skipped)
@@ -102,6 +103,7 @@ class _LMTrainer:
         )
         if model is not None:
             check_vocab(model, self.tokenizer, f"the model passed to {type(self).__name__}")
+        parallel.apply(self.model, config.parallelism, self.device)  # parallelism.strategy=fsdp: shard it
         self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
@@ -140,12 +142,14 @@ class _LMTrainer:
             n_targets = normalizer.counts["tokens"]
             # 3. micro-batches: summed NLL, divided once by the global count
             nll_sum = 0.0
-            for rows in torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps):
+            # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
+            micro_rows = torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps)
+            for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(model)):
                 m_ids, m_att, m_tgt = ids[rows].to(self.device), attention[rows].to(self.device), target[rows].to(self.device)
                 logp = completion_logprobs_for_targets(model, m_ids, m_att, chunk_size=1024)
                 part = token_nll_sum(logp, m_tgt[:, 1:])
-                normalizer.loss([(1.0, part)]).backward()
-                nll_sum += float(part.total.detach())
+                (normalizer.loss([(1.0, part)]) * live).backward()
+                nll_sum += float(part.total.detach()) * live
             total_nll = dist.all_reduce_sum(nll_sum) / max(n_targets, 1.0)
             # 4. guarded update (data parallel: it sums the gradients over ranks)
             grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
@@ -166,7 +170,7 @@ class _LMTrainer:
                 run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
                          {"sampler": sampler.state_dict(), "faults": faults.state_dict()}, {}, tokenizer=self.tokenizer)
         bar.close()
-        final_dir = dist.on_main(save_model, model, self.tokenizer, Path(cfg.output_dir) / "final")
+        final_dir = save_final_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
         summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
                    "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
                    "resumed_from": str(run.resumed_from) if run.resumed_from else None}
