@@ -268,3 +268,110 @@ def test_fsdp_two_processes_end_where_one_process_ends(tiny_model_dir, addition_
     summary = json.loads((tmp_path / "from_one" / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("step_000002") and summary["steps"] == 3
     print("fsdp 2 processes vs 1:", json.dumps(measured, indent=1))
+
+
+# -- single-process pieces (fast) ----------------------------------------------------------------
+
+
+def _train(model, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_sharded_checkpoint_layout_in_one_process_is_atomic_verified_and_resumes_bitwise(tmp_path):
+    """The DCP layout without a process group (what a 1-process fsdp run writes, and what
+    resumes at 2 ranks): every guarantee of the plain checkpoint holds -- a bitwise resume into
+    fresh objects, a manifest with checksums that catches a corrupted shard, no partial folder
+    after a failed save, keep-last pruning."""
+    from test_checkpoint import tiny_llama
+
+    from trustrl.checkpoint import (CheckpointError, find_latest_checkpoint, list_checkpoints, load_checkpoint,
+                                    save_sharded_checkpoint, verify_checkpoint)
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()  # (eval: the tiny model's attention dropout off)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    _train(model, opt, 2, seed=1)
+    sched.step()
+    for step in (1, 2, 3):  # keep_last=2 prunes step 1
+        path = save_sharded_checkpoint(tmp_path, step, models={"policy": model}, optimizers={"policy": opt},
+                                       schedulers={"policy": sched}, trainer_state={"x": 1.5}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    manifest = verify_checkpoint(path)
+    assert manifest["sharded"] and manifest["world_size"] == 1 and "dcp/__0_0.distcp" in manifest["files"]
+    assert not (path / "models").exists() and not (path / "optimizers.pt").exists()
+    _train(model, opt, 2, seed=2)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    torch.manual_seed(5)
+    fresh = tiny_llama().eval()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fresh_sched = torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0 / (1 + s))
+    state = load_checkpoint(path, models={"policy": fresh}, optimizers={"policy": fresh_opt},
+                            schedulers={"policy": fresh_sched})
+    assert state["step"] == 3 and state["x"] == 1.5 and fresh_sched.last_epoch == sched.last_epoch
+    _train(fresh, fresh_opt, 2, seed=2)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, expected[n]), n
+
+    # a failure while the rank-0 part is written leaves no step folder and no partial one
+    class Broken:
+        def save_pretrained(self, _):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_sharded_checkpoint(tmp_path, 4, models={"policy": model}, tokenizer=Broken())
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+    # a corrupted shard is caught and skipped by resume=auto
+    shard = path / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(path)
+    with pytest.warns(UserWarning, match="skipping invalid checkpoint"):
+        assert find_latest_checkpoint(tmp_path) == list_checkpoints(tmp_path)[0][1]
+
+
+def test_lockstep_and_clip_in_one_process():
+    from trustrl import parallel
+
+    # one process: the items themselves, each with weight 1, and no stand-in
+    assert list(parallel.lockstep(["a", "b"])) == [("a", 1.0), ("b", 1.0)]
+    assert list(parallel.lockstep([])) == []
+    # no DTensor: exactly torch's clip_grad_norm_ (norm of (3, 4) = 5, scaled to max 1)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert parallel.clip_grad_norm([p], 1.0) == pytest.approx(5.0)
+    assert torch.allclose(p.grad, torch.tensor([0.6, 0.8]), atol=1e-6)
+    # a model that is not sharded is left alone
+    m = torch.nn.Linear(2, 2)
+    assert parallel.apply(m, type("P", (), {"strategy": "fsdp"})(), torch.device("cpu")) is m
+    assert not parallel.is_sharded(m)
+
+
+def test_fsdp_config_and_refusals(tiny_model_dir, addition_data, tmp_path):
+    from trustrl.algorithms.trpo import TRPOConfig, TRPOTrainer
+    from trustrl.config import ConfigError, GRPOConfig, load_config
+
+    cfg = load_config(GRPOConfig, None, ["model=m", "dataset=d", "parallelism.strategy=fsdp"])
+    assert cfg.parallelism.strategy == "fsdp" and cfg.parallelism.param_dtype == "auto"
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config(GRPOConfig, None, ["model=m", "dataset=d", "parallelism.strategy=zero3"])
+    trpo = TRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(tmp_path),
+                      parallelism={"strategy": "fsdp"})
+    with pytest.raises(ValueError, match="parallelism.strategy=fsdp: trpo"):
+        TRPOTrainer(trpo, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
+    from trustrl.parallel import mixed_precision_policy
+
+    # CPU: float32 throughout (no cast); bfloat16 asked for on a CPU is refused
+    assert mixed_precision_policy(torch.device("cpu")).param_dtype is None
+    with pytest.raises(ValueError, match="needs CUDA"):
+        mixed_precision_policy(torch.device("cpu"), "bfloat16")

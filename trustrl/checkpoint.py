@@ -327,7 +327,9 @@ def save_sharded_checkpoint(
 
     tmp = dist.on_main(prepare)  # rank 0 names the partial folder; every rank writes into it
     try:
-        dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp / "dcp"))
+        with warnings.catch_warnings():  # (one process: DCP says it assumes one process, as meant)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp / "dcp"), no_dist=not dist.is_distributed())
         written = True
     except Exception:
         written = False
@@ -388,11 +390,15 @@ def _load_sharded(path: Path, manifest: dict, models, optimizers) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from trustrl import distributed as dist
+
     _pick("model", manifest.get("models", {}), models, path)
     _pick("optimizer", dict.fromkeys(manifest.get("optimizers", [])), optimizers, path)
     state = _dcp_state(models, optimizers)
     try:
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        with warnings.catch_warnings():  # (one process: DCP says it assumes one process, as meant)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_distributed())
     except Exception as exc:
         raise CheckpointError(f"load_checkpoint: {path / 'dcp'}: {exc}") from exc
     for name, model in models.items():
