@@ -317,16 +317,17 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     model's current weights (a soft-cap far above every logit of a freshly initialized
     model); attribute detection (1) covers the known ones.
     """
+    from trustrl.parallel import original_class
+
     base = model.get_base_model() if is_peft(model) else model
-    cls_name = type(base).__name__
+    cls = original_class(base)  # (FSDP-sharded: the model's own class, not FSDP<cls>)
+    cls_name = cls.__name__
     config = getattr(base, "config", None)
-    cached = base.__dict__.get(_CHECKED_ATTR)  # (also what an FSDP-sharded model, class FSDP<cls>, answers)
+    if cls_name in VERIFIED_ARCHITECTURES and _is_transformers_class(cls, cls_name):
+        return _verified_transform(cls_name, config)
+    cached = base.__dict__.get(_CHECKED_ATTR)
     if cached is not None:
         return cached
-    if cls_name in VERIFIED_ARCHITECTURES and _is_transformers_class(type(base), cls_name):
-        transform = _verified_transform(cls_name, config)
-        base.__dict__[_CHECKED_ATTR] = transform
-        return transform
     active = _active_transform_attributes(config)
     if active:
         raise LogitsMismatchError(

@@ -71,6 +71,14 @@ def _dtensor_cls():
     return DTensor
 
 
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before :func:`shard_model` (FSDP2 swaps it for ``FSDP<cls>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    return cls.__mro__[cls._orig_cls_mro_index] if issubclass(cls, FSDPModule) else cls
+
+
 def is_dtensor(t: Any) -> bool:
     return isinstance(t, _dtensor_cls())
 
