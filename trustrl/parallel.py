@@ -123,7 +123,13 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: str = "a
     :func:`trustrl.distributed.all_reduce_gradients`)."""
     if not dist.is_distributed():
         return model
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+    except ImportError:
+        FSDPModule = None
+    if FSDPModule is None or not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise RuntimeError(f"parallelism.strategy=fsdp needs torch.distributed.fsdp.fully_shard with summed "
+                           f"gradient reduction (torch >= 2.7); this is torch {torch.__version__}")
 
     if cpu_offload and device.type != "cuda":
         raise ValueError("parallelism.cpu_offload: the model is on the CPU already (offload is for GPU runs)")
