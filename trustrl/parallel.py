@@ -49,20 +49,11 @@ from torch import nn
 
 from trustrl import distributed as dist
 
-__all__ = ["STRATEGIES", "fsdp_available", "shard_model", "is_sharded", "fsdp_units", "decoder_layers",
-           "gathered", "reshard", "lockstep", "root_hidden_states", "local_numel", "memory_shares",
-           "clip_grad_norm", "mixed_precision_policy"]
+__all__ = ["apply", "shard_model", "is_sharded", "sharded_root", "fsdp_units", "decoder_layers", "gathered",
+           "reshard", "lockstep", "root_hidden_states", "full_state_dict", "load_full_state_dict", "local_numel",
+           "memory_shares", "clip_grad_norm", "mixed_precision_policy", "original_class", "is_dtensor"]
 
-STRATEGIES = ("ddp", "fsdp")
 _SHARDED_ATTR = "_trustrl_fsdp_root"
-
-
-def fsdp_available() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:  # pragma: no cover - torch >= 2.6 has it
-        return False
-    return True
 
 
 def _dtensor_cls():
