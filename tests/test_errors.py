@@ -202,15 +202,23 @@ def test_sandbox_that_cannot_be_set_up(tiny_model_dir, tmp_path, capsys, monkeyp
                  "no sandbox mode works here")
 
 
-def test_trustrl_debug_environment_variable_and_a_fresh_interpreter(tiny_model_dir, tmp_path):
+def test_a_fresh_interpreter(tiny_model_dir, tmp_path):
+    """As a user runs it: nothing but the message on stderr, status 2."""
     cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl", rewards=[{"name": "format"}])
     env = {k: v for k, v in os.environ.items() if k != "TRUSTRL_DEBUG"}
     cmd = [sys.executable, "-m", "trustrl", "train", "grpo", "--config", str(cfg)]
     plain = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines()[-1] == f"trustrl: {tmp_path / 'nope.jsonl'}: no such file or directory"
-    debug = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "TRUSTRL_DEBUG": "1"})
-    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_trustrl_debug_environment_variable(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl", rewards=[{"name": "format"}])
+    monkeypatch.setenv("TRUSTRL_DEBUG", "1")
+    code, text = run_cli(capsys, "train", "grpo", "--config", str(cfg))
+    assert code == 2 and "Traceback (most recent call last)" in text
+    monkeypatch.setenv("TRUSTRL_DEBUG", "0")
+    assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), "nope.jsonl")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
