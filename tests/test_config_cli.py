@@ -123,3 +123,29 @@ def test_shipped_configs_validate():
     for path in files:
         algo = path.stem.split("_")[0]
         load_config(_config_class(algo), path)
+
+
+def test_config_help_shows_allowed_values_bounds_and_reward_arguments():
+    result = _cli("config-help", "grpo")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    # a Literal's values, a list of Literals, and bounds as declared (ge / gt / gt + le / ge + lt)
+    assert "  lr_scheduler = 'constant'   [one of: constant, linear, cosine]" in out
+    assert "  loss_aggregation = 'token_mean'   [one of: seq_mean, token_mean, seq_sum_constant]" in out
+    assert "  report_to = ['tensorboard']   [each one of: tensorboard, wandb, trackio]" in out
+    assert "  group_size = 8   [>= 2]" in out and "  temperature = 1.0   [> 0]" in out
+    assert "  top_p = 1.0   [0 < x <= 1]" in out and "  clip_low = 0.2   [0 <= x < 1]" in out
+    # nested sections list their own keys
+    assert "LoRAConfig (lora):" in out and "  dropout = 0.0   [0 <= x < 1]" in out
+    assert "DataSource (dataset, eval_dataset):" in out and "  weight = 1.0   [> 0]" in out
+    # every built-in reward with the arguments of its factory (a pass-through wrapper resolved)
+    assert "  length_penalty(target_length: int (required), coef: float = 0.001," in out
+    assert "  soft_overlong(max_len: int (required), cache_len: int (required))" in out
+    assert "  code_tests(timeout_s: float = 5.0, memory_mb: int = 512, tests_column: str = 'tests'," in out
+    assert "  reward_model(path: str | Path (required)," in out
+    from trustrl.rewards.registry import BUILTIN_REWARDS
+
+    assert all(f"\n  {name}(" in out for name in BUILTIN_REWARDS)
+    # supervised trainers have no rewards section
+    sft = _cli("config-help", "sft").stdout
+    assert "Built-in rewards" not in sft and "  max_length = 512   [>= 2]" in sft

@@ -133,7 +133,13 @@ def cmd_classic(argv: list[str]) -> int:
 def cmd_config_help(args: argparse.Namespace) -> int:
     from trustrl.config import describe
 
-    print(describe(_config_class(args.algo)))
+    cls = _config_class(args.algo)
+    print(describe(cls))
+    if "rewards" in cls.model_fields:  # the RL trainers: what each built-in reward takes
+        from trustrl.rewards.catalog import describe_builtin_rewards
+
+        print()
+        print(describe_builtin_rewards())
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trustrl.config.datasets import DataSource, DatasetSpec, check_dataset_spec
+from trustrl.config.datasets import DataSource, DatasetSpec, check_dataset_spec  # noqa: F401 (re-exported)
 from trustrl.config.rewards import RewardSpec
 from trustrl.errors import UserError
 
@@ -486,12 +486,60 @@ def save_config(config: BaseModel, path: str | Path) -> None:
 
 
 def describe(cls: type[BaseModel]) -> str:
-    """One line per field: name, type, default, description."""
+    """Per field: name, default, allowed values (a ``Literal``) or bounds (``ge/gt/le/lt``),
+    and its description; nested sections (``lora``, ``rewards`` entries) follow with theirs."""
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
+    nested: list[type[BaseModel]] = []
     for name, field in cls.model_fields.items():
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"  {name} = {default}\n      {field.description or ''}")
+        lines.append(_describe_field(name, field))
+        nested += [m for m in _models_in(field.annotation) if m not in nested]
+    for model in nested:
+        lines.append(f"\n{model.__name__} ({', '.join(n for n, f in cls.model_fields.items() if model in _models_in(f.annotation))}):")
+        lines += [_describe_field(name, field) for name, field in model.model_fields.items()]
     return "\n".join(lines)
+
+
+def _describe_field(name: str, field: Any) -> str:
+    default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+    allowed = field_constraints(field)
+    head = f"  {name} = {default}" + (f"   [{allowed}]" if allowed else "")
+    import textwrap
+
+    doc = textwrap.fill(" ".join((field.description or "").split()), width=100, initial_indent=" " * 6,
+                        subsequent_indent=" " * 6)
+    return f"{head}\n{doc}" if doc else head
+
+
+def field_constraints(field: Any) -> str:
+    """What a field accepts beyond its type, for config-help: ``one of: a, b`` for a
+    ``Literal`` (``each one of`` for a list of them), bounds as ``>= 1``, ``0 < x <= 1``."""
+    import typing
+
+    def literals(annotation: Any) -> list[Any]:
+        if typing.get_origin(annotation) is Literal:
+            return list(typing.get_args(annotation))
+        return [v for arg in typing.get_args(annotation) for v in literals(arg)]
+
+    values = literals(field.annotation)
+    if values:
+        each = "each " if typing.get_origin(field.annotation) is list else ""
+        return f"{each}one of: {', '.join(str(v) for v in values)}"
+    lower = upper = ""
+    for meta in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">")):
+            if getattr(meta, attr, None) is not None:
+                lower = f"{getattr(meta, attr)} {'<=' if sign == '>=' else '<'} "
+        for attr, sign in (("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                upper = f" {sign} {getattr(meta, attr)}"
+    if lower and upper:
+        return f"{lower}x{upper}"
+    if lower:
+        bound, sign = lower.split()[0], ">=" if "<=" in lower else ">"
+        return f"{sign} {bound}"
+    if upper:
+        return upper.strip()
+    return ""
 
 
 # Config classes of the trainers that register themselves (rm, ppo, trpo) live beside their

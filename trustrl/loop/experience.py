@@ -16,7 +16,7 @@ from trustrl.data import encode_prompt, load_rows, source_name
 from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpecError, ScoreResult, check_unique_names,
                                       resolve_reward, score_completions, to_spec)
 from trustrl.rollout import Rollout, generate, left_pad
-from trustrl.trainers.common import warn_skipped
+from trustrl.trainers.common import warn_skipped, warn_truncated
 
 
 class PromptSet:
@@ -49,6 +49,13 @@ class PromptSet:
         #: rows whose prompt is a conversation (a list of messages): their completions also reach
         #: the reward functions as messages (``completion_messages``)
         self.is_conversation = [isinstance(row[config.prompt_column], list) for row in self.rows]
+        # the sampler keeps the last max_prompt_length tokens of a prompt (left_pad): count the cut ones
+        self.truncated = sum(len(ids) > config.max_prompt_length for ids in self.token_ids)
+        k = config.max_prompt_length
+        warn_truncated(self.truncated, source_name(path),
+                       f"of {len(self.token_ids)} prompts are longer than max_prompt_length={k} tokens; their "
+                       f"beginnings are cut (the sampler keeps the last {k})",
+                       "data/truncated_prompts" if limit is None else "data/truncated_eval_prompts")
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -117,6 +117,8 @@ def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
     algorithm.load_extra(saved)
     eval_prompts = algorithm.eval_prompts
     run.set_skipped_rows(algorithm.prompts.skipped + (eval_prompts.skipped if eval_prompts else 0))
+    run.record_data_counts({"data/truncated_prompts": algorithm.prompts.truncated,
+                            **({"data/truncated_eval_prompts": eval_prompts.truncated} if eval_prompts else {})})
     loop = LoopState(sampler, faults, list(saved.get("eval_history", [])))
     if run.start_step == 0 and eval_prompts is not None:
         run.logger.log(0, evaluate(algorithm, loop.history, 0))

@@ -358,6 +358,12 @@ class Run:
         if self.start_step == 0:
             self._pending["data/skipped_rows"] = float(n)
 
+    def record_data_counts(self, counts: dict[str, int]) -> None:
+        """Counts about the dataset (``data/truncated_prompts``, ...): logged with the first
+        metrics record of the run, as ``data/skipped_rows`` is (not again after a resume)."""
+        if self.start_step == 0:
+            self._pending.update({name: float(n) for name, n in counts.items()})
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None and (step % self.config.log_every == 0 or step == 1):
             if self._pending:
@@ -373,6 +379,13 @@ class Run:
 def warn_skipped(skipped: int, path: str) -> None:
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} malformed rows (skip_bad_rows=true)", stacklevel=2)
+
+
+def warn_truncated(count: int, source: str, text: str, metric: str) -> None:
+    """One warning per dataset with how many rows a length limit cuts, e.g. "rl.jsonl: 3 of 50
+    prompts are longer than max_prompt_length=16 tokens; ... (metric data/truncated_prompts)"."""
+    if count:
+        warnings.warn(f"{source}: {count} {text} (metric {metric})", stacklevel=3)
 
 
 def restore_loop(run: Run, config: TrainConfig, n_examples: int, models: dict, optimizers: dict, schedulers: dict,

@@ -60,7 +60,7 @@ from trustrl.models import check_vocab, load_tokenizer
 from trustrl.rankings import check_ranks, current_judgements
 from trustrl.rollout import left_pad
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
-                                     restore_loop, warn_skipped)
+                                     restore_loop, warn_skipped, warn_truncated)
 from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
 from trustrl.value_model import ScalarHeadModel, encode_scored_text, save_final_scalar_model, scalar_model_from_lm
@@ -74,6 +74,7 @@ class PairSet:
     rejected: list[list[int]]
     margins: list[float]
     skipped: int = 0  # malformed rows left out (skip_bad_rows=true)
+    truncated: int = 0  # pairs whose chosen or rejected text was cut to max_length (0 in a subset)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -90,6 +91,7 @@ def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) 
                        types={config.margin_column: (int, float)} if config.margin_column else None)
     warn_skipped(loaded.skipped, source_name(path))
     chosen, rejected, margins = [], [], []
+    truncated = 0
     for row_no, row in enumerate(loaded.rows, start=1):
         prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
                                system_prompt=config.system_prompt)
@@ -97,11 +99,17 @@ def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) 
             if not isinstance(row[key], str):
                 raise loaded.error(row_no - 1, f"must be a string response, got {type(row[key]).__name__}",
                                    column=key)
-        chosen.append(encode_scored_text(tokenizer, prompt, row[config.chosen_column], config.max_length))
-        rejected.append(encode_scored_text(tokenizer, prompt, row[config.rejected_column], config.max_length))
+        pair = [encode_scored_text(tokenizer, prompt, row[key]) for key in (config.chosen_column, config.rejected_column)]
+        truncated += any(len(ids) > config.max_length for ids in pair)
+        # encode_scored_text's own cut, made here so the cut pairs can be counted: keep the last max_length
+        chosen.append(pair[0][-config.max_length:])
+        rejected.append(pair[1][-config.max_length:])
         margin = row.get(config.margin_column) if config.margin_column else None
         margins.append(0.0 if margin is None else float(margin))
-    return PairSet(chosen, rejected, margins, loaded.skipped)
+    warn_truncated(truncated, source_name(path), f"of {len(chosen)} pairs have a text (prompt + response + EOS) longer "
+                   f"than max_length={config.max_length} tokens; its beginning is cut",
+                   "data/truncated_pairs" if limit is None else "data/truncated_eval_pairs")
+    return PairSet(chosen, rejected, margins, loaded.skipped, truncated)
 
 
 def pair_scores(model: ScalarHeadModel, pairs: PairSet, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,6 +344,7 @@ class RewardTrainer:
         load = load_rankings if self.rankings else load_pairs
         pairs = load(config.dataset, config, self.tokenizer)
         self.skipped_rows = pairs.skipped
+        self.data_counts = {"data/truncated_pairs": pairs.truncated}  # counted before any eval_fraction split
         if config.eval_dataset:
             if is_rankings_file(config.eval_dataset, config) != self.rankings:
                 raise ValueError(f"rm: dataset {source_name(config.dataset)} and eval_dataset "
@@ -377,6 +386,7 @@ class RewardTrainer:
         sampler, faults, state = restore_loop(run, cfg, len(self.pairs), {"reward_model": model},
                                               {"reward_model": optimizer}, {"reward_model": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
+        run.record_data_counts(self.data_counts)
         history: list[dict[str, float]] = list(state.get("eval_history", []))
         pad = self.tokenizer.pad_token_id
         started = time.time()

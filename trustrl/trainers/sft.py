@@ -36,7 +36,7 @@ from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
 from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
-                                     restore_loop, warn_skipped)
+                                     restore_loop, warn_skipped, warn_truncated)
 from trustrl.utils import seed_everything
 
 
@@ -105,6 +105,7 @@ class _LMTrainer:
             check_vocab(model, self.tokenizer, f"the model passed to {type(self).__name__}")
         parallel.apply(self.model, config.parallelism, self.device)  # parallelism.strategy=fsdp: shard it
         self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
+        self.data_counts: dict[str, int] = {}  # data/truncated_examples, ... set by build_examples
         self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
         if not self.examples:
             raise DataError(source_name(config.dataset), "no training examples after tokenization")
@@ -126,6 +127,7 @@ class _LMTrainer:
         sampler, faults, _ = restore_loop(run, cfg, len(self.examples), {"policy": model}, {"policy": optimizer},
                                           {"policy": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
+        run.record_data_counts(self.data_counts)
         pad = self.tokenizer.pad_token_id
         started = time.time()
         bar = progress(total=max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
@@ -216,6 +218,7 @@ class SFTTrainer(_LMTrainer):
         tok = self.tokenizer
         out = []
         skipped = loaded.skipped
+        truncated = dropped = 0
         for row_no, row in enumerate(loaded.rows, start=1):
             if cfg.messages_column in row and row[cfg.messages_column]:
                 messages = list(row[cfg.messages_column])
@@ -238,8 +241,19 @@ class SFTTrainer(_LMTrainer):
             completion_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = (prompt_ids + completion_ids)[: cfg.max_length]
             mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[: cfg.max_length]
+            if len(prompt_ids) + len(completion_ids) > cfg.max_length:
+                truncated += 1
             if any(mask):
                 out.append((ids, mask))
+            else:  # the prompt alone fills max_length: no completion token left to learn from
+                dropped += 1
         warn_skipped(skipped, source_name(cfg.dataset))
+        source, n = source_name(cfg.dataset), len(loaded.rows)
+        warn_truncated(truncated - dropped, source, f"of {n} examples are longer than max_length={cfg.max_length} "
+                       "tokens (prompt + completion + EOS); their completions are cut at the end",
+                       "data/truncated_examples")
+        warn_truncated(dropped, source, f"of {n} examples have a prompt of max_length={cfg.max_length} tokens or "
+                       "more; they are left out (no completion token remains)", "data/dropped_examples")
         self.skipped_rows = skipped
+        self.data_counts = {"data/truncated_examples": truncated - dropped, "data/dropped_examples": dropped}
         return out
