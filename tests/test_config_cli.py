@@ -149,3 +149,51 @@ def test_config_help_shows_allowed_values_bounds_and_reward_arguments():
     # supervised trainers have no rewards section
     sft = _cli("config-help", "sft").stdout
     assert "Built-in rewards" not in sft and "  max_length = 512   [>= 2]" in sft
+
+
+def test_saved_config_has_absolute_paths_and_resumes_from_another_directory(tiny_model_dir, addition_data, tmp_path):
+    import shutil
+
+    from trustrl.config import PPOConfig, absolute_paths, save_config
+
+    # by hand: relative paths are joined to the working directory and normalized
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    cfg = PPOConfig(model="models/tiny", dataset=["data/a.jsonl", {"path": "data/*.parquet", "weight": 2}],
+                    eval_dataset="../held/out.jsonl", critic_init="/abs/rm", output_dir="runs/x",
+                    rewards=[{"name": "reward_model", "kwargs": {"path": "rm"}}, {"name": "format"}])
+    import os
+
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        absolute = absolute_paths(cfg)
+        save_config(cfg, work / "config.yaml")
+    finally:
+        os.chdir(here)
+    assert absolute.model == f"{work}/models/tiny" and absolute.output_dir == f"{work}/runs/x"
+    assert absolute.dataset[0] == f"{work}/data/a.jsonl"
+    assert absolute.dataset[1].path == f"{work}/data/*.parquet" and absolute.dataset[1].weight == 2
+    assert absolute.eval_dataset == f"{tmp_path}/held/out.jsonl" and absolute.critic_init == "/abs/rm"
+    assert absolute.rewards[0].kwargs == {"path": f"{work}/rm"} and absolute.rewards[1].name == "format"
+    assert cfg.model == "models/tiny"  # the config itself is left as written
+    saved = load_config(PPOConfig, work / "config.yaml")
+    assert saved.model_dump() == absolute.model_dump()
+
+    # a run started with relative paths in one directory resumes from its config.yaml in another
+    shutil.copytree(tiny_model_dir, work / "tiny")
+    shutil.copy(addition_data["rl"], work / "data" / "rl.jsonl")
+    first = _cli("train", "grpo", "model=tiny", "dataset=data/rl.jsonl", "output_dir=run", "max_steps=1",
+                 "prompts_per_step=2", "group_size=2", "max_completion_length=3", "beta=0", "progress=false",
+                 "tensorboard=false", "rewards=[{name: numeric_answer}]", cwd=work)
+    assert first.returncode == 0, first.stderr[-2000:]
+    text = (work / "run" / "config.yaml").read_text()
+    assert f"model: {work}/tiny\n" in text and f"dataset: {work}/data/rl.jsonl\n" in text
+    assert f"output_dir: {work}/run\n" in text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = _cli("train", "grpo", "--config", str(work / "run" / "config.yaml"), "--resume", "max_steps=2",
+                   cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (elsewhere / "run").exists()

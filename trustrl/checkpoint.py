@@ -52,7 +52,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from trustrl.errors import UserError
-from trustrl.logging import _fsync_dir, to_jsonable, write_json_atomic
+from trustrl.logging import _fsync_dir, quiet_transformers, to_jsonable, write_json_atomic
 from trustrl.utils import rng_state as _capture_rng_state
 
 __all__ = [
@@ -166,7 +166,8 @@ def _save_model(name: str, model: nn.Module, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     save_pretrained = getattr(model, "save_pretrained", None)
     if callable(save_pretrained):
-        save_pretrained(str(out), **_save_pretrained_kwargs(save_pretrained))
+        with quiet_transformers():
+            save_pretrained(str(out), **_save_pretrained_kwargs(save_pretrained))
         state_file = "state.safetensors"
         if (out / state_file).exists():
             raise CheckpointError(
@@ -235,7 +236,8 @@ def save_checkpoint(
     try:
         model_meta = {n: _save_model(n, m, tmp / "models" / n) for n, m in models.items()}
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            with quiet_transformers():
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
         torch.save({n: o.state_dict() for n, o in optimizers.items()}, tmp / "optimizers.pt")
         torch.save({n: s.state_dict() for n, s in schedulers.items()}, tmp / "schedulers.pt")
         write_json_atomic(tmp / "trainer_state.json", json_state)

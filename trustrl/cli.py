@@ -30,7 +30,14 @@ TRAINERS = {
 
 
 def _quiet_transformers() -> None:
+    """For the whole command: no transformers progress bars or log lines below ERROR, and no
+    deprecation warnings from the model libraries; all shown with TRUSTRL_DEBUG (--debug)."""
+    from trustrl.logging import debug_output, hide_library_warnings
+
+    if debug_output():
+        return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    hide_library_warnings()
     try:
         from transformers.utils import logging as hf_logging
 

@@ -57,6 +57,10 @@ __all__ = [
     "SampleLog",
     "read_samples",
     "NullMetricsLogger",
+    "DEBUG_ENV",
+    "debug_output",
+    "hide_library_warnings",
+    "quiet_transformers",
 ]
 
 #: Name of the metrics file inside a run directory.
@@ -874,6 +878,53 @@ class NullMetricsLogger:
 # --------------------------------------------------------------------------------------------
 # progress bars
 # --------------------------------------------------------------------------------------------
+
+
+#: Environment variable that lets libraries' own output through (and, in the CLI, tracebacks).
+DEBUG_ENV = "TRUSTRL_DEBUG"
+
+#: Libraries whose deprecation warnings a run hides (transformers' are often attributed to
+#: ``torch.nn.modules.module``, the frame that called the model's forward).
+_NOISY_LIBRARIES = r"(transformers|torch|huggingface_hub|safetensors|peft|accelerate)(\.|$)"
+
+
+def debug_output() -> bool:
+    """True when ``TRUSTRL_DEBUG`` is set to anything but "", "0", "false", "no" (``--debug``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def hide_library_warnings() -> None:
+    """Process-wide (the CLI): ignore FutureWarning / DeprecationWarning raised from the model
+    libraries. Our own warnings (skipped rows, truncated prompts, ...) are UserWarnings and stay."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_NOISY_LIBRARIES)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """While the block runs, transformers' own progress bars ("Loading weights", "Writing model
+    shards"), its log lines below ERROR and the model libraries' deprecation warnings are
+    hidden; the previous settings come back after. With ``TRUSTRL_DEBUG`` set, nothing is
+    hidden. Every load and save of a model or tokenizer in trustrl runs inside it."""
+    if debug_output():
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            hide_library_warnings()
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def progress(

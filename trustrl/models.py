@@ -25,6 +25,7 @@ from torch import nn
 
 from trustrl.config import LoRAConfig
 from trustrl.errors import UserError, cause_summary
+from trustrl.logging import quiet_transformers
 from trustrl.logprobs import IDENTITY, LogitTransform, chunked_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +60,8 @@ def load_tokenizer(path: str | Path):
             "tokenizer.save_pretrained(dir) or pass tokenizer=DIR"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # transformers raises many types here
         raise ModelLoadError(f"could not load the tokenizer in {path}: {cause_summary(err)}") from err
     if tok.eos_token_id is None:
@@ -107,7 +109,8 @@ def load_policy(
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     except Exception as err:
         raise ModelLoadError(f"could not load the model in {path}: {cause_summary(err)}") from err
     if tokenizer is not None:
@@ -397,9 +400,10 @@ def save_model(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     to_save = model
     if is_peft(model):
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(str(directory), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+    with quiet_transformers():
+        to_save.save_pretrained(str(directory), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
     return directory
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from trustrl.logging import quiet_transformers
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
@@ -93,6 +95,7 @@ def create_tiny_model_dir(
         eos_token_id=tok.eos_token_id, seed=seed, **model_kwargs,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
-    tok.save_pretrained(str(directory))
+    with quiet_transformers():
+        model.save_pretrained(str(directory), safe_serialization=True)
+        tok.save_pretrained(str(directory))
     return directory

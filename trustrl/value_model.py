@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from trustrl.errors import cause_summary
+from trustrl.logging import quiet_transformers
 from trustrl.models import DTYPES, ModelLoadError, check_vocab, disable_dropout, trunk_hidden_states
 from trustrl.rollout import Rollout, left_pad
 
@@ -129,7 +130,8 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("safe_serialization", True)
-        self.trunk.save_pretrained(str(directory), **kwargs)
+        with quiet_transformers():
+            self.trunk.save_pretrained(str(directory), **kwargs)
         head = {"weight": self.head.weight.detach().float().cpu().contiguous(),
                 "bias": (self.head.bias.detach().float().cpu().contiguous() if self.head.bias is not None
                          else torch.zeros(1))}
@@ -139,7 +141,8 @@ class ScalarHeadModel(nn.Module):
                 **self.extra}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(directory))
+            with quiet_transformers():
+                tokenizer.save_pretrained(str(directory))
         return directory
 
 
@@ -173,7 +176,8 @@ def _load_trunk(path: Path, dtype: str, gradient_checkpointing: bool) -> nn.Modu
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
     try:
-        trunk = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype])
+        with quiet_transformers():
+            trunk = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype])
     except Exception as err:  # transformers raises many types here
         raise ModelLoadError(f"could not load a trunk (AutoModel) from {path}: {cause_summary(err)}") from err
     if not hasattr(trunk, "get_input_embeddings"):

@@ -480,8 +480,43 @@ def load_config(
     return build_config(cls, data, source)
 
 
+#: Keys whose values are paths of this machine (files, directories, globs): ``config.yaml``
+#: records them absolute, so a run resumes from any working directory.
+PATH_KEYS: tuple[str, ...] = ("model", "tokenizer", "dataset", "eval_dataset", "output_dir", "reward_model",
+                              "critic_model", "critic_init")
+
+
+def absolute_paths(config: BaseModel) -> BaseModel:
+    """A copy of ``config`` with every relative path of :data:`PATH_KEYS` (dataset lists and
+    globs included, weights kept), a checkpoint path in ``resume`` and the ``path`` argument of
+    a ``reward_model`` reward made absolute against the current working directory
+    (``os.path.abspath``: normalized, symlinks left as written). Other values are unchanged."""
+    import os
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value:
+            return os.path.abspath(value)
+        if isinstance(value, DataSource):
+            return value.model_copy(update={"path": absolute(value.path)})
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return value
+
+    fields = type(config).model_fields
+    update = {key: absolute(getattr(config, key)) for key in PATH_KEYS if key in fields}
+    if "resume" in fields and config.resume not in ("never", "auto"):
+        update["resume"] = absolute(config.resume)
+    if "rewards" in fields:
+        update["rewards"] = [spec.model_copy(update={"kwargs": {**spec.kwargs, "path": absolute(spec.kwargs["path"])}})
+                             if spec.name == "reward_model" and isinstance(spec.kwargs.get("path"), str) else spec
+                             for spec in config.rewards]
+    return config.model_copy(update=update)
+
+
 def save_config(config: BaseModel, path: str | Path) -> None:
-    """Write the resolved config as YAML (part of every run directory)."""
+    """Write the resolved config as YAML (part of every run directory), its paths absolute
+    (:func:`absolute_paths`), so ``--config RUN/config.yaml --resume`` works from anywhere."""
+    config = absolute_paths(config)
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
 
