@@ -50,10 +50,8 @@ def test_cli_run_prints_no_transformers_output_unless_debug(tiny_model_dir, addi
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "TRUSTRL_DEBUG")}
-    if debug:
-        env["TRUSTRL_DEBUG"] = "1"
     result = subprocess.run(
-        [sys.executable, "-m", "trustrl", "train", "grpo", f"model={tiny_model_dir}", f"dataset={addition_data['rl']}",
+        [sys.executable, "-m", "trustrl", "train", "grpo", *(["--debug"] if debug else []), f"model={tiny_model_dir}", f"dataset={addition_data['rl']}",
          f"output_dir={tmp_path / 'run'}", "max_steps=1", "prompts_per_step=2", "group_size=2",
          "max_completion_length=3", "beta=0", "progress=false", "tensorboard=false", "rewards=[{name: numeric_answer}]"],
         capture_output=True, text=True, timeout=300, env=env)

@@ -32,9 +32,9 @@ TRAINERS = {
 def _quiet_transformers() -> None:
     """For the whole command: no transformers progress bars or log lines below ERROR, and no
     deprecation warnings from the model libraries; all shown with TRUSTRL_DEBUG (--debug)."""
-    from trustrl.logging import debug_output, hide_library_warnings
+    from trustrl.logging import hide_library_warnings
 
-    if debug_output():
+    if debug_requested():
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     hide_library_warnings()
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     debug = debug or bool(getattr(args, "debug", False))
+    if debug:  # libraries' own output (transformers' bars, deprecation warnings) is shown too
+        os.environ[DEBUG_ENV] = "1"
     if args.command == "train":
         # key=value overrides may come before or after --config
         stray = [u for u in unknown if u.startswith("-") or "=" not in u]

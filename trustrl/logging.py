@@ -57,8 +57,6 @@ __all__ = [
     "SampleLog",
     "read_samples",
     "NullMetricsLogger",
-    "DEBUG_ENV",
-    "debug_output",
     "hide_library_warnings",
     "quiet_transformers",
 ]
@@ -880,17 +878,9 @@ class NullMetricsLogger:
 # --------------------------------------------------------------------------------------------
 
 
-#: Environment variable that lets libraries' own output through (and, in the CLI, tracebacks).
-DEBUG_ENV = "TRUSTRL_DEBUG"
-
 #: Libraries whose deprecation warnings a run hides (transformers' are often attributed to
 #: ``torch.nn.modules.module``, the frame that called the model's forward).
 _NOISY_LIBRARIES = r"(transformers|torch|huggingface_hub|safetensors|peft|accelerate)(\.|$)"
-
-
-def debug_output() -> bool:
-    """True when ``TRUSTRL_DEBUG`` is set to anything but "", "0", "false", "no" (``--debug``)."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def hide_library_warnings() -> None:
@@ -906,7 +896,9 @@ def quiet_transformers() -> Iterator[None]:
     shards"), its log lines below ERROR and the model libraries' deprecation warnings are
     hidden; the previous settings come back after. With ``TRUSTRL_DEBUG`` set, nothing is
     hidden. Every load and save of a model or tokenizer in trustrl runs inside it."""
-    if debug_output():
+    from trustrl.errors import debug_requested
+
+    if debug_requested():
         yield
         return
     try:
