@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     debug = debug or bool(getattr(args, "debug", False))
-    if debug:  # libraries' own output (transformers' bars, deprecation warnings) is shown too
-        os.environ[DEBUG_ENV] = "1"
     if args.command == "train":
         # key=value overrides may come before or after --config
         stray = [u for u in unknown if u.startswith("-") or "=" not in u]
@@ -237,10 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    previous = os.environ.get(DEBUG_ENV)
+    if debug:  # for this command, libraries' own output (transformers' bars, warnings) is shown too
+        os.environ[DEBUG_ENV] = "1"
     try:
         return int(args.func(args) or 0)
     except UserError as err:
         return report_user_error(err, debug)
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
 
 
 if __name__ == "__main__":
