@@ -5,7 +5,8 @@ Checked, with the tolerances of tests/test_distributed.py (its helpers are reuse
 derivation of each tolerance is in its docstring):
 
 1. 2 sharded processes end where 1 unsharded process ends, for GRPO (and its LoRA variant),
-   PPO (policy, reference and critic sharded), SFT and the reward model: the first update's
+   PPO (policy, reference and critic sharded), SFT (with gradient checkpointing) and the
+   reward model: the first update's
    gradients (gathered from the shards) within 1e-5 of max |g|; the final parameters within
    L2 1e-4 / max 1e-2 of how far the single process moved them; the logged metrics within
    relative 1e-4 (rollouts identical: sampling on gathered weights does not depend on the split).
@@ -14,8 +15,10 @@ derivation of each tolerance is in its docstring):
    the ranks by the reduce-scatter) within 1e-6; generation on gathered weights with a
    different number of rows (and decoding steps) per rank equals the unsharded sampler's.
 3. Memory: the parameters, gradients and AdamW states a rank holds (DTensor.to_local() sizes,
-   optimizer state tensors) are at most 0.55 of the whole at 2 ranks (FSDP pads dim 0 to a
-   multiple of 2: a shard is ceil(rows / 2) rows, so a little over 0.5 is possible).
+   optimizer state tensors) are at most 0.55 of the whole at 2 ranks, for a causal LM and for
+   a scalar-head model (critic / reward model, whose H + 1 head numbers stay replicated). FSDP
+   pads dim 0 to a multiple of 2 (a shard is ceil(rows / 2) rows), so a little over 0.5 is
+   possible.
 4. Sharded checkpoints: every rank wrote its shard (``dcp/__0_0.distcp``, ``__1_0.distcp``);
    interrupted after step 2 and resumed at the same world size the run ends BITWISE where the
    uninterrupted one ends; resumed at another world size (2 -> 1 and 1 -> 2) it ends within
@@ -54,6 +57,7 @@ WORKER = textwrap.dedent('''
     from trustrl.cli import main
     from trustrl.models import load_policy, load_tokenizer
     from trustrl.rollout import completion_logprobs, generate, left_pad
+    from trustrl.value_model import scalar_model_from_lm
 
     torch.set_num_threads(1)
     model_dir, out = sys.argv[1], Path(sys.argv[3])
@@ -96,8 +100,19 @@ WORKER = textwrap.dedent('''
         parallel.reshard(model)
         opt.step()
         shares = {**shares_before_step, **parallel.memory_shares(model, opt)}
+        # a scalar-head model (critic, reward model): the trunk sharded, the Linear(H, 1) head replicated
+        critic = scalar_model_from_lm(model_dir, kind="value", zero_head=False, tokenizer=tok, seed=0)
+        parallel.shard_model(critic, torch.device("cpu"), root=critic.trunk)
+        critic.completion_values(local).sum().backward()
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+        dist.all_reduce_gradients(critic)
+        critic_shares = parallel.memory_shares(critic)
+        parallel.reshard(critic)
+        critic_opt.step()
+        critic_shares.update(parallel.memory_shares(critic, critic_opt))
         if r == 0:
-            (out / "sharding.json").write_text(json.dumps({"shares": shares, "grad_rel_gap": grad_gap}))
+            (out / "sharding.json").write_text(json.dumps({"shares": shares, "critic_shares": critic_shares,
+                                                          "grad_rel_gap": grad_gap}))
 
 
     current = {}
@@ -148,9 +163,10 @@ def _commands(model_dir, data, root: Path, tag: str, fsdp: bool) -> dict[str, li
         # LoRA adapters sharded with their layers; reference = adapters off (4 prompts: 2 groups per rank)
         "grpo_lora": ["train", "grpo", *common, *rl, f"output_dir={out / 'grpo_lora'}", "max_steps=2",
                       "prompts_per_step=4", "group_size=4", "beta=0.04", "lora={r: 4, alpha: 8}"],
-        # 7 sequences: 4 + 3 per rank, 2 micro-batches each
+        # 7 sequences: 4 + 3 per rank, 2 micro-batches each; activations recomputed in the backward
+        # (the layers' checkpointed forward runs inside FSDP's gathered unit)
         "sft": ["train", "sft", *common, f"dataset={data['sft']}", f"output_dir={out / 'sft'}", "max_steps=3",
-                "batch_size=7", "gradient_accumulation_steps=2"],
+                "batch_size=7", "gradient_accumulation_steps=2", "gradient_checkpointing=true"],
         "rm": ["train", "rm", *common, f"dataset={root / 'pairs.jsonl'}", f"output_dir={out / 'rm'}", "max_steps=3",
                "batch_size=6", "center_rewards_coef=0.01"],
         # minibatches of 3 completions over both ranks' rows: a rank may hold none of one (stand-in pass)
@@ -221,8 +237,9 @@ def test_fsdp_two_processes_end_where_one_process_ends(tiny_model_dir, addition_
     # 2 and 3: exactness of the pieces, memory per rank
     sharding = json.loads((tmp_path / "out" / "sharding.json").read_text())
     print("per-rank shares at 2 ranks:", sharding)
-    assert set(sharding["shares"]) == {"params", "grads", "optimizer"}
-    assert all(0 < v <= 0.55 for v in sharding["shares"].values()), sharding
+    for kind in ("shares", "critic_shares"):
+        assert set(sharding[kind]) == {"params", "grads", "optimizer"}, sharding
+        assert all(0 < v <= 0.55 for v in sharding[kind].values()), sharding
 
     # 1. 2 sharded processes == 1 process
     init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))

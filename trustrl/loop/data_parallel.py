@@ -76,6 +76,7 @@ class _PromptShard:
         self.base, self.lo, self.hi = prompts, lo, hi
         self.token_ids = prompts.token_ids[lo:hi]
         self.texts = prompts.texts[lo:hi]
+        self.is_conversation = prompts.is_conversation[lo:hi]
 
     def __len__(self) -> int:
         return self.hi - self.lo
