@@ -72,3 +72,17 @@ def test_reward_model_counts_cut_pairs(tiny_model_dir, tmp_path):
     assert [len(x) for x in trainer.pairs.rejected] == [7, 6]  # the last 7 tokens of the cut one
     trainer.train()
     assert read_metrics(cfg.output_dir)[0]["data/truncated_pairs"] == 1
+
+
+def test_reward_model_counts_cut_rankings(tiny_model_dir, tmp_path):
+    from trustrl.models import load_tokenizer
+    from trustrl.trainers.reward_model import load_rankings
+
+    # "1+1=" + "345" + EOS = 8 tokens > max_length 7: the first ranking has a cut response
+    rows = [{"prompt": "1+1=", "responses": ["2", "345", "5"], "ranks": [1, 2, 3]},
+            {"prompt": "2+2=", "responses": ["4", "5"], "ranks": [1, 2]}]
+    data = _write(tmp_path / "rank.jsonl", rows)
+    cfg = RewardConfig(**_common(tiny_model_dir, tmp_path, "rm"), dataset=str(data), max_length=7)
+    with pytest.warns(UserWarning, match=r"rank\.jsonl: 1 of 2 rankings have a text .* longer than max_length=7"):
+        rankings = load_rankings(cfg.dataset, cfg, load_tokenizer(tiny_model_dir))
+    assert rankings.truncated == 1 and [len(t) for t in rankings.texts[0]] == [6, 7, 6]

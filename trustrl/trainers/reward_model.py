@@ -184,6 +184,7 @@ class RankingSet:
     texts: list[list[list[int]]]
     ranks: list[list[int]]
     skipped: int = 0  # malformed rows left out (skip_bad_rows=true)
+    truncated: int = 0  # rankings with a response text cut to max_length (0 in a subset)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -216,7 +217,7 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
     name = source_name(path)
     warn_skipped(loaded.skipped, name)
     rows = [r for r in current_judgements(loaded.rows, where=name) if r.get("action", "rank") == "rank"]
-    texts, ranks, no_comparison = [], [], 0
+    texts, ranks, no_comparison, truncated = [], [], 0, 0
     for row_no, row in enumerate(rows, start=1):
         where = f"{name} ranking {row_no}"
         for key in (config.prompt_column, config.responses_column, config.ranks_column):
@@ -232,7 +233,9 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
             continue
         prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
                                system_prompt=config.system_prompt)
-        texts.append([encode_scored_text(tokenizer, prompt, r, config.max_length) for r in responses])
+        full = [encode_scored_text(tokenizer, prompt, r) for r in responses]
+        truncated += any(len(ids) > config.max_length for ids in full)
+        texts.append([ids[-config.max_length:] for ids in full])  # encode_scored_text's cut: the last max_length
         ranks.append(order)
         if limit is not None and len(texts) >= limit:
             break
@@ -241,7 +244,10 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
                       stacklevel=2)
     if not texts:
         raise ValueError(f"{name}: no ranking with two differently ranked responses")
-    return RankingSet(texts, ranks, loaded.skipped)
+    warn_truncated(truncated, name, f"of {len(texts)} rankings have a text (prompt + response + EOS) longer than "
+                   f"max_length={config.max_length} tokens; its beginning is cut",
+                   "data/truncated_pairs" if limit is None else "data/truncated_eval_pairs")
+    return RankingSet(texts, ranks, loaded.skipped, truncated)
 
 
 def ranking_scores(model: ScalarHeadModel, rankings: RankingSet, pad_id: int, device
@@ -344,7 +350,8 @@ class RewardTrainer:
         load = load_rankings if self.rankings else load_pairs
         pairs = load(config.dataset, config, self.tokenizer)
         self.skipped_rows = pairs.skipped
-        self.data_counts = {"data/truncated_pairs": pairs.truncated}  # counted before any eval_fraction split
+        # counted before any eval_fraction split (rankings: rankings with a cut response)
+        self.data_counts = {"data/truncated_pairs": pairs.truncated}
         if config.eval_dataset:
             if is_rankings_file(config.eval_dataset, config) != self.rankings:
                 raise ValueError(f"rm: dataset {source_name(config.dataset)} and eval_dataset "
