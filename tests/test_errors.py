@@ -140,15 +140,16 @@ def test_config_error_stays_one_message(tmp_path, capsys):
     assert code == 2 and "Traceback" not in text and "lerning_rate: unknown key" in text
 
 
-@pytest.mark.parametrize("rewards, names", [
-    ([{"name": "numeric_answr"}], ["unknown reward 'numeric_answr'", "numeric_answer"]),
-    ([{"name": "no_such_module_xyz:score"}], ["no_such_module_xyz:score", "cannot import module"]),
-    ([{"name": "json:no_such_function"}], ["json:no_such_function", "no attribute"]),
-    ([{"name": "format", "kwargs": {"patern": "x"}}], ["reward 'format'", "patern"]),
-    ([{"name": "format"}, {"name": "format"}], ["two rewards are named 'format'", "alias"]),
+@pytest.mark.parametrize("settings, names", [
+    ({"rewards": [{"name": "numeric_answr"}]}, ["unknown reward 'numeric_answr'", "numeric_answer"]),
+    ({"rewards": [{"name": "no_such_module_xyz:score"}]}, ["no_such_module_xyz:score", "cannot import module"]),
+    ({"rewards": [{"name": "json:no_such_function"}]}, ["json:no_such_function", "no attribute"]),
+    ({"rewards": [{"name": "format", "kwargs": {"patern": "x"}}]}, ["reward 'format'", "patern"]),
+    ({"rewards": [{"name": "format"}, {"name": "format"}]}, ["two rewards are named 'format'", "alias"]),
+    ({"rewards": [{"name": "format", "alias": "fmt"}], "eval_reward": "correct"}, ["eval_reward 'correct'", "['fmt']"]),
 ])
-def test_reward_spec_errors_before_the_model(tiny_model_dir, tmp_path, capsys, no_policy_load, rewards, names):
-    cfg = write_config(tmp_path, tiny_model_dir, write_rows(tmp_path / "rl.jsonl", ROWS), rewards=rewards)
+def test_reward_spec_errors_before_the_model(tiny_model_dir, tmp_path, capsys, no_policy_load, settings, names):
+    cfg = write_config(tmp_path, tiny_model_dir, write_rows(tmp_path / "rl.jsonl", ROWS), **settings)
     assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), *names)
 
 
@@ -178,6 +179,23 @@ def test_reward_model_directory_that_is_not_one(tiny_model_dir, tmp_path, capsys
     cfg = write_config(tmp_path, tiny_model_dir, write_rows(tmp_path / "rl.jsonl", ROWS),
                        reward_model=str(tmp_path / "no_rm"))
     assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), "no_rm", "not found")
+
+
+def test_reward_model_is_loaded_only_after_every_requirement(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A reward-model directory that passes the cheap checks but does not load: a missing column
+    is still reported first (nothing loaded yet); with the column, the load error names the file."""
+    from trustrl.value_model import FORMAT_NAME, FORMAT_VERSION, HEAD_FILE, META_FILE
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", rm / "config.json")
+    (rm / META_FILE).write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION}))
+    (rm / HEAD_FILE).write_bytes(b"not safetensors")
+    settings = {"rewards": [{"name": "exact_answer"}], "reward_model": str(rm)}
+    cfg = write_config(tmp_path, tiny_model_dir, write_rows(tmp_path / "q.jsonl", [{"prompt": "1+1="}]), **settings)
+    assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), "exact_answer", "'answer'")
+    cfg = write_config(tmp_path, tiny_model_dir, write_rows(tmp_path / "rl.jsonl", ROWS), **settings)
+    assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), str(rm))
 
 
 def test_reward_failure_during_training(tiny_model_dir, tmp_path, capsys, reward_module):

@@ -4,7 +4,9 @@ scored batches, and greedy held-out evaluation. Shared by every algorithm plug-i
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +15,8 @@ from torch import nn
 
 from trustrl.config import RLConfig
 from trustrl.data import encode_prompt, load_rows, source_name
-from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpecError, ScoreResult, check_unique_names,
-                                      resolve_reward, score_completions, to_spec)
+from trustrl.rewards.registry import (BATCH_ARGUMENTS, NamedReward, RewardSpec, RewardSpecError, ScoreResult,
+                                      check_unique_names, resolve_reward, score_completions, to_spec)
 from trustrl.rollout import Rollout, generate, left_pad
 from trustrl.trainers.common import warn_skipped, warn_truncated
 
@@ -87,26 +89,59 @@ def with_reward_funcs(config: RLConfig, reward_funcs: list[Any] | None) -> RLCon
     return config.model_copy(update={"rewards": [*config.rewards, *(to_spec(f) for f in reward_funcs)]})
 
 
+def _not_loaded(prompts, completions, **columns):
+    raise RuntimeError("a reward model of this RewardSuite is not loaded yet: call RewardSuite.load_models()")
+
+
 class RewardSuite:
     """The configured reward functions (and optional reward model), weighted and checked.
+
+    Built in two phases so that every reward requirement is checked before any model loads:
+    the constructor resolves the rule and Python rewards and checks reward-model directories
+    (cheap); :meth:`check_columns` checks the dataset; :meth:`load_models` then loads the
+    reward models (``load_models=True``: at once).
 
     ``step``: the training step reward functions are told (keyword ``step``); the loop sets it
     before each step's sampling, so held-out evaluation after step s sees s."""
 
-    def __init__(self, config: RLConfig, extra: list[Any] | None = None, device=None):
+    def __init__(self, config: RLConfig, extra: list[Any] | None = None, device=None, *, load_models: bool = True):
+        from trustrl.rewards.reward_model import check_reward_model_dir, reward_model_reward
+
         self.config = config
         self.step = 0
-        self.rewards: list[NamedReward] = [resolve_reward(spec) for spec in [*config.rewards, *(extra or [])]]
+        self.rewards: list[NamedReward] = []
+        self._loaders: dict[int, Callable[[], NamedReward]] = {}  # position -> loads that reward model
+        for entry in [*config.rewards, *(extra or [])]:
+            spec = entry if isinstance(entry, NamedReward) else to_spec(entry)
+            if isinstance(spec, RewardSpec) and spec.name == "reward_model":  # the built-in: a model
+                if "path" not in spec.kwargs:
+                    raise RewardSpecError("built-in reward 'reward_model' needs kwargs.path: the directory of a "
+                                          "trained reward model")
+                check_reward_model_dir(spec.kwargs["path"])
+                self._loaders[len(self.rewards)] = functools.partial(resolve_reward, spec)
+                self.rewards.append(NamedReward(spec.alias or "reward_model", _not_loaded, float(spec.weight)))
+            else:
+                self.rewards.append(resolve_reward(spec))
         if config.reward_model:
-            from trustrl.rewards.reward_model import reward_model_reward
-
-            self.rewards.append(NamedReward("reward_model", reward_model_reward(config.reward_model, device=device),
-                                            config.reward_model_weight))
+            check_reward_model_dir(config.reward_model)
+            path, weight = config.reward_model, config.reward_model_weight
+            self._loaders[len(self.rewards)] = lambda: NamedReward(
+                "reward_model", reward_model_reward(path, device=device), weight)
+            self.rewards.append(NamedReward("reward_model", _not_loaded, weight))
         if not self.rewards:
             raise RewardSpecError("no reward: set `rewards:` (e.g. [{name: numeric_answer}]) or `reward_model:`")
         check_unique_names(self.rewards)
         names = [r.name for r in self.rewards]
+        self.by_name(config.eval_reward)  # a typo in eval_reward fails now, not at the first evaluation
         self.fault_totals: dict[str, int] = {name: 0 for name in names}
+        if load_models:
+            self.load_models()
+
+    def load_models(self) -> None:
+        """Load the reward models (their directories were checked by the constructor)."""
+        for position, load in sorted(self._loaders.items()):
+            self.rewards[position] = load()
+        self._loaders.clear()
 
     def check_columns(self, prompts: PromptSet) -> None:
         """Before any model loads: every argument a reward requires (a declared parameter
@@ -167,7 +202,7 @@ class RewardSuite:
         for r in self.rewards:
             if r.name == name:
                 return r
-        raise ValueError(f"eval_reward {name!r} is not one of the rewards: {[r.name for r in self.rewards]}")
+        raise RewardSpecError(f"eval_reward {name!r} is not one of the rewards: {[r.name for r in self.rewards]}")
 
 
 def sample_and_score(
@@ -259,11 +294,11 @@ class RLModels:
 def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_funcs=None, model=None,
                    tokenizer=None, gradient_checkpointing: bool | None = None) -> RLModels:
     """Rewards first (cheap, fail fast on a bad spec), then data and the columns the rewards need,
-    then models. ``beta = 0`` loads no reference model at all; with LoRA the reference is the
+    then models (reward models, the policy). ``beta = 0`` loads no reference model at all; with LoRA the reference is the
     base model (``reference_context``)."""
     from trustrl.models import check_vocab, load_policy, load_tokenizer, logit_transform, make_reference
 
-    rewards = RewardSuite(config, extra=reward_funcs, device=device)
+    rewards = RewardSuite(config, extra=reward_funcs, device=device, load_models=False)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
     prompts = PromptSet(config.dataset, config, tokenizer)
     eval_prompts = (PromptSet(config.eval_dataset, config, tokenizer, limit=config.eval_prompts)
@@ -271,6 +306,7 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
     for prompt_set in (prompts, eval_prompts):
         if prompt_set is not None:
             rewards.check_columns(prompt_set)
+    rewards.load_models()  # every requirement checked: the reward models, then the policy
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
     if model is None:
