@@ -391,7 +391,10 @@ def check_parameters_equal(module: nn.Module, what: str = "model") -> None:
     if not is_distributed():
         return
     with torch.no_grad():
-        flat = torch.cat([p.detach().float().reshape(-1) for p in module.parameters()]).to(_comm_device())
+        replicated = [p for p in module.parameters() if not _is_dtensor(p)]  # (FSDP shards differ by design)
+        if not replicated:
+            return
+        flat = torch.cat([p.detach().float().reshape(-1) for p in replicated]).to(_comm_device())
         ref = flat.clone()
         dist.broadcast(ref, src=0)
         diff = float((flat - ref).abs().max()) if flat.numel() else 0.0
