@@ -77,12 +77,16 @@ ACCUMULATION_CASES = {
 @pytest.mark.parametrize("case", sorted(ACCUMULATION_CASES))
 def test_gradient_accumulation_1xN_equals_Nx1(tiny_model_dir, addition_data, tmp_path, monkeypatch, case):
     grads = {}
-    for accumulation in (1, 4):
+    # 1 x 16, 4 x 4, and token-budget micro-batches (40 padded tokens: 1 to 3 length-sorted,
+    # trimmed rows each, of unequal sizes)
+    splits = {1: dict(gradient_accumulation_steps=1), 4: dict(gradient_accumulation_steps=4),
+              "budget": dict(micro_batch_tokens=40)}
+    for split, settings in splits.items():
         captured = _capture_grads(monkeypatch)
-        cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(accumulation), max_steps=1,
-                          gradient_accumulation_steps=accumulation, rewards=[], **ACCUMULATION_CASES[case])
+        cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(split), max_steps=1,
+                          rewards=[], **settings, **ACCUMULATION_CASES[case])
         GRPOTrainer(cfg, reward_funcs=[count_a]).train()
-        grads[accumulation] = captured[0]
+        grads[split] = captured[0]
         monkeypatch.undo()
     # same seed -> same rollouts; only the summation order of float32 terms differs.
     # Tolerance: 1e-5 relative to the largest gradient entry (float32 has ~1e-7 resolution;
@@ -91,6 +95,7 @@ def test_gradient_accumulation_1xN_equals_Nx1(tiny_model_dir, addition_data, tmp
     assert scale > 0
     for name, g in grads[1].items():
         torch.testing.assert_close(grads[4][name], g, rtol=0, atol=1e-5 * float(scale))
+        torch.testing.assert_close(grads["budget"][name], g, rtol=0, atol=1e-5 * float(scale))
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_data, tmp_path, monkeypatch):
@@ -104,7 +109,9 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_data, tmp_p
     trainer.train()
 
 
-def test_ratio_is_exactly_one_at_first_iteration_then_moves_and_clips(tiny_model_dir, addition_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", [dict(gradient_accumulation_steps=2), dict(micro_batch_tokens=50)])
+def test_ratio_is_exactly_one_at_first_iteration_then_moves_and_clips(tiny_model_dir, addition_data, tmp_path, monkeypatch,
+                                                                      split):
     calls = []
     original = grpo_module.policy_loss_sum
 
@@ -117,15 +124,16 @@ def test_ratio_is_exactly_one_at_first_iteration_then_moves_and_clips(tiny_model
     monkeypatch.setattr(grpo_module, "policy_loss_sum", recording)
     # a large learning rate so the second iteration's ratio leaves [1 - eps, 1 + eps]
     cfg = make_config(tiny_model_dir, addition_data, tmp_path, max_steps=1, num_iterations=3,
-                      learning_rate=5e-2, clip_low=0.05, rewards=[], gradient_accumulation_steps=2)
+                      learning_rate=5e-2, clip_low=0.05, rewards=[], **split)
     GRPOTrainer(cfg, reward_funcs=[count_a]).train()
-    assert len(calls) == 6  # 3 iterations x 2 micro-batches
-    for log_ratio, _, metrics in calls[:2]:
+    n_micro = len(calls) // 3  # 3 iterations x the micro-batches (budget 50: rows of ~8-14 tokens)
+    assert n_micro >= 2 and len(calls) == 3 * n_micro
+    for log_ratio, _, metrics in calls[:n_micro]:
         assert torch.equal(log_ratio, torch.zeros_like(log_ratio))  # exactly 1, bitwise
         assert metrics["clip_fraction"] == 0.0
-    moved = torch.cat([c[0] for c in calls[2:]])
+    moved = torch.cat([c[0] for c in calls[n_micro:]])
     assert moved.abs().max() > 0.05
-    assert max(c[2]["clip_fraction"] for c in calls[2:]) > 0
+    assert max(c[2]["clip_fraction"] for c in calls[n_micro:]) > 0
 
 
 @pytest.mark.parametrize("overrides", [

@@ -238,16 +238,19 @@ def test_one_micro_batch_of_n_rankings_equals_n_micro_batches_of_one(tiny_model_
 
     write_jsonl(tmp_path / "rankings.jsonl", _ranking_rows(random.Random(3), 4))
     grads = {}
-    for accum in (1, 4):
+    # (and token-budget micro-batches of 100 padded tokens: rankings sorted by K_max x longest text)
+    splits = {1: {}, 4: dict(gradient_accumulation_steps=4), "budget": dict(micro_batch_tokens=100)}
+    for accum, split in splits.items():
         model = scalar_model_from_lm(tiny_model_dir, kind="reward", zero_head=False, seed=4).double()
         cfg = RewardConfig(model=str(tiny_model_dir), dataset=str(tmp_path / "rankings.jsonl"),
                            output_dir=str(tmp_path / f"{loss}{accum}"), max_steps=1, batch_size=4,
-                           gradient_accumulation_steps=accum, max_length=24, rank_loss=loss, rank_ties="half",
+                           max_length=24, rank_loss=loss, rank_ties="half", **split,
                            progress=False, tensorboard=False, seed=0, device="cpu")
         grads[accum] = first_step_gradients(RewardTrainer(cfg, model=model, tokenizer=load_tokenizer(tiny_model_dir)))
-    assert grads[4].keys() == grads[1].keys()
-    for name, g in grads[1].items():
-        torch.testing.assert_close(grads[4][name], g, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for split in (4, "budget"):
+        assert grads[split].keys() == grads[1].keys()
+        for name, g in grads[1].items():
+            torch.testing.assert_close(grads[split][name], g, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
     assert max(float(g.abs().max()) for g in grads[1].values()) > 1e-4  # not a vacuous comparison
 
 

@@ -199,15 +199,18 @@ def test_one_micro_batch_of_n_pairs_equals_n_micro_batches_of_one(tiny_model_dir
         row["margin"] = 0.25 * i
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     grads = {}
-    for accum in (1, 4, 6):
+    # and token-budget micro-batches (60 padded tokens: pairs sorted by their longer text)
+    splits = {1: {}, 4: dict(gradient_accumulation_steps=4), 6: dict(gradient_accumulation_steps=6),
+              "budget": dict(micro_batch_tokens=60)}
+    for accum, split in splits.items():
         tok = load_tokenizer(tiny_model_dir)
         model = scalar_model_from_lm(tiny_model_dir, kind="reward", zero_head=False, seed=4).double()
         cfg = RewardConfig(model=str(tiny_model_dir), dataset=str(tmp_path / "pairs.jsonl"),
                            output_dir=str(tmp_path / f"run{accum}"), max_steps=1, batch_size=6,
-                           gradient_accumulation_steps=accum, center_rewards_coef=center, max_length=24,
+                           center_rewards_coef=center, max_length=24, **split,
                            progress=False, tensorboard=False, seed=0, device="cpu")
         grads[accum] = first_step_gradients(RewardTrainer(cfg, model=model, tokenizer=tok))
-    for accum in (4, 6):
+    for accum in (4, 6, "budget"):
         assert grads[accum].keys() == grads[1].keys()
         for name, g in grads[1].items():
             torch.testing.assert_close(grads[accum][name], g, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")

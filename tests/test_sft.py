@@ -86,22 +86,27 @@ def test_one_micro_batch_of_n_rows_equals_n_micro_batches_of_one(tiny_model_dir,
             {"prompt": "0=", "completion": "<answer>0</answer>"}]
     write_jsonl(tmp_path / "sft.jsonl", rows)
     grads = {}
-    for accum in (1, 3, 5):
+    # also token-budget micro-batches: 24 padded tokens over the length-sorted rows of 14, 13,
+    # 11, 6 and 6 tokens: {14}, {13}, {11, 6} (2 x 11 = 22; a third row would make 33), {6},
+    # each cut to its longest row
+    splits = {1: {}, 3: dict(gradient_accumulation_steps=3), 5: dict(gradient_accumulation_steps=5),
+              "budget": dict(micro_batch_tokens=24)}
+    for accum, split in splits.items():
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double()
         cfg = _config(tiny_model_dir, tmp_path / "sft.jsonl", tmp_path / f"run{accum}", batch_size=5, max_steps=1,
-                      gradient_accumulation_steps=accum)
+                      **split)
         trainer = SFTTrainer(cfg, model=model, tokenizer=load_tokenizer(tiny_model_dir))
         n_targets = [sum(m[1:]) for _, m in trainer.examples]
         assert len(set(n_targets)) >= 4, n_targets  # the rows really are of unequal lengths
         grads[accum] = first_step_gradients(trainer)
-    for accum in (3, 5):
+    for accum in (3, 5, "budget"):
         assert grads[accum].keys() == grads[1].keys()
         for name, g in grads[1].items():
             torch.testing.assert_close(grads[accum][name], g, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
     assert max(float(g.abs().max()) for g in grads[1].values()) > 1e-3  # not a vacuous comparison
     # the logged loss is the token mean over the whole batch in every split
-    losses = [read_metrics(tmp_path / f"run{a}")[0]["loss/nll"] for a in (1, 3, 5)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-12) and losses[2] == pytest.approx(losses[0], rel=1e-12)
+    losses = [read_metrics(tmp_path / f"run{a}")[0]["loss/nll"] for a in (1, 3, 5, "budget")]
+    assert all(loss == pytest.approx(losses[0], rel=1e-12) for loss in losses[1:])
 
 
 def test_token_nll_sum_by_hand():

@@ -26,6 +26,10 @@ References
 * Bradley-Terry reward model: Bradley & Terry 1952; Ouyang et al. 2022, arXiv 2203.02155.
 * Rankings of K: all pairs per ranking (Ouyang et al. 2022); Plackett-Luce (Plackett 1975;
   Luce 1959), ties by Breslow 1974.
+* Rollout correction (behaviour policy = the sampling engine): truncated importance sampling,
+  F. Yao, L. Liu et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+  Training" (blog, fengyao.notion.site); masked importance sampling as in IcePop (Ling Team
+  2025, "Small Leak Can Sink a Great Ship") and veRL's ``docs/algo/rollout_corr.md``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ __all__ = [
     "ranking_pair_count",
     "ranking_pairwise_sum",
     "plackett_luce_sum",
+    "ROLLOUT_CORRECTIONS",
+    "rollout_correction_weights",
+    "logprob_gap",
 ]
 
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_constant")
@@ -249,6 +256,7 @@ def policy_loss_sum(
     clip_high: float | None = None,
     aggregation: str = "token_mean",
     max_len: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[LossSum, dict[str, float]]:
     """PPO clipped surrogate loss (token-level importance ratios), GRPO/DAPO/Dr. GRPO variants.
 
@@ -265,6 +273,10 @@ def policy_loss_sum(
 
     ``clip_high=None`` means ``clip_high = clip_low``. The log-ratio is zeroed at masked
     positions before ``exp`` so garbage padding can't produce inf/NaN gradients.
+
+    ``weights`` ``[B, T]`` (optional, no gradient): each token's ``J_t`` is multiplied by it
+    before aggregation (the rollout correction of :func:`rollout_correction_weights`; a weight
+    of 0 drops the token's gradient while it still counts in the unit).
 
     Metrics (python floats, over valid tokens):
     ``clip_fraction`` -- fraction where the clipped term is the binding one, i.e. the gradient
@@ -287,6 +299,10 @@ def policy_loss_sum(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     objective = torch.minimum(unclipped, clipped)
+    if weights is not None:
+        if tuple(weights.shape) != tuple(logp.shape):
+            raise ValueError(f"{fn}: weights must be [B, T]={tuple(logp.shape)}, got {tuple(weights.shape)}")
+        objective = objective * weights.detach().to(logp.dtype)
     part = aggregate_sum(objective, mask, aggregation, max_len)
     loss = LossSum(-part.total, part.count, part.unit)
 
@@ -334,6 +350,7 @@ def sequence_policy_loss_sum(
     mask: torch.Tensor,
     clip_low: float = 3e-4,
     clip_high: float | None = 4e-4,
+    weights: torch.Tensor | None = None,
 ) -> tuple[LossSum, dict[str, float]]:
     """GSPO: clipped surrogate with a length-normalised *sequence* importance ratio.
 
@@ -346,7 +363,8 @@ def sequence_policy_loss_sum(
         loss = -J
 
     ``B'`` counts sequences with at least one valid token (the unit ``sequences`` of the
-    returned :class:`LossSum`, whose total is ``-sum_i min(...)``). Defaults ``clip_low=3e-4`` and
+    returned :class:`LossSum`, whose total is ``-sum_i min(...)``). ``weights [B]`` (optional,
+    no gradient) multiplies each sequence's term (sequence-level rollout correction). Defaults ``clip_low=3e-4`` and
     ``clip_high=4e-4`` are the paper's ranges (sequence ratios sit much closer to 1 than token
     ratios); ``clip_high=None`` means ``clip_high = clip_low``.
 
@@ -368,6 +386,10 @@ def sequence_policy_loss_sum(
     s = torch.exp(seq_log_ratio)
     adv = advantages.to(logp.dtype)
     objective = torch.minimum(s * adv, s.clamp(1.0 - clip_low, 1.0 + clip_high) * adv)
+    if weights is not None:
+        if tuple(weights.shape) != (logp.shape[0],):
+            raise ValueError(f"{fn}: weights must be [B={logp.shape[0]}], got {tuple(weights.shape)}")
+        objective = objective * weights.detach().to(logp.dtype)
     nonempty = m.any(dim=1)
     loss = LossSum(-masked_sum(objective, nonempty), _count(nonempty.sum(), logp), "sequences")
     with torch.no_grad():
@@ -380,6 +402,95 @@ def sequence_policy_loss_sum(
             "ratio_max": float(s[nonempty].max()) if any_valid else 1.0,
         }
     return loss, metrics
+
+
+ROLLOUT_CORRECTIONS: tuple[str, ...] = ("none", "tis", "mis")
+
+
+def rollout_correction_weights(
+    old_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    level: str = "token",
+    cap: float = 2.0,
+    lower: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights that correct for sampling from a behaviour policy ``mu`` (the
+    rollout engine) while the surrogate's "old" policy is the trainer's ``pi_old``.
+
+    Shapes: ``old_logp, behaviour_logp [B, T]``, ``mask [B, T]`` bool -> ``weights [B, T]``
+    (float, no gradient; 0 at masked positions) and metrics. The ratio::
+
+        token level:     rho_t = exp(log pi_old(y_t) - log mu(y_t))
+        sequence level:  rho_i = exp(sum_t m_it (log pi_old(y_it) - log mu(y_it)))  (every token of i)
+
+    * ``mode="tis"`` (truncated IS, Yao et al. 2025): ``w = min(rho, cap)``; the policy
+      gradient becomes ``E_mu[min(rho, C) grad J_t]``: unbiased up to the truncation, variance
+      bounded by ``C``.
+    * ``mode="mis"`` (masked IS; IcePop's ``M(rho; alpha, beta)``, veRL's rejection masks):
+      ``w = rho`` when ``lower <= rho <= cap``, else 0 -- a token (or a whole sequence) whose
+      behaviour and trainer probabilities disagree by more than the band is dropped from the
+      gradient (it still counts in the loss's unit, as in TRL and IcePop). ``lower`` defaults to
+      ``1 / cap``; ``lower=0`` masks only above ``cap`` (TRL's ``*_mask`` modes).
+    * ``mode="none"``: ``w = 1`` at every valid position.
+
+    Metrics (over valid tokens): ``ratio_mean``, ``ratio_max``, ``ratio_min``, ``weight_mean``,
+    ``truncated_fraction`` (TIS: ``rho > cap``) or ``masked_fraction`` (MIS: outside the band).
+    """
+    fn = "rollout_correction_weights"
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"{fn}: unknown mode {mode!r}; allowed: {ROLLOUT_CORRECTIONS}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"{fn}: level must be 'token' or 'sequence', got {level!r}")
+    if not cap > 1.0:
+        raise ValueError(f"{fn}: cap must be > 1, got {cap}")
+    if old_logp.shape != behaviour_logp.shape or old_logp.dim() != 2:
+        raise ValueError(f"{fn}: old_logp and behaviour_logp must both be [B, T], got "
+                         f"{tuple(old_logp.shape)} and {tuple(behaviour_logp.shape)}")
+    _check_mask(fn, mask, old_logp)
+    lower = 1.0 / cap if lower is None else lower
+    if not 0.0 <= lower < cap:
+        raise ValueError(f"{fn}: lower must lie in [0, cap={cap}), got {lower}")
+    with torch.no_grad():
+        m = torch.broadcast_to(mask, old_logp.shape)
+        dt = torch.promote_types(old_logp.dtype, behaviour_logp.dtype)
+        zero = torch.zeros((), dtype=dt, device=old_logp.device)
+        log_rho = torch.where(m, old_logp.to(dt) - behaviour_logp.to(dt), zero)
+        if level == "sequence":
+            log_rho = torch.where(m, log_rho.sum(dim=1, keepdim=True).expand_as(log_rho), zero)
+        rho = torch.exp(log_rho)
+        if mode == "tis":
+            weights, flagged = rho.clamp(max=cap), rho > cap
+        elif mode == "mis":
+            flagged = (rho < lower) | (rho > cap)
+            weights = torch.where(flagged, zero, rho)
+        else:
+            weights, flagged = torch.ones_like(rho), torch.zeros_like(m)
+        weights = torch.where(m, weights, zero)
+        n = m.sum().clamp_min(1).to(dt)
+        valid = bool(m.any())
+        metrics = {
+            "ratio_mean": float(torch.where(m, rho, zero).sum() / n),
+            "ratio_max": float(rho[m].max()) if valid else 1.0,
+            "ratio_min": float(rho[m].min()) if valid else 1.0,
+            "weight_mean": float(weights.sum() / n),
+            ("masked_fraction" if mode == "mis" else "truncated_fraction"): float((flagged & m).sum() / n),
+        }
+    return weights, metrics
+
+
+def logprob_gap(trainer_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
+    """``(max, sum, count)`` of ``|log pi_trainer - log mu|`` over the valid tokens (``[B, T]``
+    each, ``mask`` bool): the gap between the trainer's recomputed log-probs and the behaviour
+    log-probs the sampler recorded. Sums and counts, so micro-batches and ranks combine exactly."""
+    _check_mask("logprob_gap", mask, trainer_logp)
+    with torch.no_grad():
+        m = torch.broadcast_to(mask, trainer_logp.shape)
+        gap = (trainer_logp.detach().double() - behaviour_logp.double()).abs()
+        count = int(m.sum())
+        return (float(gap[m].max()) if count else 0.0), float(gap[m].sum()), count
 
 
 def value_loss(

@@ -3,7 +3,9 @@
 ``generate`` left-pads the prompts, runs the prompt once (keeping logits only for the last
 position), then samples one token per step for every sequence from the cache, and stops as
 soon as every sequence has emitted EOS. It returns a ``Rollout``: prompt and completion ids,
-the completion mask (bool, True = a real completion token, EOS included) and truncation flags.
+the completion mask (bool, True = a real completion token, EOS included), truncation flags and
+the behaviour log-probs: each sampled token's log-prob under the distribution it was drawn
+from (temperature, top-p nucleus renormalized), from the very numbers the sampler drew with.
 
 ``completion_logprobs`` runs the trunk once over prompt + completion and turns only the
 completion positions' hidden states into log-probs, chunk by chunk, so no [B, T, V] float32
@@ -36,6 +38,10 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, C] bool, True = sampled token (EOS included)
     truncated: torch.Tensor  # [B] bool, True = no EOS within the length limit
     extras: dict = field(default_factory=dict)
+    # [B, C] float (None: not recorded): log-prob of each sampled token under the distribution it
+    # was drawn from (temperature and top-p applied, the nucleus renormalized; 0 for greedy
+    # decoding); the behaviour policy of importance correction (trustrl.losses.rollout_correction)
+    behaviour_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -54,6 +60,33 @@ class Rollout:
             self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
             self.completion_mask[index], self.truncated[index],
             {k: v[index] for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
+            None if self.behaviour_logprobs is None else self.behaviour_logprobs[index],
+        )
+
+    def to(self, device) -> "Rollout":
+        return Rollout(
+            self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+            self.completion_mask.to(device), self.truncated.to(device),
+            {k: v.to(device) for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
+            None if self.behaviour_logprobs is None else self.behaviour_logprobs.to(device),
+        )
+
+    def trim(self) -> "Rollout":
+        """The same rows without padding columns that no row needs: prompt columns on the left
+        that are padding in every row, completion columns on the right past the longest
+        completion. Completion tensors ``[B, C]`` of the result are the first ``C'`` columns of
+        the original ones (slice other ``[B, C]`` tensors with ``[:, :C']``). With left-padded
+        prompts, position ids from the mask and causal attention, no log-prob changes (up to
+        float summation order): the dropped columns are masked out or come after every token."""
+        prompt_keep = int(self.prompt_mask.any(dim=0).long().argmax()) if bool(self.prompt_mask.any()) else 0
+        width = max(int(self.completion_mask.sum(dim=1).max()), 1) if self.completion_mask.numel() else 0
+        cut = self.completion_ids.shape[1]
+        return Rollout(
+            self.prompt_ids[:, prompt_keep:], self.prompt_mask[:, prompt_keep:], self.completion_ids[:, :width],
+            self.completion_mask[:, :width], self.truncated,
+            {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == cut else v)
+             for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
+            None if self.behaviour_logprobs is None else self.behaviour_logprobs[:, :width],
         )
 
 
@@ -152,38 +185,56 @@ def _draw(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(index, last_positive)
 
 
-def _sample_inplace(logits: torch.Tensor, temperature: float, top_p: float,
-                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """``sample_next`` that may overwrite ``logits`` (a float32 tensor the caller owns)."""
+def _sample_inplace(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                    uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_next`` that may overwrite ``logits`` (a float32 or float64 tensor the caller
+    owns), returning ``(tokens [B], behaviour log-probs [B])``.
+
+    Behaviour log-prob: the log of the probability with which the token was drawn, computed
+    with the operations of the trainer's :func:`trustrl.logprobs.chunked_token_logprobs`
+    (``z = logits / T``; ``lse = max + log sum exp(z - max)``; ``z_y - lse``), so equal logits
+    give bit-equal log-probs; with ``top_p < 1`` minus ``log`` of the nucleus mass (the
+    truncated distribution renormalized); 0 for greedy decoding (a point mass). float32
+    logits (and bf16 / fp16, upcast) are processed in float32, float64 logits in float64."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    z = logits if logits.dtype == torch.float32 else logits.float()
+        token = logits.argmax(dim=-1)
+        return token, torch.zeros(token.shape, dtype=logits.dtype if logits.dtype == torch.float64 else torch.float32,
+                                  device=logits.device)
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     if temperature != 1.0:
         z.mul_(1.0 / temperature)
-    # unnormalized probabilities exp(z - max), in place: the sampler normalizes by the total
-    weights = z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
+    top = z.amax(dim=-1, keepdim=True)
+    weights = torch.exp(z - top)  # unnormalized probabilities; the sampler normalizes by the total
+    lse = top.squeeze(-1) + weights.sum(dim=-1).log()
     if top_p < 1.0:
-        probs = weights / weights.sum(dim=-1, keepdim=True)
+        probs = weights.div_(weights.sum(dim=-1, keepdim=True))
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = _inverse_cdf_sample(sorted_probs, generator, uniforms)
-        return order.gather(-1, choice[:, None]).squeeze(-1)
-    return _inverse_cdf_sample(weights, generator, uniforms)
+        token = order.gather(-1, _inverse_cdf_sample(sorted_probs, generator, uniforms)[:, None]).squeeze(-1)
+        nucleus_log_mass = sorted_probs.sum(dim=-1).log()
+    else:
+        token = _inverse_cdf_sample(weights, generator, uniforms)
+        nucleus_log_mass = None
+    logp = z.gather(-1, token[:, None]).squeeze(-1) - lse
+    return token, logp if nucleus_log_mass is None else logp - nucleus_log_mass
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
-                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                uniforms: torch.Tensor | None = None, *, return_logprobs: bool = False):
     """Sample one token per row from softmax(logits / temperature) [B, V] (greedy when
     temperature == 0); with top_p < 1 only from the smallest prefix of tokens, by decreasing
     probability, whose mass reaches top_p (nucleus sampling, Holtzman et al. 2020).
     ``logits`` is not modified. ``uniforms`` [B, 2]: the sampler's numbers, instead of
-    ``generator``'s (see :func:`counter_uniforms`)."""
+    ``generator``'s (see :func:`counter_uniforms`). ``return_logprobs``: also the behaviour
+    log-probs ``[B]`` of the drawn tokens (see :func:`_sample_inplace`)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    return _sample_inplace(logits.float().clone() if logits.dtype == torch.float32 else logits.float(),
-                           temperature, top_p, generator, uniforms)
+        token = logits.argmax(dim=-1)
+        return (token, torch.zeros(token.shape, device=logits.device)) if return_logprobs else token
+    owned = logits.clone() if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    token, logp = _sample_inplace(owned, temperature, top_p, generator, uniforms)
+    return (token, logp) if return_logprobs else token
 
 
 def generate(
@@ -220,7 +271,7 @@ def generate(
     model.eval()
     try:
         with torch.inference_mode():
-            tokens, valid, finished = _sample_loop(
+            tokens, valid, finished, logps = _sample_loop(
                 model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
                 temperature, top_p, generator, row_seeds)
     finally:
@@ -228,8 +279,10 @@ def generate(
     # stacking outside inference mode turns the inference tensors into ordinary ones
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = torch.stack(valid, dim=1)
+    behaviour = torch.stack(logps, dim=1).masked_fill(~completion_mask, 0.0)
     truncated = ~finished.clone()
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated=truncated)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated=truncated,
+                   behaviour_logprobs=behaviour)
 
 
 def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
@@ -255,11 +308,13 @@ def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, p
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     tokens: list[torch.Tensor] = []
     valid: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
     next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         uniforms = counter_uniforms(row_seeds, step) if row_seeds is not None and temperature != 0 else None
         # the step's logits are ours: the sampler may overwrite them (no [B, V] copy per step)
-        token = _sample_inplace(logits, temperature, top_p, generator, uniforms)
+        token, logp = _sample_inplace(_owned_logits(logits), temperature, top_p, generator, uniforms)
+        logps.append(logp)
         token = torch.where(finished, pad, token)
         valid.append(~finished)
         tokens.append(token)
@@ -271,7 +326,13 @@ def _sample_loop(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, p
         cache, logits = _returned_cache(out), out.logits[:, -1]
         del out
         next_pos = next_pos + 1
-    return tokens, valid, finished
+    return tokens, valid, finished, logps
+
+
+def _owned_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A step's logits as a float32/float64 tensor the sampler may overwrite: the model's
+    own when already so (no ``[B, V]`` copy per step), upcast from bf16/fp16 otherwise."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -346,6 +407,33 @@ def batched_completion_logprobs(
     parallel.reshard(model)
     model.train(was_training)
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def micro_batch_logprobs(
+    model: nn.Module, rollout: Rollout, micro_rows: list[torch.Tensor], *, trim: bool, temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """No-grad log-probs ``[B, C]`` computed micro-batch by micro-batch over the given row sets
+    (each trimmed of padding columns with ``trim``: :meth:`Rollout.trim`), i.e. in the very
+    batch layout of an update over the same micro-batches, so the update's first ratio is
+    exactly 1. Columns past a trimmed micro-batch's width are 0."""
+    was_training = model.training
+    model.eval()
+    out = None
+    # FSDP: as many forwards on every rank (stand-in passes are dropped), root freed after
+    for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(model)):
+        micro = rollout.select(rows.to(rollout.prompt_ids.device))
+        if trim:
+            micro = micro.trim()
+        logp = completion_logprobs(model, micro, temperature=temperature, chunk_size=chunk_size)
+        if out is None:
+            out = logp.new_zeros(rollout.completion_ids.shape)
+        if live:
+            out[rows.to(out.device), :logp.shape[1]] = logp
+    parallel.reshard(model)
+    model.train(was_training)
+    return out
 
 
 def completion_logprobs_for_targets(

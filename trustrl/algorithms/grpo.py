@@ -31,12 +31,13 @@ from trustrl import parallel
 from trustrl.advantages import outcome_advantages, soft_overlong_penalty
 from trustrl.algorithms.base import RLAlgorithm
 from trustrl.config import GRPOConfig
-from trustrl.loop.accumulate import BatchNormalizer, MetricMeans
+from trustrl.loop.accumulate import BatchNormalizer, LogprobGap, MetricMeans, token_budget_micro_batches
 from trustrl.loop.experience import ScoredBatch, concat_batches, reward_metrics, select_groups
 from trustrl.loop.rl_loop import TrainingState
-from trustrl.losses import LossSum, aggregate_sum, kl_penalty, masked_sum, policy_loss_sum, sequence_policy_loss_sum
+from trustrl.losses import (LossSum, aggregate_sum, kl_penalty, logprob_gap, masked_sum, policy_loss_sum,
+                            rollout_correction_weights, sequence_policy_loss_sum)
 from trustrl.models import reference_context
-from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
+from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs, micro_batch_logprobs
 from trustrl.trainers.common import FaultCounter, PromptSampler, guarded_step, make_optimizer, make_scheduler
 
 
@@ -107,15 +108,14 @@ class GRPOTrainer(RLAlgorithm):
         batch, advantages, share = self.local_share(batch, advantages)
         rollout = batch.rollout
         mask = self.loss_mask(rollout)
-        n_rows = rollout.prompt_ids.shape[0]
-        micro_rows = list(torch.arange(n_rows).split(-(-n_rows // cfg.gradient_accumulation_steps)))
+        micro_rows = self.micro_batches(rollout)
         normalizer = BatchNormalizer([mask[rows] for rows in micro_rows], share)
         # 5. old log-probs over the same micro-batches as the update (so the first iteration's
         # ratio is exactly 1); at mu = 1 old == current and they are not computed at all
         old_logp = ref_logp = None
         if cfg.num_iterations > 1:
-            old_logp = batched_completion_logprobs(self.policy, rollout, batch_size=len(micro_rows[0]),
-                                                   temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+            old_logp = micro_batch_logprobs(self.policy, rollout, micro_rows, trim=bool(cfg.micro_batch_tokens),
+                                            temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
         if cfg.beta > 0:
             with reference_context(self.policy, self.reference) as ref_model:
                 ref_logp = batched_completion_logprobs(ref_model, rollout, batch_size=cfg.forward_batch_size,
@@ -125,12 +125,18 @@ class GRPOTrainer(RLAlgorithm):
         skipped = 0
         for iteration in range(cfg.num_iterations):
             means = MetricMeans()
+            gap = LogprobGap()
             total_loss = 0.0
             # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
             for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(self.policy)):
-                terms, m = self.loss_terms(rollout.select(rows.to(self.device)), advantages[rows],
-                                           None if old_logp is None else old_logp[rows],
-                                           None if ref_logp is None else ref_logp[rows], mask[rows])
+                micro = rollout.select(rows.to(self.device))
+                if cfg.micro_batch_tokens:  # a token-budget micro-batch: no column of padding it does not need
+                    micro = micro.trim()
+                width = micro.completion_ids.shape[1]
+                terms, m = self.loss_terms(micro, advantages[rows],
+                                           None if old_logp is None else old_logp[rows, :width],
+                                           None if ref_logp is None else ref_logp[rows, :width], mask[rows, :width],
+                                           gap if iteration == 0 and share and live else None)
                 loss = normalizer.loss(terms) * (share * live)
                 loss.backward()
                 total_loss += float(loss.detach())
@@ -140,6 +146,8 @@ class GRPOTrainer(RLAlgorithm):
                                               f"grpo step {step} iteration {iteration + 1}", loss=total_loss)
             skipped += not applied
             metrics.update({**means.reduce(), "loss/total": total_loss, "optim/grad_norm": grad_norm})
+            if iteration == 0:
+                metrics.update(gap.reduce())
         metrics.update({"optim/skipped": float(skipped), "optim/lr": self.scheduler.get_last_lr()[0]})
         return metrics
 
@@ -154,6 +162,16 @@ class GRPOTrainer(RLAlgorithm):
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long, device=advantages.device)
         return select_groups(batch, groups, G), advantages[rows], share
 
+    def micro_batches(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Row indices of the update's micro-batches: ``gradient_accumulation_steps`` equal
+        row counts, or token-budget micro-batches over length-sorted rows (``micro_batch_tokens``)."""
+        cfg = self.config
+        if cfg.micro_batch_tokens:
+            return token_budget_micro_batches(rollout.completion_lengths.tolist(), cfg.micro_batch_tokens,
+                                              rollout.prompt_mask.sum(dim=1).tolist())
+        n_rows = rollout.prompt_ids.shape[0]
+        return list(torch.arange(n_rows).split(-(-n_rows // cfg.gradient_accumulation_steps)))
+
     def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """Valid completion tokens; DAPO's overlong filtering drops truncated completions."""
         mask = rollout.completion_mask
@@ -161,24 +179,40 @@ class GRPOTrainer(RLAlgorithm):
             mask = mask & ~rollout.truncated[:, None]
         return mask
 
-    def loss_terms(self, rollout: Rollout, advantages, old_logp, ref_logp,
-                   mask) -> tuple[list[tuple[float, LossSum]], dict[str, float]]:
-        """Step 6 on one micro-batch: the clipped surrogate (token or sequence ratio) and
-        beta * KL as (coefficient, sum) terms; the first term's unit weighs the metrics."""
+    def loss_terms(self, rollout: Rollout, advantages, old_logp, ref_logp, mask,
+                   gap: LogprobGap | None = None) -> tuple[list[tuple[float, LossSum]], dict[str, float]]:
+        """Step 6 on one micro-batch: the clipped surrogate (token or sequence ratio), weighted
+        by the rollout correction when configured, and beta * KL as (coefficient, sum) terms;
+        the first term's unit weighs the metrics. ``gap``: where the trainer's log-probs of the
+        sampling policy are compared with the sampler's behaviour log-probs."""
         cfg = self.config
         logp, entropy = completion_logprobs(self.policy, rollout, temperature=cfg.temperature,
                                             chunk_size=cfg.logprob_chunk_size, return_entropy=True)
         old = logp.detach() if old_logp is None else old_logp
+        behaviour = rollout.behaviour_logprobs
+        if gap is not None and behaviour is not None:
+            gap.add(logprob_gap(old, behaviour, rollout.completion_mask))
+        weights, metrics = None, {}
+        if cfg.rollout_correction != "none":
+            if behaviour is None:
+                raise ValueError("rollout_correction: this rollout carries no behaviour log-probs "
+                                 "(Rollout.behaviour_logprobs is None); set rollout_correction=none")
+            weights, wm = rollout_correction_weights(
+                old, behaviour, mask, mode=cfg.rollout_correction, level=cfg.rollout_correction_level,
+                cap=cfg.rollout_correction_cap, lower=cfg.rollout_correction_lower)
+            metrics = {f"rollout/is_{k}": v for k, v in wm.items() if not k.startswith("ratio_m")}
         if cfg.importance_level == "sequence":
             surrogate, m = sequence_policy_loss_sum(logp, old, advantages, mask, clip_low=cfg.clip_low,
-                                                    clip_high=cfg.clip_high)
+                                                    clip_high=cfg.clip_high,
+                                                    weights=None if weights is None else weights.amax(dim=1))
             kl_aggregation = "token_mean"
         else:
             surrogate, m = policy_loss_sum(logp, old, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                           aggregation=cfg.loss_aggregation, max_len=cfg.max_completion_length)
+                                           aggregation=cfg.loss_aggregation, max_len=cfg.max_completion_length,
+                                           weights=weights)
             kl_aggregation = cfg.loss_aggregation
         terms = [(1.0, surrogate)]
-        metrics = {f"policy/{k}": float(v) for k, v in m.items()}
+        metrics.update({f"policy/{k}": float(v) for k, v in m.items()})
         n_tokens = max(int(mask.sum()), 1)
         metrics["policy/entropy"] = float(masked_sum(entropy, mask)) / n_tokens
         if ref_logp is not None:

@@ -101,6 +101,12 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step; the loss is normalized over the whole batch so
     1 x N equals N x 1."""
+    micro_batch_tokens: int | None = Field(None, ge=0)
+    """Form micro-batches by a token budget instead of a row count: rows sorted by length,
+    each micro-batch as many as fit in this many padded tokens (rows x longest row; a longer
+    row alone), padding columns no row needs dropped. Same loss and gradients as one batch
+    (normalized once). None or 0: gradient_accumulation_steps equal row counts (set one of
+    the two). GRPO, PPO, SFT/pretrain and the reward model."""
     max_steps: int = Field(100, ge=1)
     """Number of training steps (optimizer steps for SFT/pretrain; rollout steps for RL)."""
     log_every: int = Field(1, ge=1)
@@ -138,6 +144,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _dataset_spec(cls, v: Any) -> Any:
         return check_dataset_spec(v)
+
+    @model_validator(mode="after")
+    def _one_micro_batching(self) -> "TrainConfig":
+        if self.micro_batch_tokens and self.gradient_accumulation_steps != 1:
+            raise ValueError(f"set one of micro_batch_tokens ({self.micro_batch_tokens}) and "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), not both")
+        return self
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -278,6 +291,32 @@ class RLConfig(TrainConfig):
     sample_every: int = Field(10, ge=0)
     """Write a sample table (prompt, completion, rewards; the first 8 completions) to
     output_dir/samples.jsonl and the report_to trackers at step 1 and every N steps (0: never)."""
+    rollout_engine: Literal["trustrl", "vllm"] = "trustrl"
+    """What generates the rollouts: trustrl's own KV-cache sampler, or vLLM (GPU only,
+    pip install 'trustrl[vllm]'; weights synced into it after every update)."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """rollout_engine=vllm: share of the GPU memory vLLM may take (weights, KV cache)."""
+    vllm_sleep_mode: bool = False
+    """rollout_engine=vllm: put the engine to sleep during the update (frees its KV cache and
+    weights on the GPU) and wake it before the next generation."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Importance correction against the engine's behaviour log-probs: tis = truncated IS,
+    weight min(pi_old / mu, cap); mis = masked IS, weight pi_old / mu inside
+    [rollout_correction_lower, cap], else 0 (see trustrl.losses.rollout_correction_weights)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """Ratio per token, or per sequence (the product of its token ratios) for every token."""
+    rollout_correction_cap: float = Field(2.0, gt=1)
+    """C: the truncation cap (tis) or the upper edge of the kept band (mis)."""
+    rollout_correction_lower: float | None = Field(None, ge=0)
+    """mis: lower edge of the kept band (None: 1 / cap; 0: mask only above the cap)."""
+
+    @model_validator(mode="after")
+    def _check_correction_band(self) -> "RLConfig":
+        lower = self.rollout_correction_lower
+        if lower is not None and lower >= self.rollout_correction_cap:
+            raise ValueError(f"rollout_correction_lower ({lower}) must be below rollout_correction_cap "
+                             f"({self.rollout_correction_cap})")
+        return self
 
 
 class GRPOConfig(RLConfig):
@@ -340,6 +379,10 @@ class GRPOConfig(RLConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
+        if self.importance_level == "sequence" and self.rollout_correction != "none" \
+                and self.rollout_correction_level == "token":
+            raise ValueError("importance_level=sequence (GSPO) takes one weight per sequence: set "
+                             "rollout_correction_level=sequence")
         if self.overlong_cache_length is not None and self.overlong_cache_length >= self.max_completion_length:
             raise ValueError(
                 f"overlong_cache_length ({self.overlong_cache_length}) must be smaller than "

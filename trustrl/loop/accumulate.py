@@ -13,7 +13,7 @@ loss, whatever the split: 1 x N == N x 1 by construction (up to float summation 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -58,6 +58,44 @@ class BatchNormalizer:
         return out
 
 
+def token_budget_micro_batches(lengths: Sequence[int], budget: int,
+                               prefix_lengths: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Row indices of micro-batches formed by a token budget: the rows sorted by length (longest
+    first, ties in row order), cut greedily so that each micro-batch's padded size fits::
+
+        rows(micro) * (max prefix(micro) + max length(micro)) <= budget
+
+    (a row longer than the budget forms a micro-batch alone). ``lengths [N]``: tokens of each
+    row (of the completion, with ``prefix_lengths`` the prompt's: a left-padded prompt and a
+    right-padded completion pad separately). Returns ``[tensor(int64 indices)]`` covering every
+    row exactly once. Sorting groups similar lengths, so the padding left is small; the loss is
+    normalized once over the whole batch (:class:`BatchNormalizer`), so any split is exact."""
+    if budget < 1:
+        raise ValueError(f"token_budget_micro_batches: budget must be >= 1, got {budget}")
+    n = len(lengths)
+    prefix = [0] * n if prefix_lengths is None else list(prefix_lengths)
+    if len(prefix) != n:
+        raise ValueError(f"token_budget_micro_batches: {len(prefix)} prefix lengths for {n} rows")
+    order = sorted(range(n), key=lambda i: (-(int(lengths[i]) + int(prefix[i])), i))
+    out: list[list[int]] = []
+    width_p = width_c = 0
+    for i in order:
+        p, c = int(prefix[i]), int(lengths[i])
+        if out and (len(out[-1]) + 1) * (max(width_p, p) + max(width_c, c)) <= budget:
+            out[-1].append(i)
+            width_p, width_c = max(width_p, p), max(width_c, c)
+        else:
+            out.append([i])
+            width_p, width_c = p, c
+    return [torch.tensor(rows, dtype=torch.long) for rows in out]
+
+
+def row_micro_batches(n_rows: int, steps: int) -> list[torch.Tensor]:
+    """``steps`` micro-batches of consecutive rows, sizes as equal as possible (the first ones
+    larger), none empty: ``torch.arange(n_rows).tensor_split(min(steps, n_rows))``."""
+    return list(torch.arange(n_rows).tensor_split(max(1, min(steps, n_rows))))
+
+
 class MetricMeans:
     """Batch means of per-micro-batch metrics, each weighted by its micro-batch's share of a
     unit (tokens for token means, sequences for sequence means), summed across ranks."""
@@ -71,3 +109,22 @@ class MetricMeans:
 
     def reduce(self) -> dict[str, float]:
         return dist.sum_across_ranks(self.sums)
+
+
+class LogprobGap:
+    """``rollout/logprob_diff_max`` and ``rollout/logprob_diff_mean``: ``|log pi_trainer - log mu|``
+    over the sampled tokens of a step (every micro-batch, every rank), from the ``(max, sum,
+    count)`` triples of :func:`trustrl.losses.logprob_gap`."""
+
+    def __init__(self) -> None:
+        self.max, self.sum, self.count = 0.0, 0.0, 0
+
+    def add(self, part: tuple[float, float, int]) -> None:
+        self.max, self.sum, self.count = max(self.max, part[0]), self.sum + part[1], self.count + part[2]
+
+    def reduce(self) -> dict[str, float]:
+        total = dist.sum_across_ranks({"sum": self.sum, "count": float(self.count)})
+        if not total["count"]:
+            return {}
+        return {"rollout/logprob_diff_max": float(dist.all_reduce_max(self.max)),
+                "rollout/logprob_diff_mean": total["sum"] / total["count"]}

@@ -53,7 +53,7 @@ from trustrl import parallel
 from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
 from trustrl.data import format_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
-from trustrl.loop.accumulate import BatchNormalizer
+from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
                             reward_centering_sum)
 from trustrl.models import check_vocab, load_tokenizer
@@ -375,6 +375,21 @@ class RewardTrainer:
         if config.epochs is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})
 
+    def micro_batches(self, batch) -> list[torch.Tensor]:
+        """Row indices of a step's micro-batches: ``gradient_accumulation_steps`` equal row
+        counts, or by a token budget (``micro_batch_tokens``) over rows sorted by the padded
+        size of their one forward pass: 2 x the longer text of a pair; for a ranking, K_max (the
+        batch's most responses: every ranking is padded to it) x its longest response."""
+        cfg = self.config
+        if not cfg.micro_batch_tokens:
+            return list(torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps))
+        if self.rankings:
+            k_max = max(len(texts) for texts in batch.texts)
+            sizes = [k_max * max(len(t) for t in texts) for texts in batch.texts]
+        else:
+            sizes = [2 * max(len(c), len(r)) for c, r in zip(batch.chosen, batch.rejected)]
+        return token_budget_micro_batches(sizes, cfg.micro_batch_tokens)
+
     def evaluate(self) -> dict[str, float]:
         assert self.eval_pairs is not None
         if self.rankings:
@@ -418,8 +433,7 @@ class RewardTrainer:
             sums: dict[str, float] = {}
             total = 0.0
             # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
-            micro_rows = torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps)
-            for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(model)):
+            for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
                 micro = batch.subset(rows.tolist())
                 if self.rankings:  # one ranking = one row, its K responses in one forward pass
                     part, m = ranking_loss_sum(*ranking_scores(model, micro, pad, self.device), cfg)

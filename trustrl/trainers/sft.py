@@ -31,7 +31,7 @@ from trustrl import parallel
 from trustrl.config import ConfigError, PretrainConfig, SFTConfig
 from trustrl.data import DataError, encode_prompt, load_rows, source_name
 from trustrl.logging import format_postfix, progress, write_json_atomic
-from trustrl.loop.accumulate import BatchNormalizer
+from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
@@ -116,6 +116,14 @@ class _LMTrainer:
     def build_examples(self) -> list[tuple[list[int], list[bool]]]:
         raise NotImplementedError
 
+    def micro_batches(self, batch: list[tuple[list[int], list[bool]]]) -> list[torch.Tensor]:
+        """Row indices of a step's micro-batches: ``gradient_accumulation_steps`` equal row
+        counts, or by a token budget over length-sorted rows (``micro_batch_tokens``; longest
+        row first in each, so its length is the micro-batch's width)."""
+        if self.config.micro_batch_tokens:
+            return token_budget_micro_batches([len(ids) for ids, _ in batch], self.config.micro_batch_tokens)
+        return list(torch.arange(len(batch)).chunk(self.config.gradient_accumulation_steps))
+
     def train(self) -> dict[str, Any]:
         cfg = self.config
         max_steps = self.max_steps
@@ -145,9 +153,9 @@ class _LMTrainer:
             # 3. micro-batches: summed NLL, divided once by the global count
             nll_sum = 0.0
             # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
-            micro_rows = torch.arange(len(batch)).chunk(cfg.gradient_accumulation_steps)
-            for rows, live in parallel.lockstep(micro_rows, sharded=parallel.is_sharded(model)):
-                m_ids, m_att, m_tgt = ids[rows].to(self.device), attention[rows].to(self.device), target[rows].to(self.device)
+            for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
+                width = len(batch[int(rows[0])][0]) if cfg.micro_batch_tokens else ids.shape[1]  # longest row first
+                m_ids, m_att, m_tgt = (t[rows, :width].to(self.device) for t in (ids, attention, target))
                 logp = completion_logprobs_for_targets(model, m_ids, m_att, chunk_size=1024)
                 part = token_nll_sum(logp, m_tgt[:, 1:])
                 (normalizer.loss([(1.0, part)]) * live).backward()
