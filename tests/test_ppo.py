@@ -208,20 +208,24 @@ def _capture_ppo_grads(monkeypatch):
 def test_ppo_accumulation_1xN_equals_Nx1_policy_value_entropy(tiny_model_dir, addition_data, tmp_path, monkeypatch):
     # one minibatch of 8 completions of unequal lengths, as 1 micro-batch or as 4: policy,
     # clipped value and entropy terms are token means over the minibatch, normalized once
+    # (and as token-budget micro-batches of 40 padded tokens: length-sorted, trimmed rows)
     grads = {}
-    for accumulation in (1, 4):
+    splits = {1: dict(gradient_accumulation_steps=1), 4: dict(gradient_accumulation_steps=4),
+              "budget": dict(micro_batch_tokens=40)}
+    for split, settings in splits.items():
         captured = _capture_ppo_grads(monkeypatch)
-        cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(accumulation), max_steps=1, ppo_epochs=1,
-                          minibatch_size=8, gradient_accumulation_steps=accumulation, ent_coef=0.01)
+        cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(split), max_steps=1, ppo_epochs=1,
+                          minibatch_size=8, ent_coef=0.01, **settings)
         PPOTrainer(cfg, reward_funcs=[count_a]).train()
-        grads[accumulation] = captured[0]
+        grads[split] = captured[0]
         monkeypatch.undo()
     for model_index in (0, 1):  # actor, critic
-        one, four = grads[1][model_index], grads[4][model_index]
+        one = grads[1][model_index]
         scale = max(g.abs().max() for g in one.values())
         assert scale > 0
-        for name, g in one.items():
-            torch.testing.assert_close(four[name], g, rtol=0, atol=1e-5 * float(scale))
+        for split in (4, "budget"):
+            for name, g in one.items():
+                torch.testing.assert_close(grads[split][model_index][name], g, rtol=0, atol=1e-5 * float(scale))
 
 
 def test_vf_coef_is_refused_with_the_reason():

@@ -66,11 +66,19 @@ class RLAlgorithm:
     allow_gradient_checkpointing = True
     #: parallelism.strategy=fsdp supported (TRPO's Fisher-vector products are not sharded yet)
     allow_fsdp = True
+    #: the update forms token-budget micro-batches (micro_batch_tokens) and applies the
+    #: rollout correction (rollout_correction); a plug-in without them refuses the settings
+    supports_micro_batch_tokens = False
+    supports_rollout_correction = False
 
     def __init__(self, config: RLConfig, reward_funcs: list[Callable] | None = None, model=None, tokenizer=None):
         config = with_reward_funcs(config, reward_funcs)  # a copy: the caller's config is unchanged
         self.config = config
         check_resume_setting(config)
+        for key, supported, off in (("micro_batch_tokens", self.supports_micro_batch_tokens, None),
+                                    ("rollout_correction", self.supports_rollout_correction, "none")):
+            if not supported and getattr(config, key, off) not in (off, 0):
+                raise ValueError(f"{key}: not implemented for {self.name}; remove it from the config")
         apply_cpu_threads(config.cpu_threads)
         seed_everything(config.seed, deterministic=config.deterministic)
         warn_top_p(config)

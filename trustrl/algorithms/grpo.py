@@ -46,6 +46,8 @@ class GRPOTrainer(RLAlgorithm):
 
     name = "grpo"
     config: GRPOConfig
+    supports_micro_batch_tokens = True
+    supports_rollout_correction = True
 
     def setup(self) -> TrainingState:
         cfg = self.config

@@ -53,7 +53,7 @@ from trustrl.config import PPOConfig
 from trustrl.config.actor_critic import ActorCriticConfig
 from trustrl.kl_control import make_kl_controller
 from trustrl.logprobs import selective_log_softmax
-from trustrl.loop.accumulate import BatchNormalizer, MetricMeans
+from trustrl.loop.accumulate import BatchNormalizer, LogprobGap, MetricMeans, token_budget_micro_batches
 from trustrl.loop.data_parallel import global_whiten
 from trustrl.loop.experience import ScoredBatch, reward_metrics
 from trustrl.loop.rl_loop import TrainingState
@@ -62,9 +62,11 @@ from trustrl.losses import (
     entropy_from_logits,
     explained_variance,
     huber_value_loss_sum,
+    logprob_gap,
     masked_mean,
     masked_sum,
     policy_loss_sum,
+    rollout_correction_weights,
     value_loss_sum,
 )
 from trustrl.models import check_vocab, load_tokenizer, reference_context
@@ -137,6 +139,8 @@ class PPOBatch:
     advantages: torch.Tensor  # [B, C] (whitened when configured)
     returns: torch.Tensor  # [B, C] value targets A + V_old
     raw_advantages: torch.Tensor  # [B, C] before whitening
+    is_weights: torch.Tensor | None = None  # [B, C] rollout correction (None: off)
+    rollout_metrics: dict | None = None  # behaviour-vs-trainer log-prob gap, IS statistics
 
 
 class PPOTrainer(RLAlgorithm):
@@ -145,6 +149,8 @@ class PPOTrainer(RLAlgorithm):
 
     name = "ppo"
     config: PPOConfig
+    supports_micro_batch_tokens = True
+    supports_rollout_correction = True
     postfix_keys = ["reward/score", "kl/ref", "eval/accuracy"]
     repeats_field = "samples_per_prompt"
     collects_local_share = True
@@ -186,6 +192,7 @@ class PPOTrainer(RLAlgorithm):
         self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
         # (data parallel: row means are exact, token means and spreads are rank-weighted)
         metrics = dist.reduce_metrics(self.step_metrics(batch, pb, beta), weight=pb.mask.shape[0])
+        metrics.update(pb.rollout_metrics or {})
         metrics.update(update)
         metrics.update({"optim/lr": self.actor_sched.get_last_lr()[0], "optim/critic_lr": self.critic_sched.get_last_lr()[0],
                         "kl/coef_next": self.kl_ctl.value})
@@ -220,7 +227,30 @@ class PPOTrainer(RLAlgorithm):
             rewards = global_whiten(rewards, mask, shift_mean=False)
         raw_adv, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
         advantages = global_whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
-        return PPOBatch(rollout, mask, old_logp, ref_logp, old_values, scores, rewards, kl, advantages, returns, raw_adv)
+        is_weights, extra = self.rollout_correction(rollout, old_logp, mask)
+        return PPOBatch(rollout, mask, old_logp, ref_logp, old_values, scores, rewards, kl, advantages, returns, raw_adv,
+                        is_weights, extra)
+
+    def rollout_correction(self, rollout: Rollout, old_logp: torch.Tensor,
+                           mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The gap between the old policy's log-probs (recomputed here) and the sampler's
+        behaviour log-probs, and the rollout-correction weights when configured."""
+        cfg = self.config
+        behaviour = rollout.behaviour_logprobs
+        gap = LogprobGap()
+        if behaviour is not None:
+            gap.add(logprob_gap(old_logp, behaviour, rollout.completion_mask))
+        metrics = gap.reduce()
+        if cfg.rollout_correction == "none":
+            return None, metrics
+        if behaviour is None:
+            raise ValueError("rollout_correction: this rollout carries no behaviour log-probs "
+                             "(Rollout.behaviour_logprobs is None); set rollout_correction=none")
+        weights, wm = rollout_correction_weights(old_logp, behaviour, mask, mode=cfg.rollout_correction,
+                                                 level=cfg.rollout_correction_level, cap=cfg.rollout_correction_cap,
+                                                 lower=cfg.rollout_correction_lower)
+        metrics.update({f"rollout/is_{k}": v for k, v in wm.items() if not k.startswith("ratio_m")})
+        return weights, metrics
 
     # -- phase 4: one minibatch loss ---------------------------------------------------------
 
@@ -245,16 +275,22 @@ class PPOTrainer(RLAlgorithm):
         return value_loss_sum(values, old_values, returns, mask, clip=None)
 
     def minibatch_terms(self, pb: PPOBatch, rows: torch.Tensor) -> tuple[list, list, dict[str, float]]:
-        """One micro-batch: actor terms (clipped surrogate, -ent_coef * entropy) and critic term
-        (value loss), each a token-level :class:`LossSum`; plus metrics (token means)."""
+        """One micro-batch: actor terms (clipped surrogate, weighted by the rollout correction
+        when configured, -ent_coef * entropy) and critic term (value loss), each a token-level
+        :class:`LossSum`; plus metrics (token means). Token-budget micro-batches are trimmed of
+        the padding columns they do not need."""
         cfg = self.config
         rollout = pb.rollout.select(rows)
-        mask = pb.mask[rows]
+        if cfg.micro_batch_tokens:
+            rollout = rollout.trim()
+        width = rollout.completion_ids.shape[1]
+        mask = pb.mask[rows, :width]
         logp, entropy = self.policy_logprobs(rollout)
-        p_loss, pm = policy_loss_sum(logp, pb.old_logp[rows], pb.advantages[rows], mask, clip_low=cfg.clip_range,
-                                     aggregation="token_mean")
+        p_loss, pm = policy_loss_sum(logp, pb.old_logp[rows, :width], pb.advantages[rows, :width], mask,
+                                     clip_low=cfg.clip_range, aggregation="token_mean",
+                                     weights=None if pb.is_weights is None else pb.is_weights[rows, :width])
         values = self.critic.completion_values(rollout).float()
-        v_loss, vm = self.critic_loss(values, pb.old_values[rows], pb.returns[rows], mask)
+        v_loss, vm = self.critic_loss(values, pb.old_values[rows, :width], pb.returns[rows, :width], mask)
         ent = LossSum(masked_sum(entropy, mask), p_loss.count, "tokens")
         actor_terms = [(1.0, p_loss)] + ([(-cfg.ent_coef, ent)] if cfg.ent_coef > 0 else [])
         metrics = {
@@ -263,6 +299,18 @@ class PPOTrainer(RLAlgorithm):
             **{f"policy/{k}": v for k, v in pm.items()}, **{f"value/{k.removeprefix('value_')}": v for k, v in vm.items()},
         }
         return actor_terms, [(1.0, v_loss)], metrics
+
+    def micro_batches(self, pb: PPOBatch, mine: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's rows of a minibatch in micro-batches: ``gradient_accumulation_steps``
+        equal row counts, or by a token budget over the length-sorted rows (``micro_batch_tokens``)."""
+        if not len(mine):
+            return []
+        budget = self.config.micro_batch_tokens
+        if budget:
+            lengths = pb.rollout.completion_lengths[mine].tolist()
+            prompts = pb.rollout.prompt_mask[mine].sum(dim=1).tolist()
+            return [mine[part] for part in token_budget_micro_batches(lengths, budget, prompts)]
+        return list(mine.tensor_split(min(self.config.gradient_accumulation_steps, len(mine))))
 
     def optimize(self, pb: PPOBatch, faults: FaultCounter, step: int) -> dict[str, float]:
         """K epochs of shuffled minibatches; early stop on approx KL > target_kl.
@@ -287,7 +335,7 @@ class PPOTrainer(RLAlgorithm):
             order = torch.randperm(n, generator=self.shuffle_generator)
             for mb in order.split(cfg.minibatch_size):  # the last minibatch may be smaller: none is dropped
                 mine = mb[(mb >= offset) & (mb < offset + n_local)] - offset
-                micros = list(mine.tensor_split(min(cfg.gradient_accumulation_steps, len(mine)))) if len(mine) else []
+                micros = self.micro_batches(pb, mine)
                 # token means over the whole minibatch (all its micro-batches, all ranks)
                 normalizer = BatchNormalizer.from_counts({"tokens": float(row_tokens[mb].sum())})
                 means = MetricMeans()

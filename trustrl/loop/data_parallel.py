@@ -48,10 +48,8 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return torch.where(m, y, zero)
 
 
-def _rollout_to(rollout, device):
-    return Rollout(rollout.prompt_ids.to(device), rollout.prompt_mask.to(device), rollout.completion_ids.to(device),
-                   rollout.completion_mask.to(device), rollout.truncated.to(device),
-                   {k: v.to(device) for k, v in rollout.extras.items() if isinstance(v, torch.Tensor)})
+def _rollout_to(rollout: Rollout, device) -> Rollout:
+    return rollout.to(device)
 
 
 def gather_scored_batches(local, concat: Callable[[list, int], Any], pad_id: int, device):

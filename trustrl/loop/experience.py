@@ -321,12 +321,14 @@ def load_rl_models(config: RLConfig, device: torch.device, *, who: str, reward_f
 
 def concat_batches(batches: list[ScoredBatch], pad: int) -> ScoredBatch:
     """Stack scored batches (different prompt/completion widths) into one."""
-    prompt_rows, completion_rows, completion_masks = [], [], []
+    prompt_rows, completion_rows, completion_masks, behaviour_rows = [], [], [], []
     for b in batches:
         for i in range(b.rollout.prompt_ids.shape[0]):
             prompt_rows.append(b.rollout.prompt_ids[i][b.rollout.prompt_mask[i]].tolist())
             completion_rows.append(b.rollout.completion_ids[i])
             completion_masks.append(b.rollout.completion_mask[i])
+            if b.rollout.behaviour_logprobs is not None:
+                behaviour_rows.append(b.rollout.behaviour_logprobs[i])
     device = batches[0].rollout.prompt_ids.device
     p_ids, p_mask = left_pad(prompt_rows, pad_id=pad)
     width = max(c.shape[0] for c in completion_rows)
@@ -334,8 +336,14 @@ def concat_batches(batches: list[ScoredBatch], pad: int) -> ScoredBatch:
     c_mask = torch.zeros((len(completion_rows), width), dtype=torch.bool)
     for i, (c, m) in enumerate(zip(completion_rows, completion_masks)):
         c_ids[i, :c.shape[0]], c_mask[i, :m.shape[0]] = c, m
+    behaviour = None
+    if len(behaviour_rows) == len(completion_rows):  # every batch carries behaviour log-probs
+        behaviour = torch.zeros((len(completion_rows), width), dtype=behaviour_rows[0].dtype)
+        for i, row in enumerate(behaviour_rows):
+            behaviour[i, :row.shape[0]] = row
+        behaviour = behaviour.to(device)
     rollout = Rollout(p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device),
-                      torch.cat([b.rollout.truncated for b in batches]))
+                      torch.cat([b.rollout.truncated for b in batches]), behaviour_logprobs=behaviour)
     per_fn = {k: torch.cat([b.scores.per_function[k] for b in batches]) for k in batches[0].scores.per_function}
     faults = {k: sum(b.scores.n_faults.get(k, 0) for b in batches) for k in batches[0].scores.n_faults}
     scores = ScoreResult(total=torch.cat([b.scores.total for b in batches]), per_function=per_fn, n_faults=faults)
