@@ -26,6 +26,7 @@ from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
 from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score, with_reward_funcs
 from trustrl.loop.rl_loop import TrainingState, run_rl_loop
 from trustrl.models import save_final_model
+from trustrl.rollout_engines import make_engine
 from trustrl.trainers.common import FaultCounter, PromptSampler, check_resume_setting
 from trustrl.utils import seed_everything
 
@@ -97,6 +98,10 @@ class RLAlgorithm:
         self.prompts, self.eval_prompts = loaded.prompts, loaded.eval_prompts
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.last_metrics: dict[str, float] = {}
+        # what samples the rollouts (trustrl's sampler on the policy, or vLLM); stale: the
+        # policy's weights changed since the engine last received them (at start: a resumed run)
+        self.engine = make_engine(config, self.policy, self.device)
+        self.engine_stale = True
 
     # -- hooks of the loop -----------------------------------------------------------------
 
@@ -123,12 +128,15 @@ class RLAlgorithm:
             lo, hi = mine[0], mine[-1] + 1
         else:
             lo, hi = dist.shard_range(len(indices))
+        if self.engine_stale:  # the updated policy samples this step
+            self.engine.sync_weights(self.policy)
+            self.engine_stale = False
         local = None
         with parallel.gathered(self.policy):  # FSDP: whole weights while decoding (every rank enters)
             if hi > lo:
                 local = sample_and_score(self.policy, self.tokenizer, self.prompts, indices[lo:hi], repeats, cfg,
                                          self.rewards, self.generator, self.device,
-                                         row_seeds=seeds[lo * repeats:hi * repeats])
+                                         row_seeds=seeds[lo * repeats:hi * repeats], engine=self.engine)
         if self.collects_local_share:
             batch = local
             totals = dist.sum_across_ranks(local.scores.n_faults)
@@ -140,6 +148,12 @@ class RLAlgorithm:
             for name, n in totals.items():
                 self.rewards.fault_totals[name] = self.rewards.fault_totals.get(name, 0) + int(n) - mine.get(name, 0)
         return batch, {}
+
+    def weights_changed(self) -> None:
+        """Called by the loop after every update: the engine receives the new weights before it
+        samples again (and may sleep meanwhile: ``vllm_sleep_mode``)."""
+        self.engine_stale = True
+        self.engine.sleep()
 
     def log_samples(self, step: int, batch: ScoredBatch) -> None:
         """Per-step sample table (prompt, completion, rewards) every ``sample_every`` steps."""

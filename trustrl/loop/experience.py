@@ -218,17 +218,27 @@ def sample_and_score(
     *,
     greedy: bool = False,
     row_seeds: torch.Tensor | None = None,
+    engine=None,
 ) -> ScoredBatch:
     """Generate ``repeats`` completions for each prompt row (consecutive per prompt) and score them.
-    ``row_seeds`` (int64, one per completion): counter-based sampling, see :func:`generate`."""
+    ``row_seeds`` (int64, one per completion): counter-based sampling, see :func:`generate`.
+    ``engine``: a :mod:`trustrl.rollout_engines` engine (None: trustrl's sampler on ``policy``)."""
     rows = [i for i in indices for _ in range(repeats)]
-    ids, mask = left_pad([prompts.token_ids[i] for i in rows], tokenizer.pad_token_id, config.max_prompt_length)
-    rollout = generate(
-        policy, ids.to(device), mask.to(device), max_new_tokens=config.max_completion_length,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        temperature=0.0 if greedy else config.temperature, top_p=config.top_p, generator=generator,
-        row_seeds=row_seeds,
-    )
+    temperature = 0.0 if greedy else config.temperature
+    if engine is not None:
+        from trustrl.rollout_engines import SamplingSettings
+
+        settings = SamplingSettings(config.max_completion_length, temperature, config.top_p, tokenizer.eos_token_id,
+                                    tokenizer.pad_token_id)
+        prompt_rows = [prompts.token_ids[i][-config.max_prompt_length:] for i in rows]  # left-truncated
+        rollout = engine.generate(prompt_rows, settings, row_seeds=row_seeds, generator=generator)
+    else:
+        ids, mask = left_pad([prompts.token_ids[i] for i in rows], tokenizer.pad_token_id, config.max_prompt_length)
+        rollout = generate(
+            policy, ids.to(device), mask.to(device), max_new_tokens=config.max_completion_length,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature, top_p=config.top_p, generator=generator, row_seeds=row_seeds,
+        )
     sampled = sampled_ids(rollout)
     completions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in sampled]
     texts = [prompts.texts[i] for i in rows]
