@@ -3,7 +3,7 @@
 vLLM does not run on this CPU machine: the adapter is tested against a stand-in with the
 methods and attributes of vLLM's ``LLM`` that it uses (``generate`` with per-request
 ``SamplingParams`` and ``TokensPrompt``s returning ``RequestOutput``-shaped objects,
-``collective_rpc`` reaching ``worker.model_runner.model.load_weights``, ``reset_prefix_cache``,
+``collective_rpc`` reaching ``worker.get_model().load_weights``, ``reset_prefix_cache``,
 ``sleep`` / ``wake_up``). The stand-in samples with its own copy of the model through
 trustrl's sampler, so the adapter's layout logic is checked against an independent engine
 object: same rows, same tokens, same behaviour log-probs, and weights that really move."""
@@ -53,7 +53,7 @@ class StandInLLM:
 
     def __init__(self, hf_model, eos_token_id, pad_token_id, scripted=None):
         self.model = StandInModel(hf_model)
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
+        self.worker = SimpleNamespace(get_model=lambda: self.model)  # vLLM's Worker.get_model()
         self.eos, self.pad, self.scripted = eos_token_id, pad_token_id, scripted
         self.calls: list[str] = []
 

@@ -8,7 +8,9 @@
   the policy module itself: nothing to sync, the sampler and the trainer are one code path
   (their log-probs agree bit for bit on equal logits, see tests/test_rollout_correction.py).
 * :class:`VLLMEngine` -- vLLM (``pip install 'trustrl[vllm]'``, CUDA GPU), colocated in the
-  training process. Written against vLLM's V1 API (0.10 and later)::
+  training process. Written against vLLM's V1 API and checked against the source of vLLM
+  0.33.0 (the wheel's ``entrypoints/llm.py``, ``sampling_params.py``, ``inputs/llm.py``,
+  ``logprobs.py``, ``v1/worker/gpu_worker.py``, ``v1/serial_utils.run_method``), never run::
 
       LLM(model=..., dtype=..., seed=..., gpu_memory_utilization=..., enable_sleep_mode=...,
           logprobs_mode="processed_logprobs")
@@ -17,7 +19,7 @@
                                    seed=row_seed, stop_token_ids=[eos]), ...])
         -> RequestOutput.outputs[0].token_ids, .logprobs[t][token_id].logprob, .finish_reason
       llm.collective_rpc(fn, args=(weights,))   # fn(worker, weights) on every worker:
-        worker.model_runner.model.load_weights(weights)   # HF parameter names, then
+        worker.get_model().load_weights(weights)          # HF parameter names, then
       llm.reset_prefix_cache()                  # cached prefixes hold the old weights' KV
       llm.sleep(level=1) / llm.wake_up()
 
@@ -26,7 +28,9 @@
   :func:`trustrl.losses.rollout_correction_weights`); its default, ``raw_logprobs``, would
   return the untempered model's. ``logprobs=0`` returns the sampled token's log-prob only. The
   engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``collective_rpc`` hands the
-  weights over by reference, without serializing them. Refused here: LoRA (adapters would
+  weights over by reference, without serializing them. (vLLM 0.33's weight-transfer engine,
+  ``init_weight_transfer_engine`` / ``update_weights`` over NCCL, is the route for a separate
+  engine process; not used here.) Refused here: LoRA (adapters would
   need ``LoRARequest``s, not written yet), more than one process, and a vLLM that cannot be
   imported (each with a message naming the setting).
 
@@ -94,9 +98,9 @@ class TrustrlEngine:
 
 
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs on every vLLM worker (``collective_rpc``): the model runner's model loads the
-    weights by their Hugging Face names (vLLM maps them to its fused layers)."""
-    worker.model_runner.model.load_weights(weights=weights)
+    """Runs on every vLLM worker (``collective_rpc``): the worker's model loads the weights by
+    their Hugging Face names (vLLM maps them onto its fused layers)."""
+    worker.get_model().load_weights(weights=weights)
 
 
 class VLLMEngine:
@@ -148,7 +152,7 @@ class VLLMEngine:
         n = len(prompt_ids)
         if row_seeds is None:  # the generator decides the seeds (reproducible from the run's seed)
             row_seeds = torch.randint(0, 2**62, (n,), generator=generator, dtype=torch.int64)
-        seeds = [int(s) % (2**63) for s in torch.as_tensor(row_seeds).reshape(-1).tolist()]
+        seeds = [int(s) & (2**63 - 1) for s in torch.as_tensor(row_seeds).reshape(-1).tolist()]
         if len(seeds) != n:
             raise ValueError(f"VLLMEngine.generate: {len(seeds)} row seeds for {n} prompts")
         params = [self.sampling_params_cls(n=1, temperature=settings.temperature, top_p=settings.top_p,
