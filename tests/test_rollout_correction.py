@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trustrl.algorithms.grpo as grpo_module
-import trustrl.loop.experience as experience
+import trustrl.rollout_engines as rollout_engines
 from trustrl.algorithms.grpo import GRPOTrainer
 from trustrl.algorithms.ppo import PPOTrainer
 from trustrl.config import ConfigError, GRPOConfig, PPOConfig, build_config
@@ -207,14 +207,14 @@ def test_grpo_logs_the_gap_and_tis_with_its_own_sampler_is_nearly_no_correction(
 def test_grpo_mis_drops_tokens_whose_engine_disagrees(tiny_model_dir, addition_data, tmp_path, monkeypatch, level):
     """An engine whose log-probs are 5 nats above the trainer's on every token: rho = e^-5 is
     outside [1/2, 2], every token is masked, and (beta = 0) the policy gradient is exactly 0."""
-    original = experience.generate
+    original = rollout_engines.generate  # what trustrl's engine samples with
 
     def off_by_five(*args, **kwargs):
         rollout = original(*args, **kwargs)
         rollout.behaviour_logprobs = rollout.behaviour_logprobs + 5.0
         return rollout
 
-    monkeypatch.setattr(experience, "generate", off_by_five)
+    monkeypatch.setattr(rollout_engines, "generate", off_by_five)
     captured = _capture(monkeypatch)
     cfg = _grpo_config(tiny_model_dir, addition_data, tmp_path, rollout_correction="mis",
                        rollout_correction_level=level, rollout_correction_cap=2.0)

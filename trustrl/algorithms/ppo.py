@@ -191,8 +191,11 @@ class PPOTrainer(RLAlgorithm):
         kl_seq = dist.gather_rows(pb.kl.sum(dim=1))  # (data parallel: every rank's sequences)
         self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
         # (data parallel: row means are exact, token means and spreads are rank-weighted)
-        metrics = dist.reduce_metrics(self.step_metrics(batch, pb, beta), weight=pb.mask.shape[0])
-        metrics.update(pb.rollout_metrics or {})
+        # (the log-prob gap is global already; the IS statistics are this rank's token means)
+        gap = {k: v for k, v in (pb.rollout_metrics or {}).items() if k.startswith("rollout/logprob_diff")}
+        local = {k: v for k, v in (pb.rollout_metrics or {}).items() if k not in gap}
+        metrics = dist.reduce_metrics({**self.step_metrics(batch, pb, beta), **local}, weight=pb.mask.shape[0])
+        metrics.update(gap)
         metrics.update(update)
         metrics.update({"optim/lr": self.actor_sched.get_last_lr()[0], "optim/critic_lr": self.critic_sched.get_last_lr()[0],
                         "kl/coef_next": self.kl_ctl.value})
