@@ -126,6 +126,28 @@ def test_token_off_loopback_and_host_check_on_loopback(tmp_path, candidates_file
     assert local.get("/api/health", headers={"host": "evil.example:8765"}).status_code == 400
 
 
+def test_cli_requires_a_token_off_loopback(tmp_path, candidates_file, monkeypatch, capsys):
+    """`trustrl label --host 0.0.0.0` without --token makes one and puts it in the printed URL;
+    on 127.0.0.1 (the default) there is none and the Host check is on."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, host=host))
+    args = ["--candidates", str(candidates_file), "--out", str(tmp_path / "j.jsonl")]
+    assert label_main(args + ["--host", "0.0.0.0"]) == 0
+    url = next(line for line in capsys.readouterr().out.splitlines() if "open http" in line).split("open ")[1]
+    token = url.split("?token=")[1]
+    assert served["host"] == "0.0.0.0" and len(token) >= 24
+    client = starlette_testclient.TestClient(served["app"], base_url="http://10.1.2.3")
+    assert client.get("/api/health").status_code == 401
+    assert client.get("/api/health", headers={"X-Trustrl-Token": token}).status_code == 200
+    assert label_main(args) == 0
+    assert served["host"] == "127.0.0.1" and "?token=" not in capsys.readouterr().out
+    local = starlette_testclient.TestClient(served["app"], base_url="http://127.0.0.1")
+    assert local.get("/api/health").status_code == 200
+    assert local.get("/api/health", headers={"host": "10.1.2.3"}).status_code == 400
+
+
 def test_untrusted_text_never_becomes_markup(tmp_path, candidates_file):
     """The script builds the page from text nodes only, and the CSP forbids inline script
     (the browser test checks the effect in Chromium)."""
