@@ -281,19 +281,22 @@ def test_sft_and_pretrain_resume_bitwise(tiny_model_dir, addition_data, tmp_path
     assert_same_metrics(ref_dir, run_dir, list(range(1, 9)))  # 7 is not duplicated
 
 
-def test_fresh_run_sets_aside_an_earlier_runs_checkpoints(tiny_model_dir, addition_data, tmp_path):
+def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(tiny_model_dir, addition_data, tmp_path):
     def config(**overrides):
         settings = dict(model=str(tiny_model_dir), dataset=str(addition_data["sft"]), output_dir=str(tmp_path / "run"),
                         max_steps=3, save_every=1, batch_size=4, max_length=32, progress=False, tensorboard=False)
         return SFTConfig(**{**settings, **overrides})
 
+    from trustrl.trainers.run_dir import RunDirError
+
     SFTTrainer(config(max_steps=4)).train()
-    # a new run (resume=never) in the same directory: the old checkpoints would otherwise be
-    # pruned in the wrong order or picked up by a later resume=auto (step 4 > this run's 3)
-    with pytest.warns(UserWarning, match="checkpoints of an earlier run"):
-        SFTTrainer(config()).train()
+    # a new run (resume=never) in the same directory would mix the two runs' checkpoints (a later
+    # resume=auto would pick step 4 > this run's 3): refused; with overwrite the old run moves whole
+    with pytest.raises(RunDirError, match="already holds a run"):
+        SFTTrainer(config())
+    SFTTrainer(config(overwrite=True)).train()
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
-    assert (tmp_path / "run" / "checkpoints.previous" / "step_000004").is_dir()
+    assert [s for s, _ in list_checkpoints(tmp_path / "run.previous-1")] == [3, 4]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
     # resume=auto on a finished run: nothing left to do, no step logged twice
     SFTTrainer(config(resume="auto")).train()

@@ -163,3 +163,57 @@ def test_sft_examples_start_with_exactly_one_bos(tmp_path, templated):
         # its BOS; now: BOS "as" "\n\n" "1+2=" then "3" EOS
         assert ids == [1, 17, 18, 16, 16, 5, 14, 6, 15, 7, 2]
     assert mask == [False] * (len(ids) - 2) + [True, True]
+
+
+# ------------------------------------------------------------------------- held-out loss
+
+
+def _nll_by_hand(model, examples) -> float:
+    """Per-token held-out NLL from the model's own logits, one unpadded example at a time:
+    sum over target positions t of -log softmax(logits[t-1])[ids[t]], over the count of targets."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            logits = model(torch.tensor([ids])).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            m = torch.tensor(mask[1:])
+            total -= float(logp[m].sum())
+            count += int(m.sum())
+    return total / count
+
+
+def test_sft_evaluates_the_held_out_loss_and_reports(tiny_model_dir, addition_data, tmp_path):
+    import json
+
+    rows = [json.loads(line) for line in addition_data["sft"].read_text().splitlines()]
+    write_jsonl(tmp_path / "heldout.jsonl", rows[:6])
+    cfg = _config(tiny_model_dir, addition_data["sft"], tmp_path / "run", batch_size=4, max_steps=4, eval_every=3,
+                  eval_dataset=str(tmp_path / "heldout.jsonl"))
+    trainer = SFTTrainer(cfg)
+    start = _nll_by_hand(trainer.model, trainer.eval_examples)
+    summary = trainer.train()
+    end = _nll_by_hand(trainer.model, trainer.eval_examples)
+    # at the start, every eval_every=3 steps and after the last (4)
+    assert [h["step"] for h in summary["eval_history"]] == [0, 3, 4]
+    assert summary["eval_history"][0]["eval/nll"] == pytest.approx(start, rel=1e-5)
+    assert summary["eval_nll_last"] == pytest.approx(end, rel=1e-5) and end < start
+    tokens = sum(sum(m[1:]) for _, m in trainer.eval_examples)
+    assert summary["eval_history"][0]["eval/tokens"] == tokens
+    logged = {r["step"]: r.get("eval/nll") for r in read_metrics(tmp_path / "run")}
+    assert [s for s, v in logged.items() if v is not None] == [0, 3, 4]
+    # evaluating changes no number of the training run
+    plain = SFTTrainer(_config(tiny_model_dir, addition_data["sft"], tmp_path / "plain", batch_size=4,
+                               max_steps=4)).train()
+    assert plain["final_loss"] == summary["final_loss"]
+    train_nll = [r["loss/nll"] for r in read_metrics(tmp_path / "run") if "loss/nll" in r]
+    assert train_nll == [r["loss/nll"] for r in read_metrics(tmp_path / "plain")]
+    # report.html and its plots, the held-out loss among them
+    assert "eval/nll" in (tmp_path / "run" / "report.html").read_text()
+    assert (tmp_path / "run" / "plots" / "eval_nll.png").is_file()
+
+
+def test_a_missing_eval_dataset_is_an_error_naming_it(tmp_path):
+    cfg = SFTConfig(model=str(tmp_path / "no-such-model"), dataset="x.jsonl", output_dir=str(tmp_path / "run"),
+                    eval_dataset=str(tmp_path / "heldout.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"eval_dataset: no such file or directory: .*heldout.jsonl"):
+        SFTTrainer(cfg)  # before the (missing) model is looked at

@@ -68,6 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=auto")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    if args.allow_changed:
+        overrides.append(f"allow_changed=[{args.allow_changed}]")
     try:
         config = load_config(cls, args.config, overrides)
     except ConfigError as err:
@@ -81,7 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = getattr(importlib.import_module(module), name)(config)
         result = trainer.train()
         if distributed.is_main():
-            print({k: v for k, v in result.items() if k != "eval_history"})
+            from trustrl.logging import format_summary
+
+            print(format_summary(result, title=f"trustrl train {args.algo}: {config.output_dir}"))
+    except ConfigError as err:  # a run-directory rule (existing run, nothing to resume, changed settings)
+        print(f"trustrl: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one before the loop started
         print(f"\ntrustrl: interrupted; checkpoints already written in {config.output_dir} are intact "
               f"(resume with --resume)", file=sys.stderr)
@@ -103,12 +112,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.output_dir = args.output_dir
     settings.seed = args.seed
     settings.pipeline = args.pipeline
+    settings.overwrite = args.overwrite
     try:
         settings = settings.with_overrides(args.overrides)
+        summary = run_demo(settings)
     except ConfigError as err:
         print(f"trustrl demo: {err}", file=sys.stderr)
         return 2
-    summary = run_demo(settings)
     print()
     print(format_table(summary))
     print()
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="the output directory holds an earlier demo: move it aside whole to OUT.previous-<n>")
     demo.add_argument("--verbose", action="store_true")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="change a setting of trustrl/tasks/demo.py:DemoSettings, e.g. grpo_steps=200 sft_carry_slip_rate=0")
@@ -177,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with a YAML config and key=value overrides")
     train.add_argument("algo", choices=sorted(TRAINERS))
     train.add_argument("--config", help="YAML config file")
-    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in output_dir from its newest complete checkpoint (an error if it has none)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a run: move it aside whole to OUT.previous-<n> and start a new one")
+    train.add_argument("--allow-changed", metavar="KEY,...", default=None,
+                       help="with --resume: settings that may differ from the run's saved config.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0 lora.r=8")
     train.set_defaults(func=cmd_train)
 

@@ -962,3 +962,32 @@ def format_postfix(
             item = getattr(v, "item", None)
             out[k] = f"{item():.4g}" if callable(item) else str(v)
     return out
+
+
+def _summary_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value) if len(json.dumps(value)) <= 80 else f"[{len(value)} items]"
+    return str(value)
+
+
+def format_summary(summary: Mapping[str, Any], title: str = "summary", skip: Iterable[str] = ("eval_history",)) -> str:
+    """A run summary as a two-column table (what ``trustrl train`` prints at the end): one row
+    per key in order, nested mappings as ``key.sub`` rows (an empty one as ``-``), floats to 4
+    significant digits, None as ``-``; ``skip`` keys (the per-evaluation history) left out."""
+    skipped = set(skip)
+    rows: list[tuple[str, str]] = []
+    for key, value in summary.items():
+        if key in skipped:
+            continue
+        if isinstance(value, Mapping) and value:
+            rows.extend((f"{key}.{k}", _summary_value(v)) for k, v in value.items())
+        else:
+            rows.append((key, "-" if isinstance(value, Mapping) else _summary_value(value)))
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join([title] + [f"  {k.ljust(width)}  {v}" for k, v in rows])

@@ -115,10 +115,24 @@ class TrainConfig(_Strict):
     """Evaluate on ``eval_dataset`` every N steps (0: only at the start and the end)."""
     save_every: int = Field(0, ge=0)
     """Write a checkpoint every N steps (0: only at the end)."""
+    save_every_minutes: float = Field(10.0, ge=0)
+    """Also write a checkpoint once this many minutes of wall time have passed since the last
+    one (0: off), so an interrupted run can always resume. It decides only WHEN a checkpoint is
+    written, never a number: a run trains identically with or without it."""
     keep_last_checkpoints: int = Field(2, ge=1)
     """How many complete checkpoints to keep."""
     resume: str = "never"
-    """"never", "auto" (the newest complete checkpoint in output_dir), or a checkpoint path."""
+    """"never" (a new run: output_dir must not hold one, see ``overwrite``), "auto" (the newest
+    complete checkpoint in output_dir; an error when there is none), or a checkpoint path."""
+    overwrite: bool = False
+    """A new run where output_dir already holds one: move the old run aside whole, to
+    OUT.previous-<n> (nothing is deleted). Without it such a start is refused."""
+    allow_changed: list[str] = Field(default_factory=list)
+    """On resume: settings allowed to differ from the run's saved config.yaml besides the safe
+    ones (max_steps, eval_every, save_every, logging...), e.g. [learning_rate]; recorded in
+    output_dir/config_history.jsonl."""
+    report: bool = True
+    """Write report.html and plots/ into output_dir at the end of the run."""
     tensorboard: bool = True
     """Also write TensorBoard scalars to output_dir/tb (false: none, whatever report_to says)."""
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
@@ -156,6 +170,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _report_to_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("allow_changed", mode="before")
+    @classmethod
+    def _allow_changed_list(cls, v: Any) -> Any:
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
 
     @field_validator("report_to")
     @classmethod

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from trustrl import distributed as dist
 from trustrl import parallel
-from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.logging import format_postfix, progress
 from trustrl.loop.data_parallel import evaluate_sharded
 from trustrl.loop.experience import evaluate_greedy
 from trustrl.loop.stops import GracefulStop
@@ -183,7 +183,4 @@ def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         "stopped_early": stopped_by,
     }
-    if stopped_by is None:
-        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
-    run.close()
-    return summary
+    return run.finish(summary, write_summary=stopped_by is None)  # + report.html and plots/

@@ -45,6 +45,9 @@ class DemoSettings:
     """Seeds data order, initialization and sampling of every stage (the held-out split is fixed)."""
     pipeline: str = "grpo"
     """The RL stage: grpo (the default), rlhf (reward model, then PPO against it) or trpo."""
+    overwrite: bool = False
+    """output_dir holds an earlier demo: move it aside whole to OUT.previous-<n> (without it,
+    such a start is refused: a run directory never loses work)."""
     digits: int = 2
     """Operands have up to this many digits."""
     hidden_size: int = 64
@@ -207,6 +210,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         torch.set_num_threads(s.torch_threads)
     started = time.time()
     out = Path(s.output_dir)
+    _set_aside_earlier_demo(out, s.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(digits=s.digits, reverse_answer=s.reverse_answer)
     data = write_task_data(out / "data", task, seed=s.seed, n_eval=s.eval_prompts,
@@ -233,6 +237,25 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     write_json_atomic(out / "summary.json", summary)
     write_report(out / s.pipeline_dir)
     return summary
+
+
+def _set_aside_earlier_demo(out: Path, overwrite: bool) -> None:
+    """The demo's stages are runs: an earlier demo in ``out`` is refused, or with ``overwrite``
+    moved aside whole (:mod:`trustrl.trainers.run_dir`'s rule, for the whole pipeline)."""
+    import os
+
+    from trustrl.trainers.run_dir import RunDirError, aside_path, run_files
+
+    if not out.is_dir():
+        return
+    if not ((out / "summary.json").exists() or any(run_files(p) for p in out.iterdir() if p.is_dir())):
+        return
+    aside = aside_path(out)
+    if not overwrite:
+        raise RunDirError(f"{out} holds an earlier demo; pass --overwrite to move it aside to {aside}, "
+                          "or choose another --output-dir")
+    os.replace(out, aside)
+    print(f"trustrl demo: moved the earlier demo in {out} to {aside}")
 
 
 def _common(s: DemoSettings) -> dict[str, Any]:

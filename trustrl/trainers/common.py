@@ -13,15 +13,18 @@ What a trainer does to be resumable bit for bit (GRPO, SFT and pretrain do exact
    back, and ``metrics.jsonl`` is cut back to the checkpoint's step;
 3. put back what lives in ``state`` (``sampler``, ``faults``, ``eval_history``, ...);
 4. in the loop, ``run.should_save(step, last, faults)`` then ``run.save(...)`` with the same
-   dictionaries and the trainer state.
+   dictionaries and the trainer state;
+5. at the end, ``run.finish(summary)``: ``train_summary.json``, then ``report.html`` + plots.
+
+The rules of the run directory itself (a new run never lands on an old one, a resume never
+changes what the run means unnoticed) are in :mod:`trustrl.trainers.run_dir`.
 
 The loops themselves live one per algorithm beside this file."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +35,12 @@ from torch import nn
 
 from trustrl import distributed as dist
 from trustrl import parallel
-from trustrl.checkpoint import (CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-                                save_sharded_checkpoint)
+from trustrl.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from trustrl.config import ConfigError, TrainConfig, save_config
 from trustrl.errors import UserError
-from trustrl.logging import MetricsLogger
+from trustrl.logging import MetricsLogger, write_json_atomic
+from trustrl.trainers.run_dir import (CONFIG_FILE, RunDirError, check_run_dir, record_resume, set_aside,
+                                      settings_to_save)
 from trustrl.utils import rng_state, set_rng_state
 
 
@@ -226,17 +230,18 @@ class PromptSampler:
 
 
 def check_resume_setting(config: TrainConfig) -> None:
-    """Fail fast (before any model loads) on a ``resume`` value that is neither "never",
-    "auto" nor an existing directory: a typo such as ``resume=atuo`` must not silently
-    start from scratch or fail only after the models are loaded."""
+    """Fail fast (before any model loads, every trainer calls it first) on what the run
+    directory cannot do: a ``resume`` value that is neither "never", "auto" nor an existing
+    directory (a typo such as ``resume=atuo`` must not silently start from scratch), then the
+    rules of :func:`trustrl.trainers.run_dir.check_run_dir` (an existing run without
+    --resume / --overwrite, nothing to resume, a resume that changes what the run means)."""
     mode = config.resume
-    if mode in ("never", "auto"):
-        return
-    if not Path(mode).is_dir():
+    if mode not in ("never", "auto") and not Path(mode).is_dir():
         raise ConfigError(
             f"resume: {mode!r} is not an existing checkpoint directory; allowed values: "
             "'never', 'auto' (the newest complete checkpoint in output_dir) or a checkpoint path"
         )
+    check_run_dir(config)
 
 
 @dataclass
@@ -250,16 +255,27 @@ class Run:
     resumed_from: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     skipped_rows: int = 0
+    moved_aside: Path | None = None
     _pending: dict[str, float] = field(default_factory=dict)
+    _last_save: float = field(default_factory=time.monotonic)
 
     @classmethod
     def open(cls, config: TrainConfig) -> "Run":
+        """Check the run directory rules again, move an old run aside (``overwrite``), create
+        the directory and, for a new run, write ``config.yaml`` (a resume writes it in
+        :meth:`restore`, once the change is on record)."""
         check_resume_setting(config)
         out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if dist.is_main():  # data parallel: rank 0 writes the run directory
-            save_config(config, out / "config.yaml")
-        return cls(config=config, output_dir=out)
+
+        def prepare() -> Path | None:
+            aside = set_aside(config)
+            out.mkdir(parents=True, exist_ok=True)
+            if config.resume == "never" or not (out / CONFIG_FILE).exists():
+                save_config(settings_to_save(config), out / CONFIG_FILE)
+            return aside
+
+        moved = dist.on_main(prepare)  # data parallel: rank 0 writes the run directory; all wait
+        return cls(config=config, output_dir=out, moved_aside=moved)
 
     def resume_path(self) -> Path | None:
         mode = self.config.resume
@@ -272,21 +288,6 @@ class Run:
             raise ConfigError(f"resume: checkpoint directory not found: {path}")
         return path
 
-    def _set_aside_stale_checkpoints(self) -> None:
-        """A fresh run (resume=never) in a directory holding another run's checkpoints: move
-        them to ``checkpoints.previous/`` so that neither pruning nor a later resume=auto
-        mixes the two runs."""
-        if not list_checkpoints(self.output_dir):
-            return
-        root = self.output_dir / CHECKPOINTS_DIR
-        aside = self.output_dir / f"{CHECKPOINTS_DIR}.previous"
-        warnings.warn(
-            f"{self.output_dir}: resume=never but checkpoints of an earlier run exist; moving them to "
-            f"{aside} (pass resume=auto / --resume to continue that run instead)", stacklevel=3)
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(root, aside)
-
     def restore(self, models: dict[str, nn.Module], optimizers: dict, schedulers: dict, generators: dict) -> dict[str, Any]:
         """Restore from the configured checkpoint if any; returns its trainer_state ({} if none).
 
@@ -298,10 +299,11 @@ class Run:
         # data parallel: every rank loads the checkpoint rank 0 picked; only rank 0 writes
         path = dist.broadcast_object(self.resume_path() if dist.is_main() else None)
         if path is None:
-            if self.config.resume == "never" and dist.is_main():
-                self._set_aside_stale_checkpoints()
-            # a fresh start: drop the metrics of any earlier attempt (step 0 is logged again)
-            self.logger = self._logger(-1)
+            if self.config.resume != "never":  # every rank got the same None: all stop alike
+                n = len(list_checkpoints(self.output_dir))
+                raise RunDirError(f"resume: {self.output_dir} holds no complete checkpoint to resume from "
+                                  f"({n} incomplete or corrupt ones skipped, see the warnings above)")
+            self.logger = self._logger(-1)  # a new run (its directory holds no earlier one)
             return {}
         loaded = load_checkpoint(path, models=models, optimizers=optimizers, schedulers=schedulers)
         rng = loaded.pop("rng", None)
@@ -313,7 +315,11 @@ class Run:
                           "interrupted run exactly", stacklevel=2)
         self.start_step = int(state.get("step", 0))
         self.resumed_from = path
+        if dist.is_main():  # the settings of the stretch before this resume stay on record
+            record_resume(self.config, self.start_step, path)
+            save_config(settings_to_save(self.config), self.output_dir / CONFIG_FILE)
         self.logger = self._logger(self.start_step)
+        self._last_save = time.monotonic()
         return state
 
     def _logger(self, resume_step: int):
@@ -329,26 +335,41 @@ class Run:
     def save(self, step: int, models: dict[str, nn.Module], optimizers: dict, schedulers: dict,
              trainer_state: dict[str, Any], generators: dict, tokenizer=None) -> Path:
         if self.config.parallelism.strategy == "fsdp":  # every rank writes its shard (DCP), any world size
-            return save_sharded_checkpoint(
+            path = save_sharded_checkpoint(
                 self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
                 trainer_state={"step": step, **trainer_state}, tokenizer=tokenizer,
                 rng=rng_state(generators=generators), keep_last=self.config.keep_last_checkpoints)
-        return dist.on_main(  # data parallel: written once, by rank 0; every rank waits for it
+            self._last_save = time.monotonic()
+            return path
+        path = dist.on_main(  # data parallel: written once, by rank 0; every rank waits for it
             save_checkpoint, self.output_dir, step, models=models, optimizers=optimizers, schedulers=schedulers,
             trainer_state={"step": step, **trainer_state}, tokenizer=tokenizer,
             rng=rng_state(generators=generators), keep_last=self.config.keep_last_checkpoints,
         )
+        self._last_save = time.monotonic()
+        return path
 
     def should_save(self, step: int, last_step: int, faults: FaultCounter | None = None) -> bool:
-        """Every ``save_every`` steps and at the last step; not while ``faults`` is in a
-        streak of skipped steps (so keep-last-K pruning never pushes out the last checkpoint
-        written before the faults), except at the last step."""
+        """Every ``save_every`` steps, once ``save_every_minutes`` of wall time passed since
+        the last checkpoint, and at the last step; not while ``faults`` is in a streak of
+        skipped steps (so keep-last-K pruning never pushes out the last checkpoint written
+        before the faults), except at the last step.
+
+        The clock decides only WHEN a checkpoint is written: writing one reads the state and
+        changes nothing (no RNG drawn, no parameter touched), so the numbers of a run are the
+        same with or without it (tests/test_run_dir.py checks it)."""
         if step == last_step:
             return True
         if faults is not None and faults.in_streak:
             return False
         every = self.config.save_every
-        return every > 0 and step % every == 0
+        if every > 0 and step % every == 0:
+            return True
+        minutes = self.config.save_every_minutes
+        if minutes <= 0:
+            return False
+        due = time.monotonic() - self._last_save >= 60.0 * minutes
+        return bool(dist.broadcast_object(due))  # data parallel: rank 0's clock decides for all ranks
 
     def set_skipped_rows(self, n: int) -> None:
         """Record how many malformed dataset rows were skipped (skip_bad_rows=true): logged as
@@ -374,6 +395,33 @@ class Run:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+
+    def finish(self, summary: dict[str, Any], write_summary: bool = True) -> dict[str, Any]:
+        """End of ``train()``: close the logger, write ``train_summary.json`` (unless
+        ``write_summary`` is false: a stopped run is not a finished one) and, with
+        ``report=true``, ``report.html`` and ``plots/`` from the complete run directory (rank
+        0). A report that cannot be written is a warning, not a failed run: training is done.
+        Returns the summary with ``report`` (its path, or None) added."""
+        self.close()
+        summary["report"] = None
+        if self.config.report:
+            summary["report"] = str(self.output_dir / "report.html")
+        if write_summary:
+            dist.on_main(write_json_atomic, self.output_dir / "train_summary.json", summary)
+        if self.config.report:
+            summary["report"] = dist.on_main(_write_report, self.output_dir)
+        return summary
+
+
+def _write_report(run_dir: Path) -> str | None:
+    from trustrl.report import write_report  # matplotlib: imported only when a report is written
+
+    try:
+        return str(write_report(run_dir))
+    except Exception as err:  # noqa: BLE001 -- the run is done; say why its report is missing
+        warnings.warn(f"{run_dir}: report.html not written ({type(err).__name__}: {err}); "
+                      f"try `trustrl report {run_dir}`", stacklevel=2)
+        return None
 
 
 def warn_skipped(skipped: int, path: str) -> None:

@@ -52,7 +52,7 @@ from trustrl import distributed as dist
 from trustrl import parallel
 from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
 from trustrl.data import format_prompt, load_rows, source_name
-from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
                             reward_centering_sum)
@@ -483,6 +483,4 @@ class RewardTrainer:
             "eval_history": history, "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         }
-        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
-        run.close()
-        return summary
+        return run.finish(summary)  # train_summary.json, report.html and plots/

@@ -11,7 +11,10 @@ The loop, per optimizer step:
      place the loss is normalized (:class:`trustrl.loop.accumulate.BatchNormalizer`), so
      1 x N == N x 1 and 2 processes == 1 by construction,
   4. guarded optimizer step (skip on NaN/inf), schedule, log, checkpoint (every ``save_every``
-     steps and always after the last step).
+     steps, every ``save_every_minutes`` and always after the last step);
+  5. with ``eval_dataset``: the held-out loss per target token ``eval/nll`` (and
+     ``eval/perplexity``) at the start, every ``eval_every`` steps and after the last step,
+     as the reward model's ``rm/accuracy`` (:func:`held_out_nll`).
 
 Length of a run: ``max_steps`` optimizer steps, or, with ``epochs`` set (SFT),
 ``ceil(epochs * examples / batch_size)`` steps (:func:`steps_for_epochs`).
@@ -29,8 +32,8 @@ import torch
 from trustrl import distributed as dist
 from trustrl import parallel
 from trustrl.config import ConfigError, PretrainConfig, SFTConfig
-from trustrl.data import DataError, encode_prompt, load_rows, source_name
-from trustrl.logging import format_postfix, progress, write_json_atomic
+from trustrl.data import DataError, encode_prompt, load_rows, source_files, source_name
+from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
@@ -85,8 +88,30 @@ def right_pad(rows: list[list[int]], masks: list[list[bool]], pad_id: int) -> tu
     return ids, attention, target
 
 
+@torch.no_grad()
+def held_out_nll(model, examples: list[tuple[list[int], list[bool]]], pad_id: int, device, batch_size: int,
+                 chunk_size: int = 1024) -> dict[str, float]:
+    """The held-out loss: the NLL summed over every target token of ``examples`` divided by
+    their number (``eval/nll``, the training loss's unit: per token over the whole set, not a
+    mean of batch means), ``eval/perplexity`` = exp(``eval/nll``), ``eval/tokens``. Eval mode
+    (no dropout), no gradient, no randomness drawn: evaluating changes no number of the run."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(examples), batch_size):
+        part = examples[start:start + batch_size]
+        ids, attention, target = right_pad([e[0] for e in part], [e[1] for e in part], pad_id)
+        logp = completion_logprobs_for_targets(model, ids.to(device), attention.to(device), chunk_size=chunk_size)
+        nll = token_nll_sum(logp, target[:, 1:].to(device))
+        total += float(nll.total)
+        count += float(nll.count)
+    model.train(was_training)
+    mean = total / max(count, 1.0)
+    return {"eval/nll": mean, "eval/perplexity": math.exp(min(mean, 50.0)), "eval/tokens": count}
+
+
 class _LMTrainer:
-    """The shared loop; subclasses only build ``self.examples`` (ids, target mask)."""
+    """The shared loop; subclasses only build examples (ids, target mask) from a data file."""
 
     config: PretrainConfig | SFTConfig
     stage: str
@@ -96,7 +121,23 @@ class _LMTrainer:
         check_resume_setting(config)
         seed_everything(config.seed, deterministic=config.deterministic)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
+        if config.eval_dataset is not None:  # a missing held-out file is named before anything loads
+            try:
+                source_files(config.eval_dataset)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"eval_dataset: {str(err).removeprefix('load_rows: ')}") from None
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+        # the data before the model: a bad row stops the run before the weights load
+        self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), counted by build_examples
+        self.data_counts: dict[str, int] = {}  # data/truncated_examples, ... set by build_examples
+        self.examples: list[tuple[list[int], list[bool]]] = self.build_examples(config.dataset)
+        if not self.examples:
+            raise DataError(source_name(config.dataset), "no training examples after tokenization")
+        self.eval_examples: list[tuple[list[int], list[bool]]] | None = None
+        if config.eval_dataset is not None:
+            self.eval_examples = self.build_examples(config.eval_dataset, held_out=True)
+            if not self.eval_examples:
+                raise DataError(source_name(config.eval_dataset), "no examples after tokenization (eval_dataset)")
         self.model = model if model is not None else load_policy(
             config.model, dtype=config.dtype, device=self.device, tokenizer=self.tokenizer,
             lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
@@ -104,16 +145,14 @@ class _LMTrainer:
         if model is not None:
             check_vocab(model, self.tokenizer, f"the model passed to {type(self).__name__}")
         parallel.apply(self.model, config.parallelism, self.device)  # parallelism.strategy=fsdp: shard it
-        self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), set by build_examples
-        self.data_counts: dict[str, int] = {}  # data/truncated_examples, ... set by build_examples
-        self.examples: list[tuple[list[int], list[bool]]] = self.build_examples()
-        if not self.examples:
-            raise DataError(source_name(config.dataset), "no training examples after tokenization")
         self.max_steps = steps_for_epochs(config, len(self.examples))
         if getattr(config, "epochs", None) is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})
 
-    def build_examples(self) -> list[tuple[list[int], list[bool]]]:
+    def build_examples(self, path, held_out: bool = False) -> list[tuple[list[int], list[bool]]]:
+        """Read and tokenize the rows of ``path`` (the training data, or with ``held_out`` the
+        eval_dataset); add malformed rows left out to ``skipped_rows`` and what was cut to
+        ``data_counts`` (``data/...``, held out: ``data/eval_...``)."""
         raise NotImplementedError
 
     def micro_batches(self, batch: list[tuple[list[int], list[bool]]]) -> list[torch.Tensor]:
@@ -124,6 +163,16 @@ class _LMTrainer:
             return token_budget_micro_batches([len(ids) for ids, _ in batch], self.config.micro_batch_tokens)
         return list(torch.arange(len(batch)).chunk(self.config.gradient_accumulation_steps))
 
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval_examples is not None
+        cfg = self.config
+        rows = max(1, math.ceil(cfg.batch_size / cfg.gradient_accumulation_steps))  # the training micro-batch
+        return held_out_nll(self.model, self.eval_examples, self.tokenizer.pad_token_id, self.device, rows)
+
+    def _due_for_eval(self, step: int) -> bool:
+        every = self.config.eval_every
+        return self.eval_examples is not None and (step == self.max_steps or (every > 0 and step % every == 0))
+
     def train(self) -> dict[str, Any]:
         cfg = self.config
         max_steps = self.max_steps
@@ -132,12 +181,17 @@ class _LMTrainer:
         model.train()
         optimizer = make_optimizer(model.parameters(), cfg)
         scheduler = make_scheduler(optimizer, cfg, max_steps)
-        sampler, faults, _ = restore_loop(run, cfg, len(self.examples), {"policy": model}, {"policy": optimizer},
-                                          {"policy": scheduler}, {})
+        sampler, faults, state = restore_loop(run, cfg, len(self.examples), {"policy": model}, {"policy": optimizer},
+                                              {"policy": scheduler}, {})
         run.set_skipped_rows(self.skipped_rows)
         run.record_data_counts(self.data_counts)
+        history: list[dict[str, float]] = list(state.get("eval_history", []))
         pad = self.tokenizer.pad_token_id
         started = time.time()
+        if run.start_step == 0 and self.eval_examples is not None:
+            first = self.evaluate()
+            history.append({"step": 0, **first})
+            run.logger.log(0, first)
         bar = progress(total=max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
         step = run.start_step
         last_loss = float("nan")
@@ -172,21 +226,27 @@ class _LMTrainer:
                 "optim/skipped": float(not applied), "perf/step_seconds": time.time() - step_started,
                 "perf/tokens_per_second": n_targets / max(time.time() - step_started, 1e-9),
             }
+            # 5. held-out loss
+            if self._due_for_eval(step):
+                ev = self.evaluate()
+                history.append({"step": step, **ev})
+                metrics.update(ev)
             run.log(step, metrics)
             bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["loss/nll"]))
-            # every save_every steps and always at the last one (save_every=0: only there)
+            bar.set_postfix(format_postfix(metrics, ["loss/nll", "eval/nll"]))
+            # every save_every steps / save_every_minutes and always at the last one
             if run.should_save(step, max_steps, faults):
                 run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
-                         {"sampler": sampler.state_dict(), "faults": faults.state_dict()}, {}, tokenizer=self.tokenizer)
+                         {"sampler": sampler.state_dict(), "faults": faults.state_dict(), "eval_history": history},
+                         {}, tokenizer=self.tokenizer)
         bar.close()
         final_dir = save_final_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
         summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+                   "eval_nll_first": history[0]["eval/nll"] if history else None,
+                   "eval_nll_last": history[-1]["eval/nll"] if history else None, "eval_history": history,
                    "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
                    "resumed_from": str(run.resumed_from) if run.resumed_from else None}
-        dist.on_main(write_json_atomic, Path(cfg.output_dir) / "train_summary.json", summary)
-        run.close()
-        return summary
+        return run.finish(summary)  # train_summary.json, report.html and plots/
 
 
 class PretrainTrainer(_LMTrainer):
@@ -194,15 +254,15 @@ class PretrainTrainer(_LMTrainer):
 
     stage = "pretrain"
 
-    def build_examples(self):
+    def build_examples(self, path, held_out: bool = False):
         cfg: PretrainConfig = self.config
-        loaded = load_rows(cfg.dataset, required=(cfg.text_column,), types={cfg.text_column: str}, skip_bad=cfg.skip_bad_rows)
-        warn_skipped(loaded.skipped, source_name(cfg.dataset))
-        self.skipped_rows = loaded.skipped
+        loaded = load_rows(path, required=(cfg.text_column,), types={cfg.text_column: str}, skip_bad=cfg.skip_bad_rows)
+        warn_skipped(loaded.skipped, source_name(path))
+        self.skipped_rows += loaded.skipped
         tokens = [self.tokenizer(r[cfg.text_column], add_special_tokens=False)["input_ids"] for r in loaded.rows]
         blocks = pack_text(tokens, self.tokenizer.eos_token_id, cfg.block_size)
         if not blocks:
-            raise DataError(source_name(cfg.dataset), f"fewer tokens than one block of block_size={cfg.block_size}")
+            raise DataError(source_name(path), f"fewer tokens than one block of block_size={cfg.block_size}")
         return [(b, [True] * len(b)) for b in blocks]
 
 
@@ -211,18 +271,19 @@ class SFTTrainer(_LMTrainer):
 
     stage = "sft"
 
-    def build_examples(self):
+    def build_examples(self, path, held_out: bool = False):
         cfg: SFTConfig = self.config
+        counts = "data/eval_" if held_out else "data/"
         # chat rows or prompt/completion rows, decided by the first readable row; then every row
         # is checked for those columns by load_rows, so an error names the file, row and column
-        first = load_rows(cfg.dataset, required=(), skip_bad=True, limit=1).rows[0]
+        first = load_rows(path, required=(), skip_bad=True, limit=1).rows[0]
         if first.get(cfg.messages_column):
             required: tuple[str, ...] = (cfg.messages_column,)
             types = {cfg.messages_column: list}
         else:
             required = (cfg.prompt_column, cfg.completion_column)
             types = {cfg.prompt_column: (str, list), cfg.completion_column: str}
-        loaded = load_rows(cfg.dataset, required=required, types=types, skip_bad=cfg.skip_bad_rows)
+        loaded = load_rows(path, required=required, types=types, skip_bad=cfg.skip_bad_rows)
         tok = self.tokenizer
         out = []
         skipped = loaded.skipped
@@ -255,13 +316,13 @@ class SFTTrainer(_LMTrainer):
                 out.append((ids, mask))
             else:  # the prompt alone fills max_length: no completion token left to learn from
                 dropped += 1
-        warn_skipped(skipped, source_name(cfg.dataset))
-        source, n = source_name(cfg.dataset), len(loaded.rows)
+        warn_skipped(skipped, source_name(path))
+        source, n = source_name(path), len(loaded.rows)
         warn_truncated(truncated - dropped, source, f"of {n} examples are longer than max_length={cfg.max_length} "
                        "tokens (prompt + completion + EOS); their completions are cut at the end",
-                       "data/truncated_examples")
+                       f"{counts}truncated_examples")
         warn_truncated(dropped, source, f"of {n} examples have a prompt of max_length={cfg.max_length} tokens or "
-                       "more; they are left out (no completion token remains)", "data/dropped_examples")
-        self.skipped_rows = skipped
-        self.data_counts = {"data/truncated_examples": truncated - dropped, "data/dropped_examples": dropped}
+                       "more; they are left out (no completion token remains)", f"{counts}dropped_examples")
+        self.skipped_rows += skipped
+        self.data_counts.update({f"{counts}truncated_examples": truncated - dropped, f"{counts}dropped_examples": dropped})
         return out
