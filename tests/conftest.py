@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("TRUSTRL_NO_PROGRESS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# report.html + plots cost seconds per run: written only where a test asks (monkeypatch.delenv)
+os.environ.setdefault("TRUSTRL_NO_REPORT", "1")
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,8 @@ def test_a_new_run_over_an_existing_one_is_refused_before_the_model_loads(tmp_pa
     assert _files(out) == {"metrics.jsonl": b'{"step": 1, "loss/nll": 2.0}\n'}  # untouched
 
 
-def test_overwrite_moves_the_old_run_aside_whole(tiny_model_dir, addition_data, tmp_path, capsys):
+def test_overwrite_moves_the_old_run_aside_whole(tiny_model_dir, addition_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRUSTRL_NO_REPORT", raising=False)  # reports are part of the run here
     out = tmp_path / "run"
     SFTTrainer(_sft(tiny_model_dir, addition_data, out, tensorboard=True)).train()
     first = _files(out)
@@ -181,6 +182,13 @@ def test_resume_with_nothing_to_resume_from_says_so(tiny_model_dir, addition_dat
 # ------------------------------------------------------------------ time-based checkpoints
 
 
+def _reports(monkeypatch, on: bool) -> None:
+    if on:
+        monkeypatch.delenv("TRUSTRL_NO_REPORT", raising=False)
+    else:
+        monkeypatch.setenv("TRUSTRL_NO_REPORT", "1")
+
+
 def _no_perf(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
@@ -190,11 +198,12 @@ def _same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_time_based_checkpoints_change_when_not_what(tiny_model_dir, addition_data, tmp_path):
+def test_time_based_checkpoints_change_when_not_what(tiny_model_dir, addition_data, tmp_path, monkeypatch):
     assert SFTConfig.model_fields["save_every_minutes"].default == 10.0  # on by default
     # SFT: a tiny interval writes a checkpoint after every step; 0 only at the end
     runs = {}
     for minutes in (0.0, 1e-9):
+        _reports(monkeypatch, minutes == 0.0)  # (seconds per report: on for one run of each pair)
         out = tmp_path / f"sft-{minutes}"
         SFTTrainer(_sft(tiny_model_dir, addition_data, out, max_steps=3, save_every=0, save_every_minutes=minutes,
                         keep_last_checkpoints=10)).train()
@@ -211,6 +220,7 @@ def test_time_based_checkpoints_change_when_not_what(tiny_model_dir, addition_da
         return [c.count("a") / max(len(c), 1) for c in completions]
 
     for minutes in (0.0, 1e-9):
+        _reports(monkeypatch, minutes == 0.0)
         out = tmp_path / f"grpo-{minutes}"
         cfg = GRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(out), max_steps=3,
                          prompts_per_step=2, group_size=4, max_completion_length=4, max_prompt_length=16,
@@ -226,6 +236,7 @@ def test_time_based_checkpoints_change_when_not_what(tiny_model_dir, addition_da
     for out in (runs[0.0], runs["grpo0.0"]):
         assert (out / "report.html").is_file() and list((out / "plots").glob("*.png"))
         assert json.loads((out / "train_summary.json").read_text())["report"] == str(out / "report.html")
+    assert not (runs[1e-9] / "report.html").exists()  # TRUSTRL_NO_REPORT=1 (as report=false)
 
 
 # ------------------------------------------------------------------ the summary table
@@ -244,3 +255,18 @@ def test_the_summary_prints_as_a_table():
         "  reward_faults      -\n"
         "  data/skipped_rows  0\n"
         "  extra.kl           0.5")
+
+
+def test_the_demo_refuses_an_earlier_demo_and_moves_it_aside_with_overwrite(tmp_path, capsys):
+    from trustrl.tasks.demo import DemoSettings, _set_aside_earlier_demo, run_demo
+
+    out = tmp_path / "demo"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _files(out)
+    with pytest.raises(RunDirError, match=r"holds an earlier demo; pass --overwrite to move it aside to .*demo.previous-1"):
+        run_demo(DemoSettings.quick(output_dir=str(out)))
+    assert cli_main(["demo", "--quick", "--output-dir", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err and _files(out) == before
+    _set_aside_earlier_demo(out, overwrite=True)  # what --overwrite does first
+    assert not out.exists() and _files(tmp_path / "demo.previous-1") == before

@@ -182,8 +182,10 @@ def _nll_by_hand(model, examples) -> float:
     return total / count
 
 
-def test_sft_evaluates_the_held_out_loss_and_reports(tiny_model_dir, addition_data, tmp_path):
+def test_sft_evaluates_the_held_out_loss_and_reports(tiny_model_dir, addition_data, tmp_path, monkeypatch):
     import json
+
+    monkeypatch.delenv("TRUSTRL_NO_REPORT", raising=False)
 
     rows = [json.loads(line) for line in addition_data["sft"].read_text().splitlines()]
     write_jsonl(tmp_path / "heldout.jsonl", rows[:6])
@@ -202,6 +204,7 @@ def test_sft_evaluates_the_held_out_loss_and_reports(tiny_model_dir, addition_da
     logged = {r["step"]: r.get("eval/nll") for r in read_metrics(tmp_path / "run")}
     assert [s for s, v in logged.items() if v is not None] == [0, 3, 4]
     # evaluating changes no number of the training run
+    monkeypatch.setenv("TRUSTRL_NO_REPORT", "1")
     plain = SFTTrainer(_config(tiny_model_dir, addition_data["sft"], tmp_path / "plain", batch_size=4,
                                max_steps=4)).train()
     assert plain["final_loss"] == summary["final_loss"]

@@ -132,7 +132,8 @@ class TrainConfig(_Strict):
     ones (max_steps, eval_every, save_every, logging...), e.g. [learning_rate]; recorded in
     output_dir/config_history.jsonl."""
     report: bool = True
-    """Write report.html and plots/ into output_dir at the end of the run."""
+    """Write report.html and plots/ into output_dir at the end of the run (the environment
+    variable TRUSTRL_NO_REPORT=1 turns it off too)."""
     tensorboard: bool = True
     """Also write TensorBoard scalars to output_dir/tb (false: none, whatever report_to says)."""
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])

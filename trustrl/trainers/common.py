@@ -24,6 +24,7 @@ The loops themselves live one per algorithm beside this file."""
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ from trustrl.logging import MetricsLogger, write_json_atomic
 from trustrl.trainers.run_dir import (CONFIG_FILE, RunDirError, check_run_dir, record_resume, set_aside,
                                       settings_to_save)
 from trustrl.utils import rng_state, set_rng_state
+
+
+#: ``TRUSTRL_NO_REPORT=1`` skips report.html and plots/ whatever ``report`` says (the test
+#: suite sets it: rendering the panels costs seconds per run; the report tests unset it).
+NO_REPORT_ENV = "TRUSTRL_NO_REPORT"
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -264,10 +270,13 @@ class Run:
         """Check the run directory rules again, move an old run aside (``overwrite``), create
         the directory and, for a new run, write ``config.yaml`` (a resume writes it in
         :meth:`restore`, once the change is on record)."""
-        check_resume_setting(config)
         out = Path(config.output_dir)
+        # data parallel: every rank checked in the trainer's __init__; here (the barrier makes
+        # sure none is still checking) rank 0 checks again and writes, and every rank follows
+        dist.barrier()
 
         def prepare() -> Path | None:
+            check_resume_setting(config)
             aside = set_aside(config)
             out.mkdir(parents=True, exist_ok=True)
             if config.resume == "never" or not (out / CONFIG_FILE).exists():
@@ -403,12 +412,11 @@ class Run:
         0). A report that cannot be written is a warning, not a failed run: training is done.
         Returns the summary with ``report`` (its path, or None) added."""
         self.close()
-        summary["report"] = None
-        if self.config.report:
-            summary["report"] = str(self.output_dir / "report.html")
+        report = self.config.report and os.environ.get(NO_REPORT_ENV, "").lower() not in ("1", "true", "yes")
+        summary["report"] = str(self.output_dir / "report.html") if report else None
         if write_summary:
             dist.on_main(write_json_atomic, self.output_dir / "train_summary.json", summary)
-        if self.config.report:
+        if report:
             summary["report"] = dist.on_main(_write_report, self.output_dir)
         return summary
 
