@@ -34,7 +34,7 @@ def test_typo_names_the_key_and_allowed_keys(tmp_path):
     assert "betta: unknown key; did you mean beta? (all keys: trustrl config-help grpo)" in str(err.value)
     with pytest.raises(ConfigError) as err:  # nothing close: the allowed keys
         load_config(GRPOConfig, None, ["model=m", "dataset=d", "xyzzy=1"])
-    assert "xyzzy: unknown key; allowed keys: adam_betas, advantage_estimator, beta," in str(err.value)
+    assert "xyzzy: unknown key; allowed keys: adam_betas, advantage_estimator, allow_changed, beta," in str(err.value)
 
 
 def test_unknown_keys_get_trls_name_mapping_only_where_the_meaning_is_the_same():
