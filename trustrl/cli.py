@@ -88,9 +88,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             from trustrl.logging import format_summary
 
             print(format_summary(result, title=f"trustrl train {args.algo}: {config.output_dir}"))
-    except ConfigError as err:  # a run-directory rule (existing run, nothing to resume, changed settings)
-        print(f"trustrl: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one before the loop started
         print(f"\ntrustrl: interrupted; checkpoints already written in {config.output_dir} are intact "
               f"(resume with --resume)", file=sys.stderr)
@@ -115,10 +112,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.overwrite = args.overwrite
     try:
         settings = settings.with_overrides(args.overrides)
-        summary = run_demo(settings)
     except ConfigError as err:
         print(f"trustrl demo: {err}", file=sys.stderr)
         return 2
+    summary = run_demo(settings)  # an earlier demo there: a RunDirError (UserError), reported by main()
     print()
     print(format_table(summary))
     print()

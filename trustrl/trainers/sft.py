@@ -124,8 +124,8 @@ class _LMTrainer:
         if config.eval_dataset is not None:  # a missing held-out file is named before anything loads
             try:
                 source_files(config.eval_dataset)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"eval_dataset: {str(err).removeprefix('load_rows: ')}") from None
+            except DataError as err:
+                raise type(err)(err.path, f"{err.problem} (eval_dataset)") from None
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         # the data before the model: a bad row stops the run before the weights load
         self.skipped_rows = 0  # malformed dataset rows left out (skip_bad_rows=true), counted by build_examples
