@@ -203,7 +203,8 @@ def test_reward_failure_during_training(tiny_model_dir, tmp_path, capsys, reward
     cfg = write_config(tmp_path, tiny_model_dir, data, rewards=[{"name": f"{reward_module}:picky"}])
     assert_clean(*run_cli(capsys, "train", "grpo", "--config", str(cfg)), "reward function 'picky'",
                  "KeyError", "sample 0")
-    code, text = run_cli(capsys, "train", "grpo", "--config", str(cfg), "--debug")
+    # (the failed run left its run directory: the second attempt moves it aside)
+    code, text = run_cli(capsys, "train", "grpo", "--config", str(cfg), "--debug", "--overwrite")
     assert code == 2 and "Traceback" in text and "RewardError" in text
 
 
