@@ -161,7 +161,9 @@ def test_grpo_poisoned_gradient_skips_then_stops(tiny_model_dir, addition_data, 
 
     # the stopped run resumes from its last good checkpoint once the fault is gone
     monkeypatch.undo()
-    resumed = GRPOTrainer(grpo_config(tiny_model_dir, addition_data, tmp_path, resume="auto"), reward_funcs=[count_a])
+    # (count_a replaces the counting wrapper: another function in config.yaml, a change to confirm)
+    resumed = GRPOTrainer(grpo_config(tiny_model_dir, addition_data, tmp_path, resume="auto", allow_changed=["rewards"]),
+                          reward_funcs=[count_a])
     summary = resumed.train()
     assert summary["resumed_from"].endswith("step_000002") and summary["steps"] == 8
     assert [r["step"] for r in read_metrics(cfg.output_dir)] == list(range(1, 9))
