@@ -42,10 +42,14 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "train_summary.json", "checkpoints"
              "plots", "samples.jsonl", "trackers.json", HISTORY_FILE)
 
 #: Settings a resume may change without confirmation: they say how long the run goes, how often
-#: it evaluates, saves and logs, and where metrics go -- never what a step computes.
+#: it evaluates, saves and logs, where metrics go, and how (not what) a step is computed: the
+#: device, the parallel layout, CPU threads, no-grad forward batch sizes, activation
+#: recomputation -- never what a step computes.
 SAFE_ON_RESUME = frozenset({
     "max_steps", "epochs", "eval_every", "save_every", "save_every_minutes", "keep_last_checkpoints", "log_every",
     "progress", "tensorboard", "report_to", "sample_every", "report", "max_consecutive_nonfinite", "output_dir",
+    "device", "parallelism", "cpu_threads", "forward_batch_size", "logprob_chunk_size", "eval_batch_size",
+    "gradient_checkpointing",
 })
 
 #: What to do this time, not a setting of the run: never compared, never saved as set.
