@@ -220,3 +220,20 @@ def test_a_missing_eval_dataset_is_an_error_naming_it(tmp_path):
                     eval_dataset=str(tmp_path / "heldout.jsonl"))
     with pytest.raises(FileNotFoundError, match=r"heldout.jsonl: no such file or directory \(eval_dataset\)"):
         SFTTrainer(cfg)  # before the (missing) model is looked at
+
+
+def test_held_out_nll_does_not_depend_on_the_batching(tiny_model_dir, addition_data, tmp_path):
+    # the same held-out set in one forward pass, in passes of 3 rows and by a token budget
+    # (length-sorted, padded differently): one sum over the same tokens, so the same value
+    from trustrl.loop.accumulate import token_budget_micro_batches
+    from trustrl.trainers.sft import held_out_nll
+
+    trainer = SFTTrainer(_config(tiny_model_dir, addition_data["sft"], tmp_path / "run", eval_dataset=str(
+        addition_data["sft"])))
+    ex, pad = trainer.eval_examples[:10], trainer.tokenizer.pad_token_id
+    one = held_out_nll(trainer.model, ex, pad, "cpu", [torch.arange(10)])
+    threes = held_out_nll(trainer.model, ex, pad, "cpu", list(torch.arange(10).split(3)))
+    budget = held_out_nll(trainer.model, ex, pad, "cpu", token_budget_micro_batches([len(i) for i, _ in ex], 40))
+    assert one["eval/tokens"] == threes["eval/tokens"] == budget["eval/tokens"] == sum(sum(m[1:]) for _, m in ex)
+    assert threes["eval/nll"] == pytest.approx(one["eval/nll"], rel=1e-6)
+    assert budget["eval/nll"] == pytest.approx(one["eval/nll"], rel=1e-6)

@@ -89,17 +89,18 @@ def right_pad(rows: list[list[int]], masks: list[list[bool]], pad_id: int) -> tu
 
 
 @torch.no_grad()
-def held_out_nll(model, examples: list[tuple[list[int], list[bool]]], pad_id: int, device, batch_size: int,
-                 chunk_size: int = 1024) -> dict[str, float]:
+def held_out_nll(model, examples: list[tuple[list[int], list[bool]]], pad_id: int, device,
+                 batches: list[torch.Tensor], chunk_size: int = 1024) -> dict[str, float]:
     """The held-out loss: the NLL summed over every target token of ``examples`` divided by
     their number (``eval/nll``, the training loss's unit: per token over the whole set, not a
-    mean of batch means), ``eval/perplexity`` = exp(``eval/nll``), ``eval/tokens``. Eval mode
-    (no dropout), no gradient, no randomness drawn: evaluating changes no number of the run."""
+    mean of batch means), ``eval/perplexity`` = exp(``eval/nll``), ``eval/tokens``; one forward
+    pass per entry of ``batches`` (row indices covering every example once). Eval mode (no
+    dropout), no gradient, no randomness drawn: evaluating changes no number of the run."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for start in range(0, len(examples), batch_size):
-        part = examples[start:start + batch_size]
+    for rows in batches:
+        part = [examples[i] for i in rows.tolist()]
         ids, attention, target = right_pad([e[0] for e in part], [e[1] for e in part], pad_id)
         logp = completion_logprobs_for_targets(model, ids.to(device), attention.to(device), chunk_size=chunk_size)
         nll = token_nll_sum(logp, target[:, 1:].to(device))
@@ -166,8 +167,12 @@ class _LMTrainer:
     def evaluate(self) -> dict[str, float]:
         assert self.eval_examples is not None
         cfg = self.config
-        rows = max(1, math.ceil(cfg.batch_size / cfg.gradient_accumulation_steps))  # the training micro-batch
-        return held_out_nll(self.model, self.eval_examples, self.tokenizer.pad_token_id, self.device, rows)
+        if cfg.micro_batch_tokens:  # the training's memory bound: the same token budget
+            batches = token_budget_micro_batches([len(ids) for ids, _ in self.eval_examples], cfg.micro_batch_tokens)
+        else:  # rows of a training micro-batch
+            rows = max(1, math.ceil(cfg.batch_size / cfg.gradient_accumulation_steps))
+            batches = list(torch.arange(len(self.eval_examples)).split(rows))
+        return held_out_nll(self.model, self.eval_examples, self.tokenizer.pad_token_id, self.device, batches)
 
     def _due_for_eval(self, step: int) -> bool:
         every = self.config.eval_every
