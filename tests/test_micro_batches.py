@@ -113,3 +113,101 @@ def test_trim_keeps_rows_and_drops_only_shared_padding():
     assert t.prompt_ids.tolist() == [[2, 3], [11, 12]] and t.prompt_mask.tolist() == [[False, True], [True, True]]
     assert t.completion_ids.tolist() == [[4, 5], [13, 14]] and t.behaviour_logprobs.tolist() == [[0, 1], [5, 6]]
     assert t.truncated.tolist() == [False, True]
+
+
+# ------------------------------------------------------------------ padding-free packed micro-batches
+
+
+def _tiny(arch: str, dtype):
+    import transformers
+
+    kw = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = getattr(transformers, f"{arch}Config")(**kw)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Qwen3", "Mistral"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_packed_log_probs_equal_the_padded_forward(arch, dtype, tolerance):
+    """Rows of different prompt (left-padded) and completion (right-padded) lengths: packed into
+    one sequence with restarting position ids, the log-probs, entropies and their gradients
+    equal the padded forward's (float64 to 1e-12: the block-diagonal mask is exact)."""
+    from trustrl.rollout import completion_logprobs, packed_completion_logprobs
+
+    model = _tiny(arch, dtype)
+    rollout, *_ = _batch([3, 7, 1, 5], [2, 6, 4, 1], seed=1)
+    rollout = Rollout(rollout.prompt_ids % 40, rollout.prompt_mask, rollout.completion_ids % 40,
+                      rollout.completion_mask, rollout.truncated)
+    mask = rollout.completion_mask
+    grads = []
+    for fn in (completion_logprobs, packed_completion_logprobs):
+        model.zero_grad()
+        logp, entropy = fn(model, rollout, temperature=0.7, return_entropy=True)
+        (logp * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if fn is completion_logprobs:
+            expected = (logp.detach(), entropy)
+        else:
+            torch.testing.assert_close(logp.detach()[mask], expected[0][mask], rtol=0, atol=tolerance)
+            torch.testing.assert_close(entropy[mask], expected[1][mask], rtol=0, atol=tolerance)
+            assert logp.detach()[~mask].eq(0).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=tolerance * max(1.0, float(grads[0].abs().max())))
+
+
+def test_packed_budget_counts_real_tokens_and_unknown_models_are_refused():
+    # packed: rows (prompt, completion) (6, 1), (1, 6), (2, 2) cost 7, 7, 4 real tokens; budget 14
+    # takes rows 0 + 1 (14), then row 2 alone
+    parts = token_budget_micro_batches([1, 6, 2], 14, prefix_lengths=[6, 1, 2], packed=True)
+    assert [p.tolist() for p in parts] == [[0, 1], [2]]
+    from trustrl.rollout import check_packable
+
+    class GPT2LMHeadModel(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="pack_sequences: GPT2LMHeadModel is not known"):
+        check_packable(GPT2LMHeadModel())
+
+
+def test_grpo_with_packed_micro_batches_gives_the_whole_batch_gradient(tiny_model_dir, addition_data, tmp_path,
+                                                                       monkeypatch):
+    """GRPO (token_mean, beta > 0, mu = 2 so the old log-probs are packed the same way and the
+    first ratio is exactly 1): packed token-budget micro-batches vs one padded micro-batch."""
+    import trustrl.algorithms.grpo as grpo_module
+    from trustrl.algorithms.grpo import GRPOTrainer
+    from trustrl.config import GRPOConfig
+
+    grads, ratios = {}, []
+    original_loss = grpo_module.policy_loss_sum
+
+    def recording(logp, old_logp, advantages, mask, **kwargs):
+        ratios.append((logp.detach() - old_logp)[mask])
+        return original_loss(logp, old_logp, advantages, mask, **kwargs)
+
+    for name, split in {"one": {}, "packed": dict(micro_batch_tokens=40, pack_sequences=True)}.items():
+        captured = []
+        ratios.clear()
+        original = grpo_module.guarded_step
+
+        def capturing(model, *args, **kwargs):
+            captured.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            return original(model, *args, **kwargs)
+
+        monkeypatch.setattr(grpo_module, "guarded_step", capturing)
+        monkeypatch.setattr(grpo_module, "policy_loss_sum", recording)
+        cfg = GRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(tmp_path / name),
+                         max_steps=1, prompts_per_step=4, group_size=4, max_completion_length=6, max_prompt_length=16,
+                         learning_rate=1e-3, beta=0.04, num_iterations=2, progress=False, tensorboard=False, seed=0,
+                         rewards=[], **split)
+        GRPOTrainer(cfg, reward_funcs=[lambda prompts, completions, **kw: [c.count("a") / 6 for c in completions]]).train()
+        grads[name] = captured[0]
+        monkeypatch.undo()
+    # the packed run: 2 iterations x its micro-batches (40 real tokens: several); the first
+    # iteration's ratio is exactly 1, bitwise (old log-probs packed the same way)
+    n_micro = len(ratios) // 2
+    assert n_micro >= 2 and all(bool(r.eq(0).all()) for r in ratios[:n_micro])
+    assert any(bool(r.ne(0).any()) for r in ratios[n_micro:])
+    scale = max(float(g.abs().max()) for g in grads["one"].values())
+    for n, g in grads["one"].items():
+        torch.testing.assert_close(grads["packed"][n], g, rtol=0, atol=1e-5 * scale)

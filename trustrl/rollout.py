@@ -389,6 +389,71 @@ def completion_logprobs(
     )
 
 
+#: Causal LMs whose trunk (transformers 5.x) builds its attention mask from ``position_ids``
+#: when no attention mask is given: a position that does not follow its predecessor starts a
+#: new sequence (``masking_utils.find_packed_sequence_indices``), so packed rows attend only
+#: within their own sequence. Checked against the padded forward by tests/test_micro_batches.py.
+PACKABLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def check_packable(model: nn.Module) -> None:
+    """Refuse a model whose forward is not known to honour packed position ids."""
+    from trustrl import parallel
+    from trustrl.models import is_peft
+
+    base = model.get_base_model() if is_peft(model) else model
+    name = type(base).__name__
+    if name not in PACKABLE_ARCHITECTURES:
+        raise ValueError(f"pack_sequences: {name} is not known to attend within packed sequences; "
+                         f"supported: {', '.join(PACKABLE_ARCHITECTURES)}. Set pack_sequences=false")
+    if parallel.is_sharded(model):
+        raise ValueError("pack_sequences: not supported with parallelism.strategy=fsdp yet; set pack_sequences=false")
+
+
+def packed_completion_logprobs(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` without padding: the real tokens of every row (prompt, then
+    completion) are concatenated into ONE sequence, position ids restarting at 0 on each row,
+    no attention mask, so the trunk attends causally within each row only (see
+    :data:`PACKABLE_ARCHITECTURES`). Completion token ``t`` of a row with ``p`` prompt tokens
+    is predicted by the packed position of its row's token ``p + t - 1``. Returns ``[B, C]``
+    (0 at padding) as :func:`completion_logprobs` does, and the entropy with ``return_entropy``."""
+    check_packable(model)
+    transform = logit_transform(model)
+    backbone, head = lm_backbone_and_head(model)
+    device = rollout.prompt_ids.device
+    pieces, positions, predictors, targets = [], [], [], []
+    offset = 0
+    for b in range(rollout.prompt_ids.shape[0]):
+        prompt = rollout.prompt_ids[b][rollout.prompt_mask[b]]
+        completion = rollout.completion_ids[b][rollout.completion_mask[b]]
+        if prompt.numel() == 0:
+            raise ValueError(f"packed_completion_logprobs: row {b} has an empty prompt (nothing predicts its first token)")
+        seq = torch.cat([prompt, completion])
+        pieces.append(seq)
+        positions.append(torch.arange(seq.numel(), device=device))
+        predictors.append(offset + prompt.numel() - 1 + torch.arange(completion.numel(), device=device))
+        targets.append(completion)
+        offset += seq.numel()
+    hidden = backbone(input_ids=torch.cat(pieces)[None], position_ids=torch.cat(positions)[None],
+                      use_cache=False).last_hidden_state[0]
+    out = chunked_token_logprobs(hidden[torch.cat(predictors)], head.weight, torch.cat(targets),
+                                 bias=getattr(head, "bias", None), temperature=temperature, chunk_size=chunk_size,
+                                 return_entropy=return_entropy, transform=transform)
+    logp, entropy = out if return_entropy else (out, None)
+    mask = rollout.completion_mask  # a prefix of every row: row-major order is the packed order
+    full = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+    if not return_entropy:
+        return full
+    return full, entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+
+
 @torch.no_grad()
 def batched_completion_logprobs(
     model: nn.Module, rollout: Rollout, *, batch_size: int, temperature: float = 1.0, chunk_size: int = 1024,
@@ -412,12 +477,13 @@ def batched_completion_logprobs(
 @torch.no_grad()
 def micro_batch_logprobs(
     model: nn.Module, rollout: Rollout, micro_rows: list[torch.Tensor], *, trim: bool, temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 1024, packed: bool = False,
 ) -> torch.Tensor:
     """No-grad log-probs ``[B, C]`` computed micro-batch by micro-batch over the given row sets
     (each trimmed of padding columns with ``trim``: :meth:`Rollout.trim`), i.e. in the very
     batch layout of an update over the same micro-batches, so the update's first ratio is
-    exactly 1. Columns past a trimmed micro-batch's width are 0."""
+    exactly 1 (``packed``: each micro-batch packed, :func:`packed_completion_logprobs`).
+    Columns past a trimmed micro-batch's width are 0."""
     was_training = model.training
     model.eval()
     out = None
@@ -426,7 +492,8 @@ def micro_batch_logprobs(
         micro = rollout.select(rows.to(rollout.prompt_ids.device))
         if trim:
             micro = micro.trim()
-        logp = completion_logprobs(model, micro, temperature=temperature, chunk_size=chunk_size)
+        logprobs = packed_completion_logprobs if packed else completion_logprobs
+        logp = logprobs(model, micro, temperature=temperature, chunk_size=chunk_size)
         if out is None:
             out = logp.new_zeros(rollout.completion_ids.shape)
         if live:

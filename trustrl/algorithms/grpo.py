@@ -37,7 +37,8 @@ from trustrl.loop.rl_loop import TrainingState
 from trustrl.losses import (LossSum, aggregate_sum, kl_penalty, logprob_gap, masked_sum, policy_loss_sum,
                             rollout_correction_weights, sequence_policy_loss_sum)
 from trustrl.models import reference_context
-from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs, micro_batch_logprobs
+from trustrl.rollout import (Rollout, batched_completion_logprobs, check_packable, completion_logprobs,
+                             micro_batch_logprobs, packed_completion_logprobs)
 from trustrl.trainers.common import FaultCounter, PromptSampler, guarded_step, make_optimizer, make_scheduler
 
 
@@ -51,6 +52,8 @@ class GRPOTrainer(RLAlgorithm):
 
     def setup(self) -> TrainingState:
         cfg = self.config
+        if cfg.pack_sequences:  # refuse a model that would attend across packed rows, before any step
+            check_packable(self.policy)
         self.optimizer = make_optimizer(self.policy.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         return TrainingState({"policy": self.policy}, {"policy": self.optimizer}, {"policy": self.scheduler},
@@ -117,7 +120,8 @@ class GRPOTrainer(RLAlgorithm):
         old_logp = ref_logp = None
         if cfg.num_iterations > 1:
             old_logp = micro_batch_logprobs(self.policy, rollout, micro_rows, trim=bool(cfg.micro_batch_tokens),
-                                            temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+                                            temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size,
+                                            packed=cfg.pack_sequences)
         if cfg.beta > 0:
             with reference_context(self.policy, self.reference) as ref_model:
                 ref_logp = batched_completion_logprobs(ref_model, rollout, batch_size=cfg.forward_batch_size,
@@ -170,7 +174,7 @@ class GRPOTrainer(RLAlgorithm):
         cfg = self.config
         if cfg.micro_batch_tokens:
             return token_budget_micro_batches(rollout.completion_lengths.tolist(), cfg.micro_batch_tokens,
-                                              rollout.prompt_mask.sum(dim=1).tolist())
+                                              rollout.prompt_mask.sum(dim=1).tolist(), packed=cfg.pack_sequences)
         n_rows = rollout.prompt_ids.shape[0]
         return list(torch.arange(n_rows).split(-(-n_rows // cfg.gradient_accumulation_steps)))
 
@@ -188,8 +192,9 @@ class GRPOTrainer(RLAlgorithm):
         the first term's unit weighs the metrics. ``gap``: where the trainer's log-probs of the
         sampling policy are compared with the sampler's behaviour log-probs."""
         cfg = self.config
-        logp, entropy = completion_logprobs(self.policy, rollout, temperature=cfg.temperature,
-                                            chunk_size=cfg.logprob_chunk_size, return_entropy=True)
+        logprobs = packed_completion_logprobs if cfg.pack_sequences else completion_logprobs
+        logp, entropy = logprobs(self.policy, rollout, temperature=cfg.temperature,
+                                 chunk_size=cfg.logprob_chunk_size, return_entropy=True)
         old = logp.detach() if old_logp is None else old_logp
         behaviour = rollout.behaviour_logprobs
         if gap is not None and behaviour is not None:

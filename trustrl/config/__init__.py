@@ -376,6 +376,9 @@ class GRPOConfig(RLConfig):
     """DAPO soft overlong penalty buffer L_cache (None: off); added to the reward."""
     learning_rate: float = Field(1e-6, gt=0)
     """Peak learning rate of AdamW (DeepSeekMath uses 1e-6 on 7B models)."""
+    pack_sequences: bool = False
+    """With micro_batch_tokens: each micro-batch's rows packed into one sequence without padding
+    (position ids restart per row; the budget counts real tokens). Llama, Qwen2/3, Mistral."""
 
     @model_validator(mode="before")
     @classmethod
@@ -399,6 +402,8 @@ class GRPOConfig(RLConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
+        if self.pack_sequences and not self.micro_batch_tokens:
+            raise ValueError("pack_sequences packs token-budget micro-batches: set micro_batch_tokens too")
         if self.importance_level == "sequence" and self.rollout_correction != "none" \
                 and self.rollout_correction_level == "token":
             raise ValueError("importance_level=sequence (GSPO) takes one weight per sequence: set "

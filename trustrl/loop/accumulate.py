@@ -59,7 +59,7 @@ class BatchNormalizer:
 
 
 def token_budget_micro_batches(lengths: Sequence[int], budget: int,
-                               prefix_lengths: Sequence[int] | None = None) -> list[torch.Tensor]:
+                               prefix_lengths: Sequence[int] | None = None, packed: bool = False) -> list[torch.Tensor]:
     """Row indices of micro-batches formed by a token budget: the rows sorted by length (longest
     first, ties in row order), cut greedily so that each micro-batch's padded size fits::
 
@@ -69,7 +69,9 @@ def token_budget_micro_batches(lengths: Sequence[int], budget: int,
     row (of the completion, with ``prefix_lengths`` the prompt's: a left-padded prompt and a
     right-padded completion pad separately). Returns ``[tensor(int64 indices)]`` covering every
     row exactly once. Sorting groups similar lengths, so the padding left is small; the loss is
-    normalized once over the whole batch (:class:`BatchNormalizer`), so any split is exact."""
+    normalized once over the whole batch (:class:`BatchNormalizer`), so any split is exact.
+    ``packed``: the micro-batch's rows are packed into one sequence without padding, so its
+    size is ``sum(prefix + length)`` instead."""
     if budget < 1:
         raise ValueError(f"token_budget_micro_batches: budget must be >= 1, got {budget}")
     n = len(lengths)
@@ -78,15 +80,16 @@ def token_budget_micro_batches(lengths: Sequence[int], budget: int,
         raise ValueError(f"token_budget_micro_batches: {len(prefix)} prefix lengths for {n} rows")
     order = sorted(range(n), key=lambda i: (-(int(lengths[i]) + int(prefix[i])), i))
     out: list[list[int]] = []
-    width_p = width_c = 0
+    width_p = width_c = total = 0
     for i in order:
         p, c = int(prefix[i]), int(lengths[i])
-        if out and (len(out[-1]) + 1) * (max(width_p, p) + max(width_c, c)) <= budget:
+        size = total + p + c if packed else (len(out[-1]) + 1 if out else 1) * (max(width_p, p) + max(width_c, c))
+        if out and size <= budget:
             out[-1].append(i)
-            width_p, width_c = max(width_p, p), max(width_c, c)
+            width_p, width_c, total = max(width_p, p), max(width_c, c), total + p + c
         else:
             out.append([i])
-            width_p, width_c = p, c
+            width_p, width_c, total = p, c, p + c
     return [torch.tensor(rows, dtype=torch.long) for rows in out]
 
 
