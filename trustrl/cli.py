@@ -26,6 +26,8 @@ TRAINERS = {
     "rm": ("trustrl.trainers.reward_model", "RewardTrainer"),
     "ppo": ("trustrl.algorithms.ppo", "PPOTrainer"),
     "trpo": ("trustrl.algorithms.trpo", "TRPOTrainer"),
+    "agent-grpo": ("trustrl.algorithms.agent", "AgentGRPOTrainer"),
+    "agent-ppo": ("trustrl.algorithms.agent", "AgentPPOTrainer"),
 }
 
 

@@ -42,6 +42,10 @@ class Rollout:
     # was drawn from (temperature and top-p applied, the nucleus renormalized; 0 for greedy
     # decoding); the behaviour policy of importance correction (trustrl.losses.rollout_correction)
     behaviour_logprobs: torch.Tensor | None = None
+    # [B, C] bool, True = a real token after the prompt (multi-turn episodes: the model's and the
+    # environment's tokens; the completion mask then holds the model's alone). None: the
+    # completion mask is both (one prompt, one completion).
+    context_mask: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -49,7 +53,8 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        context = self.completion_mask if self.context_mask is None else self.context_mask
+        return torch.cat([self.prompt_mask, context], dim=1)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -61,6 +66,7 @@ class Rollout:
             self.completion_mask[index], self.truncated[index],
             {k: v[index] for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
             None if self.behaviour_logprobs is None else self.behaviour_logprobs[index],
+            None if self.context_mask is None else self.context_mask[index],
         )
 
     def to(self, device) -> "Rollout":
@@ -69,6 +75,7 @@ class Rollout:
             self.completion_mask.to(device), self.truncated.to(device),
             {k: v.to(device) for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
             None if self.behaviour_logprobs is None else self.behaviour_logprobs.to(device),
+            None if self.context_mask is None else self.context_mask.to(device),
         )
 
     def trim(self) -> "Rollout":
@@ -79,7 +86,9 @@ class Rollout:
         prompts, position ids from the mask and causal attention, no log-prob changes (up to
         float summation order): the dropped columns are masked out or come after every token."""
         prompt_keep = int(self.prompt_mask.any(dim=0).long().argmax()) if bool(self.prompt_mask.any()) else 0
-        width = max(int(self.completion_mask.sum(dim=1).max()), 1) if self.completion_mask.numel() else 0
+        real = self.completion_mask if self.context_mask is None else self.context_mask  # multi-turn: env tokens too
+        # past the last real column of any row (for prefix masks: the longest completion)
+        width = (max(int(real.any(dim=0).nonzero().max()) + 1, 1) if bool(real.any()) else 1) if real.numel() else 0
         cut = self.completion_ids.shape[1]
         return Rollout(
             self.prompt_ids[:, prompt_keep:], self.prompt_mask[:, prompt_keep:], self.completion_ids[:, :width],
@@ -87,6 +96,7 @@ class Rollout:
             {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == cut else v)
              for k, v in self.extras.items() if isinstance(v, torch.Tensor)},
             None if self.behaviour_logprobs is None else self.behaviour_logprobs[:, :width],
+            None if self.context_mask is None else self.context_mask[:, :width],
         )
 
 

@@ -16,6 +16,20 @@ from trustrl.logging import quiet_transformers
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
+#: Role markers of :data:`CHAT_TEMPLATE` (special tokens of the character tokenizer).
+CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+#: A compact chat template for character tokenizers (multi-turn agents): every message is
+#: ``<|role|>content``, an assistant message ends with EOS; tools (when given) are listed by
+#: name and description in a first system message. (No newlines: the character tokenizer's
+#: pre-tokenizer does not split them.)
+CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t['function']['name'] }}: "
+    "{{ t['function']['description'] }}{% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 def build_char_tokenizer(chars: str, special_tokens: list[str] | tuple[str, ...] = (), chat_template: str | None = None):
     """A character-level fast tokenizer: one id per character in ``chars`` plus special tokens
@@ -85,11 +99,12 @@ def create_tiny_model_dir(
     chars: str = "0123456789+-*=() <>/abcdefghijklmnopqrstuvwxyz.,?:",
     special_tokens: tuple[str, ...] = (),
     seed: int = 0,
+    chat_template: str | None = None,
     **model_kwargs,
 ) -> Path:
     """Build a tokenizer and a tiny model and save both to ``directory``."""
     directory = Path(directory)
-    tok = build_char_tokenizer(chars, special_tokens)
+    tok = build_char_tokenizer(chars, special_tokens, chat_template=chat_template)
     model = build_tiny_llama(
         len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, seed=seed, **model_kwargs,

@@ -353,12 +353,43 @@ def concat_batches(batches: list[ScoredBatch], pad: int) -> ScoredBatch:
             behaviour[i, :row.shape[0]] = row
         behaviour = behaviour.to(device)
     rollout = Rollout(p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device),
-                      torch.cat([b.rollout.truncated for b in batches]), behaviour_logprobs=behaviour)
+                      torch.cat([b.rollout.truncated for b in batches]),
+                      _concat_per_token_extras([b.rollout for b in batches], width, device),
+                      behaviour_logprobs=behaviour,
+                      context_mask=_concat_context([b.rollout for b in batches], width, device))
     per_fn = {k: torch.cat([b.scores.per_function[k] for b in batches]) for k in batches[0].scores.per_function}
     faults = {k: sum(b.scores.n_faults.get(k, 0) for b in batches) for k in batches[0].scores.n_faults}
     scores = ScoreResult(total=torch.cat([b.scores.total for b in batches]), per_function=per_fn, n_faults=faults)
     return ScoredBatch(rollout, [i for b in batches for i in b.row_indices], [p for b in batches for p in b.prompts],
                        [c for b in batches for c in b.completions], scores)
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    """Stack [b_i, c_i] tensors into [sum b_i, width], zero (False) past each row's width."""
+    out = torch.zeros((sum(p.shape[0] for p in parts), width), dtype=parts[0].dtype)
+    row = 0
+    for p in parts:
+        out[row:row + p.shape[0], :p.shape[1]] = p.cpu()
+        row += p.shape[0]
+    return out.to(device)
+
+
+def _concat_context(rollouts: list[Rollout], width: int, device) -> torch.Tensor | None:
+    """Multi-turn rollouts' context masks stacked (None for single-turn ones); a mix is refused."""
+    has = [r.context_mask is not None for r in rollouts]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError("concat_batches: cannot stack multi-turn rollouts (context_mask) with single-turn ones")
+    return _pad_cat([r.context_mask for r in rollouts], width, device)
+
+
+def _concat_per_token_extras(rollouts: list[Rollout], width: int, device) -> dict[str, torch.Tensor]:
+    """Per-token extras ([B, C] tensors present in every rollout, e.g. multi-turn turn ends) stacked."""
+    keys = set.intersection(*(set(r.extras) for r in rollouts))
+    return {k: _pad_cat([r.extras[k] for r in rollouts], width, device) for k in sorted(keys)
+            if all(isinstance(r.extras[k], torch.Tensor) and r.extras[k].dim() == 2
+                   and r.extras[k].shape[1] == r.completion_ids.shape[1] for r in rollouts)}
 
 
 def select_groups(batch: ScoredBatch, groups: list[int], group_size: int) -> ScoredBatch:

@@ -86,7 +86,10 @@ def evaluate(algorithm: RLAlgorithm, history: list[dict[str, float]], step: int)
     """Greedy held-out evaluation of the policy now (prompts split across ranks), recorded."""
     a = algorithm
     with parallel.gathered(a.policy):  # FSDP: whole weights while decoding (every rank enters)
-        ev = evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
+        if hasattr(a, "evaluate_heldout"):  # plug-ins with their own held-out episodes (agents)
+            ev = a.evaluate_heldout()
+        else:
+            ev = evaluate_sharded(evaluate_greedy, a.policy, a.tokenizer, a.eval_prompts, a.config, a.rewards, a.device)
     history.append({"step": step, **ev})
     return ev
 

@@ -1,0 +1,275 @@
+"""Language agents: the environment API, multi-turn episodes (token in, token out, one KV
+cache across turns), credit across turns, the maze and the Gymnasium bridge, and the
+multi-turn GRPO plug-in of the one loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustrl.envs.api import EnvError, EnvPolicy, resolve_env_factory
+from trustrl.envs.chat import TurnRenderer
+from trustrl.envs.episodes import EpisodeLimits, episodes_to_rollout, run_episodes
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def agent_model_dir(tmp_path_factory):
+    """A 1-layer Llama over a 10-token vocabulary (4 specials, 4 role markers, 'a', 'b') with the
+    compact chat template: a random model ends a turn with EOS often enough for many turns."""
+    from trustrl.tiny import CHAT_ROLE_TOKENS, CHAT_TEMPLATE, create_tiny_model_dir
+
+    path = tmp_path_factory.mktemp("agent_model")
+    return create_tiny_model_dir(path, chars="ab", special_tokens=CHAT_ROLE_TOKENS, chat_template=CHAT_TEMPLATE,
+                                 seed=0, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def agent_model(agent_model_dir):
+    from trustrl.models import load_policy, load_tokenizer
+
+    tok = load_tokenizer(str(agent_model_dir))
+    return load_policy(str(agent_model_dir), dtype="float32", device="cpu", tokenizer=tok), tok
+
+
+def _play(model, tok, rows, *, seeds=None, limits=None, policy=None, env_kwargs=None, greedy=False):
+    from agent_envs import CountEnv
+
+    envs = [CountEnv(**(env_kwargs or {})) for _ in rows]
+    return run_episodes(model, tok, envs, rows, env_seeds=[0] * len(rows),
+                        limits=limits or EpisodeLimits(max_turns=4, max_turn_tokens=24, max_episode_tokens=400),
+                        renderer=TurnRenderer(tok), policy=policy or EnvPolicy(), env_name="CountEnv",
+                        labels=[f"row {i}" for i in range(len(rows))], device=torch.device("cpu"),
+                        row_seeds=torch.arange(len(rows)) * 7919 + 1 if seeds is None else seeds, greedy=greedy)
+
+
+@pytest.fixture(autouse=True)
+def _envs_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+ROWS = [{"n": 1 + i % 3, "turns": 3} for i in range(8)]
+
+
+def test_cached_log_probs_equal_recomputed_ones_over_turns(agent_model):
+    """The sampler's log-prob of every model token (from the KV cache continued across turns
+    and replies) equals the log-prob of one forward pass over the whole episode."""
+    from trustrl.rollout import completion_logprobs
+
+    model, tok = agent_model
+    episodes = _play(model, tok, ROWS)
+    assert max(e.turns for e in episodes) >= 2  # the cache crossed at least one reply
+    assert any(not m for e in episodes for m in e.is_model)  # environment tokens are in the sequences
+    rollout = episodes_to_rollout(episodes, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        recomputed = completion_logprobs(model, rollout)
+    for b, e in enumerate(episodes):
+        model_positions = torch.tensor(e.is_model).nonzero().flatten()
+        assert torch.allclose(recomputed[b, model_positions], torch.tensor(e.sample_logprobs), atol=2e-5)
+
+
+def test_model_tokens_are_the_sampled_ids_and_replies_the_templates_rendering(agent_model):
+    """Token in, token out: the completion mask picks out exactly the ids the sampler drew;
+    the whole sequence decodes to the chat template's rendering of the conversation."""
+    model, tok = agent_model
+    episodes = _play(model, tok, ROWS)
+    rollout = episodes_to_rollout(episodes, tok.pad_token_id, "cpu")
+    for b, e in enumerate(episodes):
+        sampled = [t for t, m in zip(e.ids, e.is_model) if m]
+        assert rollout.completion_ids[b][rollout.completion_mask[b]].tolist() == sampled
+        assert rollout.context_mask[b].sum() == len(e.ids)
+        # the environment's tokens, reply by reply, are the template's rendering of its messages
+        # (the model's own tokens stay as sampled even where they decode to special tokens)
+        replies, current = [], []
+        for t, m in zip(e.ids, e.is_model):
+            if not m:
+                current.append(t)
+            elif current:
+                replies.append(current)
+                current = []
+        users = [m["content"] for m in e.messages if m["role"] == "user"]
+        assert tok.decode(e.prompt_ids, skip_special_tokens=False) == f"<|user|>{users[0]}<|assistant|>"
+        for k, reply in enumerate(replies, start=1):
+            assert tok.decode(reply, skip_special_tokens=False) == f"<|user|>{users[k]}<|assistant|>"
+        # every turn that got a reward ends with EOS (the rewards sit there), unless cut by a limit
+        assert all(e.ids[end] == tok.eos_token_id for end in e.turn_ends[:-1])
+    assert any(e.terminated for e in episodes)
+
+
+def test_an_episode_does_not_depend_on_the_other_episodes_of_the_batch(agent_model):
+    model, tok = agent_model
+    seeds = torch.arange(len(ROWS)) * 7919 + 1
+    together = _play(model, tok, ROWS, seeds=seeds)
+    alone = _play(model, tok, ROWS[3:4], seeds=seeds[3:4])[0]
+    assert alone.ids == together[3].ids and alone.turn_rewards == together[3].turn_rewards
+
+
+def test_gradient_at_environment_positions_is_exactly_zero(agent_model, monkeypatch):
+    """The GRPO loss on a multi-turn rollout: d loss / d log-prob is exactly 0 at every
+    environment token (context only) and non-zero at model tokens."""
+    import trustrl.algorithms.grpo as grpo
+    from trustrl.algorithms.agent import AgentGRPOTrainer
+
+    model, tok = agent_model
+    episodes = _play(model, tok, ROWS)
+    rollout = episodes_to_rollout(episodes, tok.pad_token_id, "cpu")
+    captured = {}
+    original = grpo.completion_logprobs
+
+    def keep(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out[0].retain_grad()
+        captured["logp"] = out[0]
+        return out
+
+    monkeypatch.setattr(grpo, "completion_logprobs", keep)
+    trainer = AgentGRPOTrainer.__new__(AgentGRPOTrainer)
+    from trustrl.config.agent import AgentGRPOConfig
+
+    trainer.config = AgentGRPOConfig(model="x", dataset="x", env="agent_envs:CountEnv", beta=0.1, max_completion_length=24)
+    trainer.policy = model
+    advantages = torch.linspace(-1, 1, len(ROWS))
+    with torch.no_grad():
+        ref = original(model, rollout) - 0.05  # a reference that differs: the KL term has a gradient
+    terms, _ = trainer.loss_terms(rollout, advantages, None, ref, rollout.completion_mask)
+    sum(c * t.total for c, t in terms).backward()
+    grad = captured["logp"].grad
+    env_positions = rollout.context_mask & ~rollout.completion_mask
+    assert env_positions.any()
+    assert torch.equal(grad[env_positions], torch.zeros_like(grad[env_positions]))
+    assert (grad[rollout.completion_mask] != 0).float().mean() > 0.9
+    model.zero_grad(set_to_none=True)
+
+
+def test_limits_truncate_episodes(agent_model):
+    model, tok = agent_model
+    rows = [{"n": 1, "turns": 50}] * 4
+    # max_turns: the environment would go on, the episode is truncated after 2 turns
+    for e in _play(model, tok, rows, limits=EpisodeLimits(2, 24, 400)):
+        assert e.truncated and not e.terminated and e.turns <= 2
+    # a one-token turn limit: no EOS, no action sent; the episode ends truncated
+    for e in _play(model, tok, rows, limits=EpisodeLimits(4, 1, 400)):
+        if e.ids[-1] != tok.eos_token_id:
+            assert e.truncated and e.turns == 1 and e.turn_rewards == [0.0]
+    # the episode budget: no sequence passes it
+    for e in _play(model, tok, rows, limits=EpisodeLimits(8, 24, 40)):
+        assert len(e.prompt_ids) + len(e.ids) <= 40
+        assert e.truncated
+
+
+def test_failing_and_slow_environments_raise_naming_them_or_get_the_default(agent_model):
+    model, tok = agent_model
+    rows = [{"n": 1, "turns": 5}] * 3
+    with pytest.raises(EnvError, match=r"env CountEnv episode row \d turn 2: RuntimeError: the environment broke"):
+        _play(model, tok, rows, env_kwargs={"fail_on_turn": 2}, limits=EpisodeLimits(4, 40, 400))
+    episodes = _play(model, tok, rows, env_kwargs={"fail_on_turn": 2}, limits=EpisodeLimits(4, 40, 400),
+                     policy=EnvPolicy(on_error="default", default_reward=-3.0))
+    broken = [e for e in episodes if e.fault is not None]
+    assert broken and all(e.turns == 2 and e.turn_rewards[-1] == -3.0 and e.truncated for e in broken)
+    assert all("turn 2" in e.fault for e in broken)
+    with pytest.raises(EnvError, match="no answer within env_timeout_s=0.2"):
+        _play(model, tok, rows, env_kwargs={"sleep_on_turn": 1}, policy=EnvPolicy(timeout_s=0.2),
+              limits=EpisodeLimits(4, 40, 400))
+
+
+def test_env_specs_resolve_or_are_refused_by_name():
+    name, make = resolve_env_factory("trustrl.envs.maze:TextMaze", {"wall_reward": -1.0})
+    assert name == "trustrl.envs.maze:TextMaze" and make().reset(options={"layout": "####/#SE#/####"})[0]
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        resolve_env_factory("no_such_module:Env")
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        resolve_env_factory("trustrl.envs.maze:Nope")
+    with pytest.raises(ValueError, match=r"has no reset\(\) method"):
+        resolve_env_factory(lambda: object())[1]()
+
+
+def test_text_maze_rewards_and_views_by_hand():
+    from trustrl.envs.maze import TextMaze
+
+    env = TextMaze()
+    # facing east in a corridor: S . E ; a wall north and south
+    obs, _ = env.reset(options={"layout": "#####/#S.E#/#####", "heading": "east"})
+    assert obs == "ahead open left wall right wall exit +2 +0"
+    assert env.step("turn left") == ("ahead wall left wall right open exit +0 +2", -0.01, False, False, {"heading": "north", "position": (1, 1), "bumped": False})
+    obs, r, term, trunc, info = env.step("forward")  # into the wall: step cost + wall penalty, no move
+    assert r == pytest.approx(-0.11) and info["bumped"] and not term
+    obs, r, *_ = env.step("jump")
+    assert r == -0.1 and obs.startswith("not an action: 'jump'")
+    env.step("turn right")
+    env.step("forward")
+    obs, r, term, trunc, info = env.step("forward")
+    assert term and info["success"] and r == pytest.approx(1.0 - 0.01)
+
+
+def test_held_out_layouts_are_never_training_layouts_and_the_expert_solves_them():
+    from trustrl.envs.maze import expert_turns, maze_key, random_layouts
+
+    held = random_layouts(30, 1, max_turns=8)
+    train = random_layouts(60, 2, max_turns=8, exclude={maze_key(r) for r in held})
+    assert not {maze_key(r) for r in held} & {maze_key(r) for r in train}
+    assert len({maze_key(r) for r in train}) == 60
+    assert all(3 <= expert_turns(r, 8) <= 8 for r in held + train)
+
+
+def test_gym_bridge_plays_frozen_lake_from_text():
+    import gymnasium as gym
+
+    from trustrl.envs.gym_bridge import GymTextEnv
+
+    moves = {"left": 0, "down": 1, "right": 2, "up": 3}
+    env = GymTextEnv(make=lambda row: gym.make("FrozenLake-v1", is_slippery=False, map_name="4x4"),
+                     render=lambda e, obs, info: f"cell {obs}", parse=lambda text: moves.get(text.strip()))
+    obs, _ = env.reset(seed=0, options={})
+    assert obs == "cell 0"
+    for move in ["down", "down", "right", "right", "down"]:
+        obs, r, term, trunc, info = env.step(move)
+        assert not term
+    assert env.step("oops")[1] == -0.1
+    obs, r, term, trunc, info = env.step("right")
+    assert obs == "cell 15" and r == 1.0 and term and info["success"]
+
+
+def _agent_config(tmp_path, **overrides):
+    from trustrl.config.agent import AgentGRPOConfig
+
+    rows = [{"n": 1 + i % 3, "turns": 2 + i % 2} for i in range(8)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    base = dict(model=str(overrides.pop("model")), dataset=str(tmp_path / "rows.jsonl"),
+                eval_dataset=str(tmp_path / "rows.jsonl"), output_dir=str(tmp_path / "run"), env="agent_envs:CountEnv",
+                max_turns=3, max_completion_length=16, max_episode_tokens=200, max_steps=2, prompts_per_step=2,
+                group_size=4, learning_rate=1e-3, beta=0.04, eval_prompts=4, progress=False, tensorboard=False,
+                sample_every=1, save_every=0, seed=0)
+    base.update(overrides)
+    return AgentGRPOConfig(**base)
+
+
+def test_agent_grpo_trains_in_the_one_loop(agent_model_dir, tmp_path):
+    """Two steps of multi-turn GRPO: per-episode metrics, held-out episodes, transcripts in
+    samples.jsonl, and every parameter moves."""
+    from safetensors.torch import load_file
+
+    from trustrl.algorithms.agent import AgentGRPOTrainer
+
+    summary = AgentGRPOTrainer(_agent_config(tmp_path, model=agent_model_dir)).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step1 = next(r for r in rows if r["step"] == 1 and "env/return" in r)
+    for key in ("env/return", "env/turns", "env/success", "env/truncated", "env/model_tokens", "reward/env/mean"):
+        assert key in step1
+    assert 1 <= step1["env/turns"] <= 3
+    assert summary["eval_history"][0]["step"] == 0 and "eval/turns" in summary["eval_history"][-1]
+    samples = (tmp_path / "run" / "samples.jsonl").read_text()
+    assert "<|user|>" in samples
+    before = load_file(str(Path(agent_model_dir) / "model.safetensors"))
+    after = load_file(str(Path(summary["model_dir"]) / "model.safetensors"))
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_agent_grpo_config_refuses_single_turn_options(agent_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="dynamic_sampling"):
+        _agent_config(tmp_path, model=agent_model_dir, dynamic_sampling=True)
+    with pytest.raises(ValueError, match="smaller than max_episode_tokens"):
+        _agent_config(tmp_path, model=agent_model_dir, max_completion_length=300)

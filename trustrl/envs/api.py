@@ -1,0 +1,166 @@
+"""The environment API for language agents, in Gymnasium's shape.
+
+The LLM is the agent; the environment is everything outside it. An environment is a plain
+Python class with two methods::
+
+    reset(seed=None, options=None) -> (observation, info)
+    step(action_text)              -> (observation, reward, terminated, truncated, info)
+
+* ``options`` at reset is the dataset row (a dict of its columns): the episode's task.
+* An observation is text (one ``user`` message) or a list of chat messages
+  (``{"role": "user" | "tool" | "system", "content": ...}``); the first one opens the
+  conversation, every later one is the environment's reply to the model's turn.
+* ``action_text`` is the model's text for one turn (its sampled tokens decoded, special
+  tokens dropped).
+* ``reward`` is the reward of that step; ``terminated`` ends the episode in a terminal state,
+  ``truncated`` ends it by a limit (Gymnasium's meaning). ``info["success"]`` (bool), when
+  given, is counted as ``env/success``.
+* Optional ``tools``: a list of Python callables offered to the model through the chat
+  template (``apply_chat_template(tools=...)``, see :mod:`trustrl.envs.tools`).
+
+Environments are made from ``env: "module:Class"`` plus ``env_kwargs`` in a config, or from a
+class / factory in the Python API (:func:`resolve_env_factory`). One instance plays one
+episode at a time; the episode runner makes one per episode of a step.
+
+Every call into an environment goes through :func:`call_env` with a time limit and the same
+error policy as rewards: ``raise`` (an :class:`EnvError` naming the environment, the episode
+and the turn) or ``default`` (the episode ends there with ``env_default_reward`` and a
+counted fault).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class LanguageEnv(Protocol):
+    """What the episode runner needs of an environment (a Gymnasium-shaped text env)."""
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]: ...
+
+    def step(self, action: str) -> tuple[Any, float, bool, bool, dict]: ...
+
+
+class EnvError(RuntimeError):
+    """An environment call failed or overran its time limit (env_on_error = raise)."""
+
+
+class EnvTimeout(EnvError):
+    pass
+
+
+EnvFactory = Callable[..., LanguageEnv]
+
+
+def resolve_env_factory(spec: str | EnvFactory, kwargs: dict[str, Any] | None = None) -> tuple[str, Callable[[], LanguageEnv]]:
+    """``(name, make)`` from ``"module:Class"`` (or ``"module.Class"``) or a class / factory;
+    ``make()`` builds one environment with ``kwargs``. An import that fails, a name that is not
+    there, or an object that is not callable is refused with a message naming the spec."""
+    kwargs = dict(kwargs or {})
+    if isinstance(spec, str):
+        module_name, sep, attr = spec.partition(":")
+        if not sep:
+            module_name, _, attr = spec.rpartition(".")
+        if not module_name or not attr:
+            raise ValueError(f"env {spec!r}: expected 'module:Class' (e.g. trustrl.envs.maze:TextMaze)")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"env {spec!r}: cannot import module {module_name!r} ({err})") from None
+        if not hasattr(module, attr):
+            raise ValueError(f"env {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        factory, name = getattr(module, attr), spec
+    else:
+        factory, name = spec, getattr(spec, "__qualname__", type(spec).__name__)
+    if not callable(factory):
+        raise ValueError(f"env {name!r} is not a class or factory (got {type(factory).__name__})")
+
+    def make() -> LanguageEnv:
+        env = factory(**kwargs)
+        for method in ("reset", "step"):
+            if not callable(getattr(env, method, None)):
+                raise ValueError(f"env {name!r}: the object it made has no {method}() method")
+        return env
+
+    return name, make
+
+
+class _Worker:
+    """One long-lived thread that runs time-limited calls (starting a thread per call costs
+    more than a maze step). A call that overruns is abandoned with its thread: the next call
+    gets a fresh worker."""
+
+    def __init__(self) -> None:
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def run(self, fn: Callable[..., Any], args: tuple, timeout_s: float, what: str) -> Any:
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrl-env")
+        future = self.pool.submit(fn, *args)
+        try:
+            return future.result(timeout=max(timeout_s, 0.0))
+        except concurrent.futures.TimeoutError:
+            self.pool.shutdown(wait=False)  # the overrunning call keeps its thread until it returns
+            self.pool = None
+            raise EnvTimeout(f"{what}: no answer within env_timeout_s={timeout_s:g} s") from None
+
+
+_WORKERS = threading.local()
+
+
+def call_with_time_limit(fn: Callable[..., Any], args: tuple, timeout_s: float | None, what: str) -> Any:
+    """``fn(*args)``; with ``timeout_s``, on a worker thread, abandoned when it overruns
+    (:class:`EnvTimeout` naming ``what``). The same policy as the reward time limit
+    (trustrl.rewards.registry); a Python thread cannot be killed, so an overrunning call keeps
+    running in the background until it returns."""
+    if timeout_s is None:
+        return fn(*args)
+    worker = getattr(_WORKERS, "worker", None)
+    if worker is None:
+        worker = _WORKERS.worker = _Worker()
+    return worker.run(fn, args, timeout_s, what)
+
+
+@dataclass(frozen=True)
+class EnvPolicy:
+    """Time limit and error policy of environment calls (``env_timeout_s``, ``env_on_error``,
+    ``env_default_reward`` in the config)."""
+
+    timeout_s: float | None = 60.0
+    on_error: str = "raise"  # "raise" | "default"
+    default_reward: float = 0.0
+
+
+def call_env(policy: EnvPolicy, fn: Callable[..., Any], args: tuple, what: str) -> tuple[Any, str | None]:
+    """``(result, None)``, or with ``on_error="default"`` ``(None, message)`` when the call failed
+    or overran; with ``on_error="raise"`` an :class:`EnvError` naming ``what`` (environment,
+    episode and turn) and the cause."""
+    try:
+        return call_with_time_limit(fn, args, policy.timeout_s, what), None
+    except Exception as err:  # noqa: BLE001 - every failure of user code is a fault of the env
+        message = str(err) if isinstance(err, EnvTimeout) else f"{what}: {type(err).__name__}: {err}"
+        if policy.on_error == "raise":
+            raise EnvError(message) from (None if isinstance(err, EnvTimeout) else err)
+        return None, message
+
+
+def check_step_result(out: Any, what: str) -> tuple[Any, float, bool, bool, dict]:
+    """A ``step`` result must be the 5-tuple of Gymnasium's API with a finite number reward."""
+    import math
+
+    if not isinstance(out, tuple) or len(out) != 5:
+        raise EnvError(f"{what}: step() must return (observation, reward, terminated, truncated, info), "
+                       f"got {type(out).__name__}{'' if not isinstance(out, tuple) else f' of {len(out)}'}")
+    obs, reward, terminated, truncated, info = out
+    try:
+        reward = float(reward)
+    except (TypeError, ValueError):
+        raise EnvError(f"{what}: reward must be a number, got {reward!r}") from None
+    if not math.isfinite(reward):
+        raise EnvError(f"{what}: reward is not finite ({reward})")
+    return obs, reward, bool(terminated), bool(truncated), dict(info or {})
