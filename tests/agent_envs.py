@@ -24,3 +24,19 @@ class CountEnv:
             time.sleep(2.0)
         done = self.turn >= int(self.row.get("turns", 3))
         return "b" * self.turn, float(action.count("a")), done, False, {"success": done and "a" in action}
+
+
+class SignallingCountEnv(CountEnv):
+    """CountEnv that sends ``signal_at`` (SIGTERM) to this process on the n-th step of the run."""
+
+    calls = 0
+    signal_at: int | None = None
+
+    def step(self, action: str):
+        import os
+        import signal
+
+        type(self).calls += 1
+        if type(self).calls == type(self).signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().step(action)

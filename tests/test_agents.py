@@ -273,3 +273,98 @@ def test_agent_grpo_config_refuses_single_turn_options(agent_model_dir, tmp_path
         _agent_config(tmp_path, model=agent_model_dir, dynamic_sampling=True)
     with pytest.raises(ValueError, match="smaller than max_episode_tokens"):
         _agent_config(tmp_path, model=agent_model_dir, max_completion_length=300)
+
+
+def test_gae_over_positions_skips_environment_tokens_by_hand():
+    """Model tokens at positions 0, 1 | env 2, 3 | model 4; reward 1 on the last token,
+    values V = (0.5, 0.25, -, -, 0.5), gamma = 0.9, lambda = 0.5:
+        delta_4 = 1 - 0.5 = 0.5                          A_4 = 0.5
+        delta_1 = 0 + 0.9 * 0.5 - 0.25 = 0.2             A_1 = 0.2 + 0.45 * 0.5 = 0.425
+        delta_0 = 0 + 0.9 * 0.25 - 0.5 = -0.275          A_0 = -0.275 + 0.45 * 0.425 = -0.08375
+    (the two environment tokens add no discounting)."""
+    from trustrl.advantages import gae, gae_over_positions
+
+    mask = torch.tensor([[True, True, False, False, True]])
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 1.0]])  # rewards at env positions are ignored
+    values = torch.tensor([[0.5, 0.25, 9.0, 9.0, 0.5]])
+    adv, ret = gae_over_positions(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[-0.08375, 0.425, 0.0, 0.0, 0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0.41625, 0.675, 0.0, 0.0, 1.0]]))
+    # prefix masks: the same numbers as gae
+    g = torch.Generator().manual_seed(0)
+    r, v = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    prefix = torch.arange(7)[None, :] < torch.tensor([[7], [3], [1], [5]])
+    for a, b in zip(gae_over_positions(r, v, prefix, 0.99, 0.95), gae(r, v, prefix, 0.99, 0.95)):
+        assert torch.equal(a, b)
+
+
+def test_agent_ppo_places_turn_rewards_and_trains_with_a_critic(agent_model_dir, tmp_path):
+    """PPO with a critic on the same environment: each turn's reward on its last model token
+    (the EOS), the outcome on the episode's last model token, nothing at environment tokens."""
+    from trustrl.algorithms.agent import AgentPPOTrainer
+    from trustrl.config.agent import AgentPPOConfig
+    from trustrl.rewards.registry import Reward
+
+    def short(prompts, completions, **columns):  # an outcome reward on the whole transcript
+        return [0.5 if len(c) < 40 else 0.0 for c in completions]
+
+    cfg = _agent_config(tmp_path, model=agent_model_dir).model_dump()
+    for key in ("group_size", "loss_aggregation", "importance_level", "clip_low", "clip_high", "kl_estimator",
+                "num_iterations", "mask_truncated_completions", "dynamic_sampling", "max_resample_rounds",
+                "overlong_cache_length", "advantage_estimator"):
+        cfg.pop(key, None)
+    cfg.update(samples_per_prompt=2, minibatch_size=4, ppo_epochs=2, beta=0.05, gamma=0.9, lam=0.8)
+    trainer = AgentPPOTrainer(AgentPPOConfig(**cfg), reward_funcs=[Reward(short, name="short")])
+    captured = {}
+    prepare = trainer.prepare
+
+    def keep(batch):
+        captured["batch"], captured["pb"] = batch, prepare(batch)
+        return captured["pb"]
+
+    trainer.prepare = keep
+    summary = trainer.train()
+    batch, pb = captured["batch"], captured["pb"]
+    rollout = batch.rollout
+    env_positions = rollout.context_mask & ~rollout.completion_mask
+    assert torch.equal(pb.rewards[env_positions], torch.zeros_like(pb.rewards[env_positions]))
+    assert torch.equal(pb.advantages[env_positions], torch.zeros_like(pb.advantages[env_positions]))
+    # rewards minus the KL part = turn rewards + the outcome on the last model token
+    placed = pb.rewards + pb.kl * trainer.kl_ctl.value if False else pb.rewards + 0.05 * pb.kl
+    for b in range(rollout.completion_ids.shape[0]):
+        last = int(rollout.completion_mask[b].nonzero().max())
+        expected = rollout.extras["turn_reward"][b].clone()
+        expected[last] += batch.scores.per_function["short"][b]
+        assert torch.allclose(placed[b][rollout.completion_mask[b]], expected[rollout.completion_mask[b]], atol=1e-6)
+    assert Path(summary["critic_dir"]).exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("value/explained_variance" in r and "env/return" in r for r in rows)
+
+
+def test_agent_grpo_stopped_mid_run_resumes_bitwise(agent_model_dir, tmp_path):
+    """SIGTERM in the middle of step 2's episodes: the run stops after that step with a
+    checkpoint; resumed, it ends with exactly the weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import agent_envs
+    from trustrl.algorithms.agent import AgentGRPOTrainer
+
+    env = agent_envs.SignallingCountEnv
+    configs = {}
+    for name in ("full", "stopped"):
+        (tmp_path / name).mkdir()
+        configs[name] = _agent_config(tmp_path / name, model=agent_model_dir, max_steps=3, eval_dataset=None,
+                                      env="agent_envs:SignallingCountEnv")
+    env.calls, env.signal_at = 0, None
+    reference = AgentGRPOTrainer(configs["full"]).train()
+    first_step_calls = json.loads((tmp_path / "full" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_step_calls["step"] == 1
+    env.calls, env.signal_at = 0, env.calls // 3 + 2  # early in step 2 (steps make about as many calls)
+    stopped = AgentGRPOTrainer(configs["stopped"]).train()
+    assert stopped["stopped_early"] == "SIGTERM" and stopped["steps"] == 2
+    env.signal_at = None
+    resumed = AgentGRPOTrainer(configs["stopped"].model_copy(update={"resume": "auto"})).train()
+    assert resumed["resumed_from"] is not None
+    a = load_file(str(Path(reference["model_dir"]) / "model.safetensors"))
+    b = load_file(str(Path(resumed["model_dir"]) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

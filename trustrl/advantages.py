@@ -176,6 +176,36 @@ def apply_missing_eos_penalty(scores: torch.Tensor, truncated: torch.Tensor, pen
     return torch.where(truncated.to(scores.device), torch.full_like(scores, float(penalty)), scores)
 
 
+def gae_over_positions(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gae` over the positions where ``mask`` is True, which need not be a prefix: the
+    masked positions of each row, in order, are the time steps (multi-turn episodes: the
+    model's tokens, with the environment's tokens between turns skipped). Equal to
+    :func:`gae` when every row's mask is a prefix.
+
+    Shapes: ``rewards, values [B, T]``, ``mask [B, T]`` bool -> ``(advantages, returns)``, each
+    ``[B, T]``, 0 where ``mask`` is False. With model positions ``p_1 < p_2 < ... < p_n``::
+
+        delta_k = r_{p_k} + gamma * V_{p_{k+1}} - V_{p_k},   V_{p_{n+1}} := 0
+        A_{p_k} = sum_l (gamma lam)^l delta_{k+l}
+
+    so a reward on a later turn reaches earlier turns through gamma and lambda only, never
+    through the number of environment tokens in between."""
+    if mask.dtype != torch.bool or mask.shape != rewards.shape:
+        raise ValueError("gae_over_positions: mask must be a torch.bool tensor shaped like rewards")
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # masked positions first, in order
+    packed = [torch.gather(t, 1, order) for t in (rewards, values, mask)]
+    adv_packed, ret_packed = gae(packed[0], packed[1], packed[2], gamma=gamma, lam=lam)
+    advantages = torch.zeros_like(adv_packed).scatter(1, order, adv_packed)
+    returns = torch.zeros_like(ret_packed).scatter(1, order, ret_packed)
+    return advantages, returns
+
+
 def token_rewards(
     scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:

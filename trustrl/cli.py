@@ -107,6 +107,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from trustrl.tasks.demo import DemoSettings, format_table, run_demo, summary_json
 
     _quiet_transformers()
+    if args.pipeline == "agent":  # the robot in a text maze: SFT, then multi-turn GRPO
+        from trustrl.tasks import agent_demo
+
+        DemoSettings, run_demo = agent_demo.AgentDemoSettings, agent_demo.run_agent_demo  # noqa: N806
+        format_table = agent_demo.format_agent_table
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.output_dir = args.output_dir
     settings.seed = args.seed
@@ -173,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common, *k.pop("parents", [])], **k)  # type: ignore
 
     demo = sub.add_parser("demo", help="pre-train, SFT and GRPO (or RM + PPO, or TRPO) on a built-in arithmetic task")
-    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "trpo"), default="grpo",
-                      help="the RL stage: grpo (default), rlhf (reward model, then PPO against it) or trpo")
+    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "trpo", "agent"), default="grpo",
+                      help="the RL stage: grpo (default), rlhf (reward model, then PPO against it), trpo, or agent "
+                           "(a robot in a text maze: SFT on a sloppy teacher, then multi-turn GRPO)")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")

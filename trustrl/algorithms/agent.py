@@ -32,15 +32,19 @@ from typing import Any, Callable
 import torch
 
 from trustrl import distributed as dist
+from trustrl import parallel
 from trustrl.algorithms.base import RLAlgorithm, apply_cpu_threads, warn_top_p
+from trustrl.advantages import gae_over_positions, token_rewards
 from trustrl.algorithms.grpo import GRPOTrainer
+from trustrl.algorithms.ppo import PPOTrainer, make_critic
+from trustrl.kl_control import make_kl_controller
 from trustrl.config.agent import AgentGRPOConfig, AgentPPOConfig  # noqa: F401 - registers the configs
 from trustrl.data import load_rows
 from trustrl.envs.api import EnvPolicy, resolve_env_factory
 from trustrl.envs.chat import TurnRenderer
 from trustrl.envs.episodes import Episode, EpisodeLimits, episodes_to_rollout, run_episodes
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
-from trustrl.loop.experience import RewardSuite, ScoredBatch, concat_batches
+from trustrl.loop.experience import RewardSuite, ScoredBatch, concat_batches, with_reward_funcs
 from trustrl.rewards.registry import ScoreResult
 from trustrl.rollout import splitmix64
 from trustrl.trainers.common import PromptSampler, check_resume_setting, warn_skipped
@@ -65,10 +69,18 @@ class EnvRewards:
     """The outcome rewards (optional) and the fault totals the loop checkpoints: the
     environment's faults are counted under ``env``."""
 
-    def __init__(self, config, extra=None, device=None):
-        self.suite = RewardSuite(config, extra=extra, device=device) if (config.rewards or extra or
-                                                                        config.reward_model) else None
+    def __init__(self, config, device=None):
+        self.suite = RewardSuite(config, device=device) if (config.rewards or config.reward_model) else None
         self.fault_totals: dict[str, int] = {"env": 0, **(self.suite.fault_totals if self.suite else {})}
+
+    @property
+    def step(self) -> int:
+        return self.suite.step if self.suite else 0
+
+    @step.setter
+    def step(self, value: int) -> None:  # the loop tells the reward functions the step
+        if self.suite:
+            self.suite.step = value
 
 
 def env_seed(seed: int, row_index: int) -> int:
@@ -85,6 +97,7 @@ class AgentMixin:
                  model=None, tokenizer=None):
         from trustrl.models import check_vocab, load_policy, load_tokenizer, logit_transform, make_reference
 
+        config = with_reward_funcs(config, reward_funcs)  # a copy: the caller's config is unchanged
         self.config = config
         check_resume_setting(config)
         apply_cpu_threads(config.cpu_threads)
@@ -95,7 +108,7 @@ class AgentMixin:
             raise ValueError(f"{type(self).__name__}: no environment: set `env: module:Class` in the config or pass env=")
         self.env_name, self.make_env = resolve_env_factory(spec, config.env_kwargs)
         self.device = dist.setup_device(config.device)
-        self.rewards = EnvRewards(config, reward_funcs, self.device)
+        self.rewards = EnvRewards(config, self.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         self.renderer = TurnRenderer(self.tokenizer, config.system_prompt)
         self.prompts = EpisodeRows(config.dataset, config)
@@ -109,6 +122,8 @@ class AgentMixin:
             logit_transform(model)
         self.policy = model
         self.reference = make_reference(model) if config.beta > 0 else None
+        parallel.apply(self.policy, config.parallelism, self.device)  # parallelism.strategy=fsdp (no-op otherwise)
+        parallel.apply(self.reference, config.parallelism, self.device)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.env_policy = EnvPolicy(config.env_timeout_s, config.env_on_error, config.env_default_reward)
         self.last_metrics: dict[str, float] = {}
@@ -142,7 +157,8 @@ class AgentMixin:
         suite = self.rewards.suite
         if suite is not None:  # outcome rewards on the whole transcript (text after the prompt)
             columns = {k: [rows.rows[i].get(k) for i in order] for k in sorted({k for i in order for k in rows.rows[i]})}
-            outcome = suite.score(prompts, transcripts, columns, rollout.completion_lengths.tolist())
+            outcome = suite.score(prompts, transcripts, columns, rollout.completion_lengths.tolist(),
+                                  completion_messages=[e.messages for e in episodes])
             per_function.update(outcome.per_function)
             total = total + outcome.total
             faults.update(outcome.n_faults)
@@ -161,8 +177,10 @@ class AgentMixin:
         else:
             lo, hi = dist.shard_range(len(indices))
         local, episodes = None, []
-        if hi > lo:
-            local, episodes = self.play(self.prompts, indices[lo:hi], repeats, row_seeds=seeds[lo * repeats:hi * repeats])
+        with parallel.gathered(self.policy):  # FSDP: whole weights while decoding (every rank enters)
+            if hi > lo:
+                local, episodes = self.play(self.prompts, indices[lo:hi], repeats,
+                                            row_seeds=seeds[lo * repeats:hi * repeats])
         metrics = dist.reduce_metrics(episode_metrics(episodes, "env"), weight=len(episodes))
         mine = dict(local.scores.n_faults) if local is not None else {}
         for name, n in dist.sum_across_ranks(mine).items():
@@ -221,3 +239,46 @@ class AgentGRPOTrainer(AgentMixin, GRPOTrainer):
         batch, metrics = AgentMixin.collect(self, sampler)
         metrics.update(self.rollout_metrics(batch))
         return batch, metrics
+
+
+class AgentPPOTrainer(AgentMixin, PPOTrainer):
+    """``AgentPPOTrainer(config, env=None, critic=None).train()``: multi-turn PPO with a critic.
+
+    Per-token reward on the model's tokens (environment tokens carry nothing and are skipped)::
+
+        r_t = -beta * (log pi_old - log pi_ref)_t                    every model token
+            + reward of turn k          if t is turn k's last model token
+            + outcome score             if t is the episode's last model token
+
+    then GAE(gamma, lambda) over the model tokens in order (:func:`gae_over_positions`), the
+    critic's values read at the same positions."""
+
+    name = "agent-ppo"
+    postfix_keys = ["env/return", "env/success", "eval/accuracy"]
+
+    def __init__(self, config, env=None, reward_funcs=None, model=None, tokenizer=None, critic=None):
+        AgentMixin.__init__(self, config, env=env, reward_funcs=reward_funcs, model=model, tokenizer=tokenizer)
+        cfg = self.config
+        self.critic = critic if critic is not None else make_critic(cfg, self.tokenizer, self.device)
+        parallel.apply(self.critic, cfg.parallelism, self.device, root=self.critic.trunk)
+        self.kl_ctl = make_kl_controller(cfg.kl_control, cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.shuffle_generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+
+    def per_token_rewards(self, rollout, scores, old_logp, ref_logp, mask):
+        # -beta * KL on every model token (a zero score: the episode's rewards are placed below)
+        rewards, kl = token_rewards(torch.zeros_like(scores), old_logp, ref_logp, mask, self.kl_ctl.value)
+        turn_reward = rollout.extras["turn_reward"].to(rewards.dtype)
+        outcome = scores - turn_reward.sum(dim=1)  # the outcome rewards (0 without `rewards:`)
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).amax(dim=1)  # the episode's last model token
+        has_tokens = last >= 0
+        rows = torch.arange(mask.shape[0], device=mask.device)[has_tokens]
+        rewards = rewards + turn_reward
+        rewards[rows, last[has_tokens]] += outcome[has_tokens]
+        return rewards, kl
+
+    def advantage_estimates(self, rewards, values, mask):
+        return gae_over_positions(rewards, values, mask, gamma=self.config.gamma, lam=self.config.lam)
+
+    def collect(self, sampler: PromptSampler) -> tuple[ScoredBatch | None, dict[str, float]]:
+        return AgentMixin.collect(self, sampler)

@@ -224,11 +224,11 @@ class PPOTrainer(RLAlgorithm):
                                                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
         old_values = batched_values(self.critic, rollout, cfg.forward_batch_size)
         scores = apply_missing_eos_penalty(batch.scores.total.to(self.device), rollout.truncated, cfg.missing_eos_penalty)
-        rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value)
+        rewards, kl = self.per_token_rewards(rollout, scores, old_logp, ref_logp, mask)
         # (data parallel: whitening statistics over every rank's tokens)
         if cfg.whiten_rewards:
             rewards = global_whiten(rewards, mask, shift_mean=False)
-        raw_adv, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        raw_adv, returns = self.advantage_estimates(rewards, old_values, mask)
         advantages = global_whiten(raw_adv, mask) if cfg.whiten_advantages else raw_adv
         is_weights, extra = self.rollout_correction(rollout, old_logp, mask)
         return PPOBatch(rollout, mask, old_logp, ref_logp, old_values, scores, rewards, kl, advantages, returns, raw_adv,
@@ -254,6 +254,14 @@ class PPOTrainer(RLAlgorithm):
                                                  lower=cfg.rollout_correction_lower)
         metrics.update({f"rollout/is_{k}": v for k, v in wm.items() if not k.startswith("ratio_m")})
         return weights, metrics
+
+    def per_token_rewards(self, rollout: Rollout, scores, old_logp, ref_logp, mask):
+        """``(rewards [B, C], kl [B, C])``: the score on the last token, -beta * KL on every token."""
+        return token_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value)
+
+    def advantage_estimates(self, rewards, values, mask):
+        """``(advantages, returns)``: GAE over the completion tokens."""
+        return gae(rewards, values, mask, gamma=self.config.gamma, lam=self.config.lam)
 
     # -- phase 4: one minibatch loss ---------------------------------------------------------
 

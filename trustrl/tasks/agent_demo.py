@@ -60,17 +60,17 @@ class AgentDemoSettings:
     """SFT rows per step."""
     sft_lr: float = 3e-3
     """SFT learning rate (cosine)."""
-    rl_steps: int = 40
+    rl_steps: int = 24
     """Multi-turn GRPO steps."""
     prompts_per_step: int = 8
     """Mazes per GRPO step."""
     group_size: int = 8
     """Episodes per maze."""
-    rl_lr: float = 5e-4
+    rl_lr: float = 3e-4
     """GRPO learning rate."""
     beta: float = 0.0
     """KL coefficient to the SFT model (0: no reference model)."""
-    eval_every: int = 20
+    eval_every: int = 12
     """Evaluate every this many RL steps (and after the last)."""
     progress: bool = True
     """Progress bars."""
