@@ -330,7 +330,7 @@ def test_agent_ppo_places_turn_rewards_and_trains_with_a_critic(agent_model_dir,
     assert torch.equal(pb.rewards[env_positions], torch.zeros_like(pb.rewards[env_positions]))
     assert torch.equal(pb.advantages[env_positions], torch.zeros_like(pb.advantages[env_positions]))
     # rewards minus the KL part = turn rewards + the outcome on the last model token
-    placed = pb.rewards + pb.kl * trainer.kl_ctl.value if False else pb.rewards + 0.05 * pb.kl
+    placed = pb.rewards + 0.05 * pb.kl  # beta = 0.05, fixed
     for b in range(rollout.completion_ids.shape[0]):
         last = int(rollout.completion_mask[b].nonzero().max())
         expected = rollout.extras["turn_reward"][b].clone()
@@ -368,3 +368,48 @@ def test_agent_grpo_stopped_mid_run_resumes_bitwise(agent_model_dir, tmp_path):
     a = load_file(str(Path(reference["model_dir"]) / "model.safetensors"))
     b = load_file(str(Path(resumed["model_dir"]) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tool_calls_are_parsed_run_and_errors_returned_as_tool_messages():
+    from trustrl.envs.tools import CalculatorTask, parse_tool_calls, run_tool_call
+
+    text = ('<tool_call>{"name": "calc", "arguments": {"expression": "347*29"}}</tool_call>'
+            '<tool_call>{"name": "calc", "arguments": "{\\"expression\\": \\"1+\\"}"}</tool_call>'
+            '<tool_call>{nope}</tool_call><tool_call>{"arguments": {}}</tool_call>')
+    calls = parse_tool_calls(text)
+    assert calls[0] == {"name": "calc", "arguments": {"expression": "347*29"}}
+    assert calls[1] == {"name": "calc", "arguments": {"expression": "1+"}}
+    assert calls[2].startswith("error: the tool call is not JSON") and calls[3].startswith("error: a tool call must")
+    env = CalculatorTask()
+    assert env.reset(options={"question": "347*29", "answer": 10063})[0] == "347*29="
+    obs, reward, term, trunc, info = env.step(text)
+    assert [m["role"] for m in obs] == ["tool"] * 4 and obs[0]["content"] == "10063" and reward == 0.0 and not term
+    assert obs[1]["content"].startswith("error: SyntaxError")
+    assert run_tool_call({}, {"name": "x", "arguments": {}})["content"].startswith("error: no tool named 'x'")
+    assert env.step(" 10063 ")[1:] == (1.0, True, False, {"success": True})
+    env.reset(options={"question": "2*3", "answer": 6})
+    assert env.step("5")[1:] == (0.0, True, False, {"success": False})
+
+
+def test_tools_reach_the_model_through_the_chat_template(agent_model):
+    """The opening prompt renders the tools (from the callables' docstrings) with the template,
+    and tool results come back as tool messages in the episode."""
+    from trustrl.envs.chat import TurnRenderer
+    from trustrl.envs.tools import calc
+
+    _, tok = agent_model
+    renderer = TurnRenderer(tok)
+    history, ids = renderer.opening([{"role": "user", "content": "ab"}], [calc])
+    # (this tokenizer knows only 'a' and 'b': the description's letters are <unk> ids here)
+    assert tok.decode(ids[:1], skip_special_tokens=False) == "<|system|>"
+    text = tok.apply_chat_template(history, tools=[calc], tokenize=False, add_generation_prompt=True)
+    assert "tools: calc: Evaluate an integer arithmetic expression." in text
+    _, reply = renderer.reply(history, "a", [{"role": "tool", "name": "calc", "content": "ab"}], [calc])
+    assert tok.decode(reply, skip_special_tokens=False) == "<|tool|>ab<|assistant|>"
+
+
+def test_the_python_tool_runs_code_in_the_sandbox():
+    from trustrl.envs.tools import python_tool
+
+    assert python_tool("print(6 * 7)").strip() == "42"
+    assert python_tool("raise SystemExit(3)").startswith("error: exit code 3")

@@ -54,23 +54,23 @@ class AgentDemoSettings:
     """Share of the teacher's turns facing a wall where it walks into it anyway."""
     sft_episodes: int = 1000
     """Demonstration episodes (one SFT row per turn)."""
-    sft_steps: int = 300
+    sft_steps: int = 200
     """SFT optimizer steps."""
     sft_batch: int = 32
     """SFT rows per step."""
     sft_lr: float = 3e-3
     """SFT learning rate (cosine)."""
-    rl_steps: int = 24
+    rl_steps: int = 20
     """Multi-turn GRPO steps."""
     prompts_per_step: int = 8
     """Mazes per GRPO step."""
     group_size: int = 8
     """Episodes per maze."""
-    rl_lr: float = 3e-4
+    rl_lr: float = 4e-4
     """GRPO learning rate."""
-    beta: float = 0.0
+    beta: float = 0.02
     """KL coefficient to the SFT model (0: no reference model)."""
-    eval_every: int = 12
+    eval_every: int = 10
     """Evaluate every this many RL steps (and after the last)."""
     progress: bool = True
     """Progress bars."""
