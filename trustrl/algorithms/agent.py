@@ -60,6 +60,7 @@ class EpisodeRows:
         if not loaded.rows:
             raise ValueError(f"{path}: no rows (each row is the task of an episode)")
         self.path, self.rows, self.skipped = path, loaded.rows, loaded.skipped
+        self.truncated = 0  # openings are never cut: one longer than max_episode_tokens is refused
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,6 +128,9 @@ class AgentMixin:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.env_policy = EnvPolicy(config.env_timeout_s, config.env_on_error, config.env_default_reward)
         self.last_metrics: dict[str, float] = {}
+
+    def weights_changed(self) -> None:
+        """Episodes are played by trustrl's own sampler on the policy itself: nothing to send."""
 
     # -- 1-3. play episodes and score them ---------------------------------------------------
 
