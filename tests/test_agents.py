@@ -413,3 +413,40 @@ def test_the_python_tool_runs_code_in_the_sandbox():
 
     assert python_tool("print(6 * 7)").strip() == "42"
     assert python_tool("raise SystemExit(3)").startswith("error: exit code 3")
+
+
+def test_the_readme_example_environment_and_tool(agent_model):
+    """examples/agent_guess.py (the README's example): a bound-method tool, its schema from the
+    docstring through the chat template, calls and the final answer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agent_guess", HERE.parent / "examples" / "agent_guess.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    env = module.GuessEnv()
+    assert env.reset(options={"secret": 37})[0] == "Guess my number between 0 and 99."
+    obs, reward, done, _, _ = env.step('<tool_call>{"name": "hint", "arguments": {"guess": 50}}</tool_call>')
+    assert obs == [{"role": "tool", "name": "hint", "content": "not higher"}] and reward == 0.0 and not done
+    assert env.step("37")[1:] == (1.0, True, False, {"success": True})
+    _, tok = agent_model
+    text = tok.apply_chat_template([{"role": "user", "content": "a"}], tools=env.tools, tokenize=False)
+    assert "tools: hint: Compare a guess with the secret number." in text
+
+
+def test_agent_demo_pipeline_shortened(tmp_path, capsys):
+    """`trustrl demo --pipeline agent --quick`: the same code path as the full demo (SFT on the
+    sloppy teacher's transcripts, multi-turn GRPO in the text maze, held-out success before and
+    after, transcripts, the report with the episode panels)."""
+    from trustrl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--pipeline", "agent", "--quick", "--output-dir", str(out), "--seed", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["success_before_rl"] <= 1.0 and 0.0 <= summary["success_after_rl"] <= 1.0
+    assert summary["transcript_before_rl"].startswith("user: ahead ")
+    assert "assistant: " in summary["transcript_after_rl"]
+    held_out = {json.dumps(json.loads(line)) for line in (out / "data" / "maze_eval.jsonl").read_text().splitlines()}
+    trained = {json.dumps(json.loads(line)) for line in (out / "data" / "maze_train.jsonl").read_text().splitlines()}
+    assert not held_out & trained
+    assert (out / "agent" / "report.html").exists() and (out / "agent" / "samples.jsonl").exists()
+    assert "held-out success" in capsys.readouterr().out

@@ -30,8 +30,8 @@ counted fault).
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -91,23 +91,31 @@ def resolve_env_factory(spec: str | EnvFactory, kwargs: dict[str, Any] | None = 
 
 
 class _Worker:
-    """One long-lived thread that runs time-limited calls (starting a thread per call costs
-    more than a maze step). A call that overruns is abandoned with its thread: the next call
-    gets a fresh worker."""
+    """One long-lived *daemon* thread that runs time-limited calls in turn (starting a thread
+    per call, as :func:`trustrl.calls.call_with_limit` does, costs more than a maze step). A
+    call that overruns is abandoned with its thread, and the next call gets a fresh worker;
+    being a daemon, an abandoned thread never blocks interpreter exit (a
+    ``concurrent.futures`` pool would join it)."""
 
     def __init__(self) -> None:
-        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="trustrl-env", daemon=True).start()
 
-    def run(self, fn: Callable[..., Any], args: tuple, timeout_s: float, what: str) -> Any:
-        if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrl-env")
-        future = self.pool.submit(fn, *args)
-        try:
-            return future.result(timeout=max(timeout_s, 0.0))
-        except concurrent.futures.TimeoutError:
-            self.pool.shutdown(wait=False)  # the overrunning call keeps its thread until it returns
-            self.pool = None
-            raise EnvTimeout(f"{what}: no answer within env_timeout_s={timeout_s:g} s") from None
+    def _serve(self) -> None:
+        while True:
+            fn, args, box, done = self.jobs.get()
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+    def run(self, fn: Callable[..., Any], args: tuple, timeout_s: float) -> tuple[bool, dict]:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self.jobs.put((fn, args, box, done))
+        return done.wait(max(timeout_s, 0.0)), box
 
 
 _WORKERS = threading.local()
@@ -123,7 +131,13 @@ def call_with_time_limit(fn: Callable[..., Any], args: tuple, timeout_s: float |
     worker = getattr(_WORKERS, "worker", None)
     if worker is None:
         worker = _WORKERS.worker = _Worker()
-    return worker.run(fn, args, timeout_s, what)
+    finished, box = worker.run(fn, args, timeout_s)
+    if not finished:
+        _WORKERS.worker = None  # abandoned, busy with the overrunning call
+        raise EnvTimeout(f"{what}: no answer within env_timeout_s={timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclass(frozen=True)

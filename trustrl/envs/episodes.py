@@ -201,6 +201,8 @@ def _play(model, tokenizer, envs, episodes, tools, limits, renderer, policy, env
                 if turn_ids:  # the tokens were sampled and are trained; their turn has reward 0
                     ep.turn_ends.append(len(ep.ids) - 1)
                     ep.turn_rewards.append(0.0)
+                    ep.messages.append({"role": "assistant",
+                                        "content": tokenizer.decode(turn_ids, skip_special_tokens=True)})
                 continue
             action = tokenizer.decode(turn_ids[:-1], skip_special_tokens=True)
             what = f"env {env_name} episode {labels[b]} turn {turn + 1}"

@@ -129,6 +129,7 @@ def _headline(names: set[str], runs: Sequence[RunData]) -> list[Panel]:
         add(m, "Success rate" + ("" if m.count("/") == 1 else f" ({m})"), percent=True)
     for m in sorted(n for n in names if n.startswith("env/") and "turns" in n):
         add(m, "Turns per episode" + ("" if m.count("/") == 1 else f" ({m})"))
+    add("eval/turns", "Turns per held-out episode")
     add("episode/return_mean", "Episode return (training)")
     add("eval/return_mean", "Evaluation return")
 

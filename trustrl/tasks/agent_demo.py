@@ -179,9 +179,33 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
         "final_model": rl["model_dir"],
         "settings": asdict(s),
     }
+    import json
+
+    row = json.loads(Path(data["eval"]).read_text().splitlines()[0])
+    summary["transcript_before_rl"] = held_out_transcript(sft["model_dir"], row, s.max_turns, max_tokens)
+    summary["transcript_after_rl"] = held_out_transcript(rl["model_dir"], row, s.max_turns, max_tokens)
     write_json_atomic(out / "summary.json", summary)
     write_report(out / "agent")
     return summary
+
+
+def held_out_transcript(model_dir: str, row: dict[str, Any], max_turns: int, max_tokens: int) -> str:
+    """One greedy held-out episode of the model in ``model_dir``, as ``role: content`` lines."""
+    import torch
+
+    from trustrl.envs.api import EnvPolicy
+    from trustrl.envs.chat import TurnRenderer
+    from trustrl.envs.episodes import EpisodeLimits, run_episodes
+    from trustrl.envs.maze import TextMaze
+    from trustrl.models import load_policy, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = load_policy(model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    episode = run_episodes(model, tok, [TextMaze()], [row], env_seeds=[0], limits=EpisodeLimits(max_turns, 12, max_tokens),
+                           renderer=TurnRenderer(tok), policy=EnvPolicy(), env_name="TextMaze", labels=["held-out 0"],
+                           device=torch.device("cpu"), greedy=True)[0]
+    end = "reached the exit" if episode.success else "truncated" if episode.truncated else "ended"
+    return f"{episode.transcript()}\n({end}; return {episode.env_return:+.2f} in {episode.turns} turns)"
 
 
 def format_agent_table(summary: dict[str, Any]) -> str:
