@@ -309,10 +309,7 @@ def test_agent_ppo_places_turn_rewards_and_trains_with_a_critic(agent_model_dir,
         return [0.5 if len(c) < 40 else 0.0 for c in completions]
 
     cfg = _agent_config(tmp_path, model=agent_model_dir).model_dump()
-    for key in ("group_size", "loss_aggregation", "importance_level", "clip_low", "clip_high", "kl_estimator",
-                "num_iterations", "mask_truncated_completions", "dynamic_sampling", "max_resample_rounds",
-                "overlong_cache_length", "advantage_estimator"):
-        cfg.pop(key, None)
+    cfg = {k: v for k, v in cfg.items() if k in AgentPPOConfig.model_fields and k != "learning_rate"}
     cfg.update(samples_per_prompt=2, minibatch_size=4, ppo_epochs=2, beta=0.05, gamma=0.9, lam=0.8)
     trainer = AgentPPOTrainer(AgentPPOConfig(**cfg), reward_funcs=[Reward(short, name="short")])
     captured = {}

@@ -45,6 +45,8 @@ def _check_agent(cfg: Any) -> None:
     if getattr(cfg, "rollout_engine", "trustrl") != "trustrl" or getattr(cfg, "rollout_correction", None) not in (None, "none"):
         raise ValueError("agent-grpo/agent-ppo: episodes are played by trustrl's own multi-turn sampler on the policy "
                          "itself; rollout_engine=vllm and rollout_correction are not available for agents yet")
+    if getattr(cfg, "pack_sequences", False):
+        raise ValueError("agent-grpo: pack_sequences packs single-turn completions; episodes are not packed yet")
     if getattr(cfg, "dynamic_sampling", False) or getattr(cfg, "overlong_cache_length", None) is not None:
         raise ValueError("agent-grpo: dynamic_sampling and overlong_cache_length are single-turn options; "
                          "they are not defined for episodes")
