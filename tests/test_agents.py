@@ -152,9 +152,9 @@ def test_limits_truncate_episodes(agent_model):
     for e in _play(model, tok, rows, limits=EpisodeLimits(2, 24, 400)):
         assert e.truncated and not e.terminated and e.turns <= 2
     # a one-token turn limit: no EOS, no action sent; the episode ends truncated
-    for e in _play(model, tok, rows, limits=EpisodeLimits(4, 1, 400)):
+    for e in _play(model, tok, rows, limits=EpisodeLimits(4, 1, 400, unfinished_turn_reward=-1.5)):
         if e.ids[-1] != tok.eos_token_id:
-            assert e.truncated and e.turns == 1 and e.turn_rewards == [0.0]
+            assert e.truncated and e.turns == 1 and e.turn_rewards == [-1.5]
     # the episode budget: no sequence passes it
     for e in _play(model, tok, rows, limits=EpisodeLimits(8, 24, 40)):
         assert len(e.prompt_ids) + len(e.ids) <= 40

@@ -136,7 +136,8 @@ class AgentMixin:
 
     def limits(self) -> EpisodeLimits:
         cfg = self.config
-        return EpisodeLimits(cfg.max_turns, cfg.max_completion_length, cfg.max_episode_tokens, cfg.temperature, cfg.top_p)
+        return EpisodeLimits(cfg.max_turns, cfg.max_completion_length, cfg.max_episode_tokens, cfg.temperature, cfg.top_p,
+                             cfg.unfinished_turn_reward)
 
     def play(self, rows: EpisodeRows, indices: list[int], repeats: int, *, row_seeds=None, greedy=False,
              seed: int | None = None, label: str = "step") -> tuple[ScoredBatch, list[Episode]]:

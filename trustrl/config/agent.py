@@ -29,6 +29,11 @@ class EnvFields(_Strict):
     max_episode_tokens: int = Field(1024, ge=2)
     """Token budget of a whole episode (prompt, model and environment tokens); an episode that
     reaches it is truncated."""
+    unfinished_turn_reward: float = 0.0
+    """Reward of a turn cut by max_completion_length or max_episode_tokens before its EOS (the
+    incomplete action is not sent; the episode ends there, truncated). Keep it below the worst
+    return of a played-out episode, or never ending a turn becomes a way to escape the
+    environment's penalties (the maze demo uses -1)."""
     env_timeout_s: float | None = Field(60.0, gt=0)
     """Time limit of one reset() or step() call."""
     env_on_error: Literal["raise", "default"] = "raise"

@@ -48,6 +48,7 @@ class EpisodeLimits:
     max_episode_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    unfinished_turn_reward: float = 0.0  # a turn cut before its EOS (the episode ends there)
 
 
 @dataclass
@@ -198,9 +199,9 @@ def _play(model, tokenizer, envs, episodes, tools, limits, renderer, policy, env
             ep.sample_logprobs.extend(sampled_logp[b])
             if not turn_ids or turn_ids[-1] != eos:  # per-turn or episode token limit: no complete action
                 ep.truncated, live[b] = True, False
-                if turn_ids:  # the tokens were sampled and are trained; their turn has reward 0
+                if turn_ids:  # the tokens were sampled and are trained; the turn gets unfinished_turn_reward
                     ep.turn_ends.append(len(ep.ids) - 1)
-                    ep.turn_rewards.append(0.0)
+                    ep.turn_rewards.append(limits.unfinished_turn_reward)
                     ep.messages.append({"role": "assistant",
                                         "content": tokenizer.decode(turn_ids, skip_special_tokens=True)})
                 continue

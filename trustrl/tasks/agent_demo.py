@@ -159,6 +159,7 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
     timings["sft"] = time.time() - t
     cfg = AgentGRPOConfig(model=sft["model_dir"], dataset=str(data["train"]), eval_dataset=str(data["eval"]),
                           output_dir=str(out / "agent"), env="trustrl.envs.maze:TextMaze", max_turns=s.max_turns,
+                          unfinished_turn_reward=-1.0,  # below a stuck episode's -0.88: never ending a turn is no escape
                           max_completion_length=12, max_episode_tokens=max_tokens, max_steps=s.rl_steps,
                           prompts_per_step=s.prompts_per_step, group_size=s.group_size, learning_rate=s.rl_lr,
                           beta=s.beta, temperature=1.0, eval_prompts=s.eval_prompts, eval_every=s.eval_every,
