@@ -117,6 +117,7 @@ def run_rank_feedback(s: RankFeedbackSettings) -> dict[str, Any]:
     from trustrl.algorithms.ppo import PPOConfig, PPOTrainer
     from trustrl.data import load_rows, write_jsonl
     from trustrl.logging import write_json_atomic
+    from trustrl.rankings import strict_pairs
     from trustrl.tasks.arithmetic import write_task_data
     from trustrl.tasks.demo import DemoSettings, _first_two_stages, _rl_common, _rule_rewards
     from trustrl.trainers.reward_model import RewardConfig, RewardTrainer
@@ -153,7 +154,9 @@ def run_rank_feedback(s: RankFeedbackSettings) -> dict[str, Any]:
                   save_every=0, seed=s.seed, progress=demo.progress, device="cpu")
     rm = RewardTrainer(RewardConfig(dataset=str(out / "rankings.jsonl"), eval_dataset=str(out / "heldout_rankings.jsonl"),
                                     output_dir=str(out / "rm_rankings"), batch_size=s.rm_batch, **common)).train()
-    pair_batch = max(1, round(s.rm_batch * len(pairs) / len(rankings)))
+    # the same comparisons per step: rankings that tie everything (identical samples) carry none
+    informative = sum(bool(strict_pairs(r["ranks"])) for r in rankings)
+    pair_batch = max(1, round(s.rm_batch * len(pairs) / max(informative, 1)))
     rm_pairs = RewardTrainer(RewardConfig(dataset=str(out / "pairs.jsonl"), eval_dataset=str(out / "heldout_pairs.jsonl"),
                                           output_dir=str(out / "rm_pairs"), batch_size=pair_batch, **common)).train()
 
