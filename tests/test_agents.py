@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -447,3 +448,29 @@ def test_agent_demo_pipeline_shortened(tmp_path, capsys):
     assert not held_out & trained
     assert (out / "agent" / "report.html").exists() and (out / "agent" / "samples.jsonl").exists()
     assert "held-out success" in capsys.readouterr().out
+
+
+def test_agent_ppo_with_a_critic_plays_the_maze(tmp_path):
+    """PPO with a critic on the demo's environment (the text maze): it runs, the critic learns
+    something (its value loss is finite and logged) and the held-out episodes are played."""
+    from trustrl.algorithms.agent import AgentPPOTrainer
+    from trustrl.config.agent import AgentPPOConfig
+    from trustrl.data import write_jsonl
+    from trustrl.envs.maze import random_layouts
+    from trustrl.tasks.agent_demo import CHARS
+    from trustrl.tiny import CHAT_ROLE_TOKENS, CHAT_TEMPLATE, create_tiny_model_dir
+
+    model_dir = create_tiny_model_dir(tmp_path / "model", chars=CHARS, special_tokens=CHAT_ROLE_TOKENS,
+                                      chat_template=CHAT_TEMPLATE, seed=0, hidden_size=32, num_layers=1, num_heads=2,
+                                      max_position_embeddings=256)
+    rows = write_jsonl(tmp_path / "mazes.jsonl", random_layouts(6, 0, max_turns=4))
+    cfg = AgentPPOConfig(model=str(model_dir), dataset=str(rows), eval_dataset=str(rows), eval_prompts=2,
+                         output_dir=str(tmp_path / "run"), env="trustrl.envs.maze:TextMaze", max_turns=3,
+                         max_completion_length=6, max_episode_tokens=200, unfinished_turn_reward=-1.0, max_steps=2,
+                         prompts_per_step=2, samples_per_prompt=2, minibatch_size=2, ppo_epochs=1, beta=0.05,
+                         learning_rate=1e-3, progress=False, tensorboard=False, seed=0)
+    summary = AgentPPOTrainer(cfg).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss/value" in r]
+    assert len(trained) == 2 and all(np.isfinite(r["loss/value"]) and "env/return" in r for r in trained)
+    assert summary["eval_history"][-1]["step"] == 2 and "eval/turns" in summary["eval_history"][-1]
