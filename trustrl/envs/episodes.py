@@ -37,6 +37,7 @@ from torch import nn
 from trustrl.envs.api import EnvPolicy, call_env, check_step_result
 from trustrl.envs.chat import TurnRenderer, as_messages
 from trustrl.rollout import Rollout, counter_uniforms, left_pad, sample_next, splitmix64
+from trustrl.rollout import _cache_argument, _returned_cache  # the sampler's: the cache keyword of this transformers
 
 _TURN_STRIDE = 0x2545F4914F6CDD1D  # an odd 64-bit constant below 2**63: turn k's seed offset
 
@@ -79,18 +80,6 @@ class Episode:
     def transcript(self) -> str:
         """The conversation as text, one ``role: content`` line per message."""
         return "\n".join(f"{m['role']}: {m.get('content', '')}" for m in self.messages)
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    """``cache`` in transformers releases that renamed ``past_key_values`` (which then warns)."""
-    import inspect
-
-    base = getattr(model, "get_base_model", lambda: model)()
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
 def turn_seeds(row_seeds: torch.Tensor, turn: int) -> torch.Tensor:
@@ -163,7 +152,7 @@ def _play(model, tokenizer, envs, episodes, tools, limits, renderer, policy, env
     positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    keyword = _cache_keyword(model)
+    keyword = _cache_argument(model)
     cache, logits = _returned_cache(out), out.logits[:, -1]
     length = prompt_mask.sum(1)  # real tokens so far = the next position id
     live = torch.ones(B, dtype=torch.bool, device=device)
