@@ -60,7 +60,7 @@ class AgentDemoSettings:
     """SFT rows per step."""
     sft_lr: float = 3e-3
     """SFT learning rate (cosine)."""
-    rl_steps: int = 20
+    rl_steps: int = 30
     """Multi-turn GRPO steps."""
     prompts_per_step: int = 8
     """Mazes per GRPO step."""
