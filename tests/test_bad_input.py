@@ -66,6 +66,24 @@ def test_grpo_bad_row_names_file_row_and_column(tiny_model_dir, tmp_path, bad, c
         assert f"column {column!r}" in text
 
 
+def test_a_prompt_encoded_to_no_tokens_names_its_row(tiny_model_dir, tmp_path, monkeypatch):
+    # A tokenizer that does not belong to the data (e.g. a custom one reloaded as another class)
+    # can encode a prompt to []: the model would then fail deep in its forward with a reshape
+    # error. Stand-in: the encoder returns no ids for the third row's prompt only.
+    import trustrl.loop.experience as experience
+
+    real = experience.encode_prompt
+
+    def encode(tokenizer, prompt, **kw):
+        text, ids = real(tokenizer, prompt, **kw)
+        return (text, []) if prompt == GOOD[2]["prompt"] else (text, ids)
+
+    monkeypatch.setattr(experience, "encode_prompt", encode)
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    with pytest.raises(DataError, match=r"rl\.jsonl: line 3: column 'prompt': .*no tokens at all"):
+        GRPOTrainer(grpo_config(tiny_model_dir, data, tmp_path), reward_funcs=[count_a])
+
+
 def test_grpo_renamed_prompt_column_is_type_checked(tiny_model_dir, tmp_path):
     # load_rows checks the text of a column named "prompt"; PromptSet checks a renamed one
     for bad, where, problem in [(5, "line 2", "expected str or list, got int"),

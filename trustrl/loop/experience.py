@@ -43,6 +43,9 @@ class PromptSet:
                 # one BOS policy (trustrl.data): template output as is, plain text with BOS
                 text, ids = encode_prompt(tokenizer, raw, use_chat_template=config.use_chat_template,
                                           system_prompt=config.system_prompt)
+                if not ids:  # the model would get an empty input and fail deep in its forward
+                    raise ValueError("the tokenizer encodes this prompt to no tokens at all (is it the "
+                                     "model's tokenizer? set tokenizer= to the right one)")
             except (ValueError, TypeError, AttributeError) as err:
                 raise loaded.error(number - 1, str(err), column=config.prompt_column) from None
             self.texts.append(text)
