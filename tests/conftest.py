@@ -57,6 +57,26 @@ def first_step_gradients(monkeypatch):
     return run
 
 
+@pytest.fixture
+def grpo_update_gradients(monkeypatch):
+    """``grpo_update_gradients()``: from now on, record the gradients GRPO hands to each optimizer
+    step (``trustrl.algorithms.grpo.guarded_step``); returns the list they are appended to."""
+    import trustrl.algorithms.grpo as grpo_module
+
+    def start() -> list[dict]:
+        captured: list[dict] = []
+        original = grpo_module.guarded_step
+
+        def capturing(model, *args, **kwargs):
+            captured.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            return original(model, *args, **kwargs)
+
+        monkeypatch.setattr(grpo_module, "guarded_step", capturing)
+        return captured
+
+    return start
+
+
 def pytest_configure(config):
     # tiny models: one intra-op thread avoids oversubscribing the 2 cores of CI machines
     import torch

@@ -48,17 +48,6 @@ def test_reward_rises_and_parameters_change(tiny_model_dir, addition_data, tmp_p
     assert last > first + 0.2, (first, last)
 
 
-def _capture_grads(monkeypatch):
-    captured = []
-    original = grpo_module.guarded_step
-
-    def capturing(model, *args, **kwargs):
-        captured.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(grpo_module, "guarded_step", capturing)
-    return captured
-
 
 ACCUMULATION_CASES = {
     "token_mean": dict(loss_aggregation="token_mean"),
@@ -75,14 +64,15 @@ ACCUMULATION_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(ACCUMULATION_CASES))
-def test_gradient_accumulation_1xN_equals_Nx1(tiny_model_dir, addition_data, tmp_path, monkeypatch, case):
+def test_gradient_accumulation_1xN_equals_Nx1(grpo_update_gradients, tiny_model_dir, addition_data, tmp_path,
+                                              monkeypatch, case):
     grads = {}
     # 1 x 16, 4 x 4, and token-budget micro-batches (40 padded tokens: 1 to 3 length-sorted,
     # trimmed rows each, of unequal sizes)
     splits = {1: dict(gradient_accumulation_steps=1), 4: dict(gradient_accumulation_steps=4),
               "budget": dict(micro_batch_tokens=40)}
     for split, settings in splits.items():
-        captured = _capture_grads(monkeypatch)
+        captured = grpo_update_gradients()
         cfg = make_config(tiny_model_dir, addition_data, tmp_path / str(split), max_steps=1,
                           rewards=[], **settings, **ACCUMULATION_CASES[case])
         GRPOTrainer(cfg, reward_funcs=[count_a]).train()

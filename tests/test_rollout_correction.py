@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import trustrl.algorithms.grpo as grpo_module
 import trustrl.rollout_engines as rollout_engines
 from trustrl.algorithms.grpo import GRPOTrainer
 from trustrl.algorithms.ppo import PPOTrainer
@@ -173,23 +172,12 @@ def _grpo_config(tiny_model_dir, addition_data, tmp_path, **overrides):
     return GRPOConfig(**base)
 
 
-def _capture(monkeypatch):
-    captured = []
-    original = grpo_module.guarded_step
 
-    def capturing(model, *args, **kwargs):
-        captured.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(grpo_module, "guarded_step", capturing)
-    return captured
-
-
-def test_grpo_logs_the_gap_and_tis_with_its_own_sampler_is_nearly_no_correction(tiny_model_dir, addition_data,
-                                                                                  tmp_path, monkeypatch):
+def test_grpo_logs_the_gap_and_tis_with_its_own_sampler_is_nearly_no_correction(grpo_update_gradients, tiny_model_dir,
+                                                                                  addition_data, tmp_path, monkeypatch):
     grads = {}
     for mode in ("none", "tis"):
-        captured = _capture(monkeypatch)
+        captured = grpo_update_gradients()
         cfg = _grpo_config(tiny_model_dir, addition_data, tmp_path / mode, rollout_correction=mode)
         GRPOTrainer(cfg, reward_funcs=[count_a]).train()
         grads[mode] = captured[0]
@@ -204,7 +192,8 @@ def test_grpo_logs_the_gap_and_tis_with_its_own_sampler_is_nearly_no_correction(
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_grpo_mis_drops_tokens_whose_engine_disagrees(tiny_model_dir, addition_data, tmp_path, monkeypatch, level):
+def test_grpo_mis_drops_tokens_whose_engine_disagrees(grpo_update_gradients, tiny_model_dir, addition_data, tmp_path,
+                                                     monkeypatch, level):
     """An engine whose log-probs are 5 nats above the trainer's on every token: rho = e^-5 is
     outside [1/2, 2], every token is masked, and (beta = 0) the policy gradient is exactly 0."""
     original = rollout_engines.generate  # what trustrl's engine samples with
@@ -215,7 +204,7 @@ def test_grpo_mis_drops_tokens_whose_engine_disagrees(tiny_model_dir, addition_d
         return rollout
 
     monkeypatch.setattr(rollout_engines, "generate", off_by_five)
-    captured = _capture(monkeypatch)
+    captured = grpo_update_gradients()
     cfg = _grpo_config(tiny_model_dir, addition_data, tmp_path, rollout_correction="mis",
                        rollout_correction_level=level, rollout_correction_cap=2.0)
     GRPOTrainer(cfg, reward_funcs=[count_a]).train()
