@@ -450,6 +450,24 @@ def test_agent_demo_pipeline_shortened(tmp_path, capsys):
     assert "held-out success" in capsys.readouterr().out
 
 
+def test_agent_demo_layouts_fit_the_turn_budget(tmp_path):
+    """The demo's layouts are ones the expert solves in ``layout_turns``; episodes get
+    ``max_turns`` (the slack is room to recover from a bump). Fewer turns than the expert
+    needs is refused before anything is written."""
+    from trustrl.config import ConfigError
+    from trustrl.envs.maze import expert_turns
+    from trustrl.tasks.agent_demo import AgentDemoSettings, run_agent_demo, write_agent_data
+
+    with pytest.raises(ConfigError, match="max_turns=2 is below layout_turns=3"):
+        run_agent_demo(AgentDemoSettings.quick(output_dir=str(tmp_path / "refused"), max_turns=2))
+    assert not (tmp_path / "refused").exists()
+    s = AgentDemoSettings.quick(output_dir=str(tmp_path / "ok"), max_turns=6, layout_turns=4)
+    data = write_agent_data(tmp_path / "ok" / "data", s)
+    for name in ("train", "eval"):
+        rows = [json.loads(line) for line in data[name].read_text().splitlines()]
+        turns = [expert_turns(row, max_turns=s.max_turns) for row in rows]
+        assert all(t is not None and 3 <= t <= 4 for t in turns), turns  # random_layouts keeps >= 3 turns
+
 def test_agent_ppo_with_a_critic_plays_the_maze(tmp_path):
     """PPO with a critic on the demo's environment (the text maze): it runs, the critic learns
     something (its value loss is finite and logged) and the held-out episodes are played."""

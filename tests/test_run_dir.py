@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import json
+import math
+from unittest.mock import patch
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from trustrl.checkpoint import list_checkpoints
@@ -270,3 +273,27 @@ def test_the_demo_refuses_an_earlier_demo_and_moves_it_aside_with_overwrite(tmp_
     assert "Traceback" not in capsys.readouterr().err and _files(out) == before
     _set_aside_earlier_demo(out, overwrite=True)  # what --overwrite does first
     assert not out.exists() and _files(tmp_path / "demo.previous-1") == before
+
+
+def test_a_new_total_is_safe_only_under_a_constant_schedule(tmp_path, tiny_model_dir):
+    """max_steps / epochs may change on resume while the learning rate is constant; a linear or
+    cosine schedule is laid over the total (lr at step s = f(s / total)), so a new total would
+    reshape the rest of it: refused with the reason unless confirmed."""
+    from trustrl.trainers.common import lr_multiplier
+    from trustrl.trainers.run_dir import CONFIG_FILE, check_run_dir, refused_changes
+
+    # why it matters: cosine over 10 steps at step 5 is 0.5; over 20 steps at step 5, ~0.85
+    assert lr_multiplier(5, 10, 0, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(5, 20, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_000002").mkdir(parents=True)
+    for schedule, refused in (("constant", False), ("cosine", True), ("linear", True)):
+        saved = _sft(tiny_model_dir, {"sft": str(tmp_path / "d.jsonl")}, out, max_steps=2, lr_scheduler=schedule)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(saved.model_dump(mode="json")))
+        resumed = saved.model_copy(update={"resume": "auto", "max_steps": 4})
+        assert bool(refused_changes(resumed)[2]) is refused, schedule
+        confirmed = resumed.model_copy(update={"allow_changed": ["max_steps"]})
+        assert refused_changes(confirmed)[2] == []
+    with pytest.raises(RunDirError, match=r"max_steps 2 -> 4 \(lr_scheduler linear is laid over the total steps"):
+        with patch("trustrl.trainers.run_dir.list_checkpoints", return_value=[out / "checkpoints" / "step_000002"]):
+            check_run_dir(resumed)

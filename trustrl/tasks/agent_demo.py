@@ -44,8 +44,10 @@ class AgentDemoSettings:
     """Decoder blocks."""
     num_heads: int = 4
     """Attention heads."""
-    max_turns: int = 8
-    """Model turns per episode."""
+    max_turns: int = 12
+    """Model turns per episode (>= layout_turns: the slack is room to recover from a mistake)."""
+    layout_turns: int = 8
+    """Every layout (training and held-out) is one the expert solves in this many turns or fewer."""
     train_layouts: int = 2000
     """Training mazes (RL draws from them; the demonstrations play the first sft_episodes)."""
     eval_prompts: int = 200
@@ -87,7 +89,7 @@ class AgentDemoSettings:
     def quick(cls, **overrides: Any) -> "AgentDemoSettings":
         base = dict(hidden_size=32, num_layers=1, num_heads=2, train_layouts=40, eval_prompts=8, sft_episodes=20,
                     sft_steps=4, sft_batch=8, rl_steps=2, prompts_per_step=2, group_size=2, eval_every=1,
-                    max_turns=3, progress=False)
+                    max_turns=3, layout_turns=3, progress=False)
         base.update(overrides)
         return cls(**base)
 
@@ -117,8 +119,8 @@ def write_agent_data(out: Path, s: AgentDemoSettings) -> dict[str, Path]:
     from trustrl.data import write_jsonl
 
     out.mkdir(parents=True, exist_ok=True)
-    held_out = random_layouts(s.eval_prompts, EVAL_SEED, max_turns=s.max_turns)
-    train = random_layouts(s.train_layouts, s.seed, max_turns=s.max_turns, exclude={maze_key(r) for r in held_out})
+    held_out = random_layouts(s.eval_prompts, EVAL_SEED, max_turns=s.layout_turns)
+    train = random_layouts(s.train_layouts, s.seed, max_turns=s.layout_turns, exclude={maze_key(r) for r in held_out})
     rng = random.Random(s.seed)
     sft_rows = []
     for row in train[: s.sft_episodes]:
@@ -134,12 +136,15 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
     import torch
 
     from trustrl.algorithms.agent import AgentGRPOTrainer
-    from trustrl.config import SFTConfig
+    from trustrl.config import ConfigError, SFTConfig
     from trustrl.config.agent import AgentGRPOConfig
     from trustrl.logging import write_json_atomic
     from trustrl.report import write_report
     from trustrl.trainers.sft import SFTTrainer
 
+    if s.max_turns < s.layout_turns:
+        raise ConfigError(f"demo setting max_turns={s.max_turns} is below layout_turns={s.layout_turns}: "
+                          "some mazes could not be solved even by the expert")
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     started = time.time()

@@ -140,10 +140,17 @@ def _jsonable(value: Any) -> Any:
                                  else str(o)))
 
 
-def _allowed(key: str, confirmed: set[str]) -> bool:
+#: Settings that fix the run's total length: safe to change only while the learning-rate
+#: schedule does not depend on the total (``constant``); a linear or cosine schedule is laid
+#: over the total, so a new total would reshape the rest of it.
+LENGTH_KEYS = frozenset({"max_steps", "epochs"})
+
+
+def _allowed(key: str, confirmed: set[str], total_shapes_schedule: bool = False) -> bool:
     parts = key.split(".")
     prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return parts[0] in SAFE_ON_RESUME or bool(prefixes & confirmed)
+    safe = parts[0] in SAFE_ON_RESUME and not (total_shapes_schedule and parts[0] in LENGTH_KEYS)
+    return safe or bool(prefixes & confirmed)
 
 
 def read_saved_config(path: Path) -> dict[str, Any] | None:
@@ -186,7 +193,14 @@ def refused_changes(config: TrainConfig) -> tuple[Path, list[tuple[str, Any, Any
         return saved_path, [], []
     changes = config_changes(saved, config)
     confirmed = set(config.allow_changed)
-    return saved_path, changes, [c for c in changes if not _allowed(c[0], confirmed)]
+    shaped = _schedule_uses_total(saved, config)
+    return saved_path, changes, [c for c in changes if not _allowed(c[0], confirmed, shaped)]
+
+
+def _schedule_uses_total(saved: dict[str, Any], config: TrainConfig) -> bool:
+    """Whether the learning-rate schedule (saved or new) is laid over the run's total steps."""
+    schedules = {saved.get("lr_scheduler", "constant"), getattr(config, "lr_scheduler", "constant")}
+    return bool(schedules - {"constant"})
 
 
 # --------------------------------------------------------------------------- the checks
@@ -241,9 +255,13 @@ def check_run_dir(config: TrainConfig) -> None:
     saved_path, _, refused = refused_changes(config)
     if refused:
         keys = ",".join(dict.fromkeys(k.split(".")[0] for k, _, _ in refused))
+        why = ""
+        if any(k.split(".")[0] in LENGTH_KEYS for k, _, _ in refused):
+            why = (f" (lr_scheduler {getattr(config, 'lr_scheduler', '?')} is laid over the total steps: a new total "
+                   "reshapes the rest of the learning-rate schedule)")
         raise RunDirError(
             f"resume: these settings differ from {saved_path} and change what the run computes: "
-            f"{format_changes(refused)}\n  continue with them anyway: --allow-changed {keys} "
+            f"{format_changes(refused)}{why}\n  continue with them anyway: --allow-changed {keys} "
             f"(allow_changed=[{keys}]); or start a new run in a new output_dir")
 
 
