@@ -127,3 +127,16 @@ def test_every_trainer_reads_the_mix(tiny_model_dir, tmp_path):
     pre_by_hand = PretrainTrainer(PretrainConfig(**{k: v for k, v in common.items() if k != "use_chat_template"},
                                                  dataset=str(flat), block_size=4))
     assert pre.examples == pre_by_hand.examples and len(pre.examples) > 0
+
+
+def test_a_file_listed_twice_is_refused_naming_it(tmp_path):
+    """Listing a file twice (or a path and a glob that matches it) would count its rows twice
+    without saying so; weight is the one way to repeat a source."""
+    a = _write(tmp_path / "a.jsonl", _prompts("a", 3))
+    b = _write(tmp_path / "b.jsonl", _prompts("b", 2))
+    assert len(load_rows([str(a), str(b)], required=["prompt"]).rows) == 5
+    assert len(load_rows([{"path": str(a), "weight": 2}], required=["prompt"]).rows) == 6  # the way to repeat
+    for spec in ([str(a), str(b), str(a)], [str(a), str(tmp_path / "*.jsonl")],
+                 [str(a), str(tmp_path / "." / "a.jsonl")]):
+        with pytest.raises(DataError, match=r"a\.jsonl.*in the dataset list twice.*weight: 2"):
+            load_rows(spec, required=["prompt"])

@@ -565,7 +565,20 @@ def source_files(source: Any) -> list[tuple[Path, float]]:
         if not os.path.exists(pattern):
             raise DataNotFoundError(pattern, "no such file or directory")
         out.append((Path(pattern), weight))
+    _refuse_repeats(out)
     return out
+
+
+def _refuse_repeats(files: list[tuple[Path, float]]) -> None:
+    """A file reached twice (listed twice, or by a path and a glob) would silently count its
+    rows twice: refused, pointing at ``weight`` (the one way to repeat a source)."""
+    seen: dict[str, Path] = {}
+    for path, _ in files:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise DataError(path, f"this file is in the dataset list twice (also as {seen[key]}); list it once, "
+                                  "with weight: 2 to count its rows twice")
+        seen[key] = path
 
 
 def source_name(source: Any) -> str:
