@@ -368,6 +368,53 @@ def test_agent_grpo_stopped_mid_run_resumes_bitwise(agent_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_agent_ppo_stopped_after_step_1_resumes_bitwise(agent_model_dir, tmp_path):
+    """agent-PPO, SIGTERM during step 1's episodes: the run stops after step 1 with a
+    checkpoint; resumed, step 2 is the uninterrupted run's step 2 bit for bit: the same
+    episodes, metrics, actor, critic (trunk and head) and adaptive KL coefficient. This needs
+    every piece of state restored: both optimizers, both linear schedules, the KL controller,
+    the sampling and minibatch-shuffle generators, the prompt sampler."""
+    from safetensors.torch import load_file
+
+    import agent_envs
+    from trustrl.algorithms.agent import AgentPPOTrainer
+    from trustrl.config.agent import AgentPPOConfig
+
+    env = agent_envs.SignallingCountEnv
+    configs = {}
+    for name in ("full", "stopped"):
+        (tmp_path / name).mkdir()
+        cfg = _agent_config(tmp_path / name, model=agent_model_dir, eval_dataset=None,
+                            env="agent_envs:SignallingCountEnv").model_dump()
+        cfg = {k: v for k, v in cfg.items() if k in AgentPPOConfig.model_fields}
+        cfg.update(samples_per_prompt=2, minibatch_size=3, ppo_epochs=2, learning_rate=1e-2, lr_scheduler="linear",
+                   kl_control="adaptive", kl_target=0.1, kl_horizon=10.0, gamma=0.9, lam=0.8)
+        configs[name] = AgentPPOConfig(**cfg)
+    env.calls, env.signal_at = 0, None
+    reference = AgentPPOTrainer(configs["full"]).train()
+    env.calls, env.signal_at = 0, 2  # the second environment step of the run: inside step 1
+    stopped = AgentPPOTrainer(configs["stopped"]).train()
+    assert stopped["stopped_early"] == "SIGTERM" and stopped["steps"] == 1
+    env.signal_at = None
+    resumed = AgentPPOTrainer(configs["stopped"].model_copy(update={"resume": "auto"})).train()
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("step_000001")
+    assert resumed["kl_coef"] == reference["kl_coef"] != 0.04  # the adaptive controller moved and was restored
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    full_step2 = [r for r in rows("full") if r["step"] == 2]
+    resumed_step2 = [r for r in rows("stopped") if r["step"] == 2]
+    assert len(full_step2) == len(resumed_step2) == 1
+    for key in ("env/return", "env/model_tokens", "loss/value", "loss/policy", "kl/ref", "optim/lr", "optim/grad_norm",
+                "optim/critic_grad_norm"):
+        assert resumed_step2[0][key] == full_step2[0][key], key
+    for final in ("final/model.safetensors", "final_critic/model.safetensors", "final_critic/value_head.safetensors"):
+        a = load_file(str(tmp_path / "full" / "run" / final))
+        b = load_file(str(tmp_path / "stopped" / "run" / final))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), final
+
+
 def test_tool_calls_are_parsed_run_and_errors_returned_as_tool_messages():
     from trustrl.envs.tools import CalculatorTask, parse_tool_calls, run_tool_call
 

@@ -70,6 +70,7 @@ from trustrl.losses import (
     value_loss_sum,
 )
 from trustrl.models import check_vocab, load_tokenizer, reference_context
+from trustrl.rewards.registry import ScoreResult
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
 from trustrl.value_model import ScalarHeadModel, load_scalar_model, save_final_scalar_model, scalar_model_from_lm
@@ -78,6 +79,59 @@ from trustrl.value_model import ScalarHeadModel, load_scalar_model, save_final_s
 
 
 # -- the per-token reward (pure functions, tested by hand) ---------------------------------------
+
+
+# -- step statistics over every rank's completions ---------------------------------------------------
+# PPO keeps each rank's share of the rollout local (collects_local_share), so a statistic of the
+# step is computed from every rank's tokens, never as a mean of the ranks' own statistics (a
+# rank-weighted mean of token means, stds or explained variances differs from the global one).
+# One process: exactly the local functions.
+
+
+def _global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(count, mean, population variance)`` over the valid elements of every rank's ``x``,
+    float64, two passes (mean, then ``mean((x - mean)^2)``), as the local formulas."""
+    m = torch.broadcast_to(mask, x.shape)
+    x = x.detach().double()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = dist.all_reduce_sum(m.sum().double())
+    mu = dist.all_reduce_sum(torch.where(m, x, zero).sum()) / n.clamp_min(1)
+    var = dist.all_reduce_sum(torch.where(m, (x - mu).square(), zero).sum()) / n.clamp_min(1)
+    return n, mu, var
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """``masked_mean(x, mask)`` over every rank's valid elements."""
+    if not dist.is_distributed():
+        return float(masked_mean(x, mask))
+    return float(_global_moments(x, mask)[1])
+
+
+def global_masked_std(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Population standard deviation ``sqrt(mean((x - mean)^2))`` over every rank's valid elements."""
+    if not dist.is_distributed():
+        return float(masked_mean((x - masked_mean(x, mask)).square(), mask).sqrt())
+    return float(_global_moments(x, mask)[2].sqrt())
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """:func:`trustrl.losses.explained_variance` (``1 - Var[R - V] / Var[R]``, nan when
+    ``Var[R] = 0``) over every rank's valid positions."""
+    if not dist.is_distributed():
+        return explained_variance(values, returns, mask)
+    n, _, var_r = _global_moments(returns, mask)
+    if float(n) == 0 or float(var_r) == 0.0:
+        return float("nan")
+    return float(1.0 - _global_moments(returns.double() - values.double(), mask)[2] / var_r)
+
+
+def global_scores(scores: ScoreResult) -> ScoreResult:
+    """Every rank's rows of ``total`` and ``per_function`` in rank order (so means and stds are
+    the batch's); ``n_faults`` stays this rank's (reduce_metrics sums ``/faults`` keys)."""
+    if not dist.is_distributed():
+        return scores
+    return ScoreResult(dist.gather_rows(scores.total), {k: dist.gather_rows(v) for k, v in scores.per_function.items()},
+                       dict(scores.n_faults))
 
 
 # -- building the critic ---------------------------------------------------------------------------
@@ -190,8 +244,8 @@ class PPOTrainer(RLAlgorithm):
         # KL controller from the rollout's per-sequence KL; old <- new is the next rollout
         kl_seq = dist.gather_rows(pb.kl.sum(dim=1))  # (data parallel: every rank's sequences)
         self.kl_ctl.update(float(kl_seq.mean()), n_steps=kl_seq.shape[0])
-        # (data parallel: row means are exact, token means and spreads are rank-weighted)
-        # (the log-prob gap is global already; the IS statistics are this rank's token means)
+        # (data parallel: step_metrics' token statistics are global, its row means are made
+        # global here; the log-prob gap is global already; the IS statistics are this rank's)
         gap = {k: v for k, v in (pb.rollout_metrics or {}).items() if k.startswith("rollout/logprob_diff")}
         local = {k: v for k, v in (pb.rollout_metrics or {}).items() if k not in gap}
         metrics = dist.reduce_metrics({**self.step_metrics(batch, pb, beta), **local}, weight=pb.mask.shape[0])
@@ -350,6 +404,7 @@ class PPOTrainer(RLAlgorithm):
                 # token means over the whole minibatch (all its micro-batches, all ranks)
                 normalizer = BatchNormalizer.from_counts({"tokens": float(row_tokens[mb].sum())})
                 means = MetricMeans()
+                maxima: dict[str, float] = {}  # "..._max" metrics: the max over micro-batches and ranks
                 actor_loss = critic_loss = 0.0
                 # (FSDP: as many passes on every rank, a rank without members of this minibatch
                 # included; a stand-in pass has weight 0)
@@ -361,9 +416,13 @@ class PPOTrainer(RLAlgorithm):
                     (a_loss + c_loss).backward()  # disjoint parameters: one backward fills both
                     actor_loss += float(a_loss.detach())
                     critic_loss += float(c_loss.detach())
+                    for k in [k for k in m if k.endswith("_max")]:
+                        v = m.pop(k)
+                        if live:  # (a stand-in pass's ratios are not the minibatch's)
+                            maxima[k] = max(maxima.get(k, float("-inf")), v)
                     means.add(m, normalizer.weight(actor_terms[0][1]) * live)
                 actor_loss, critic_loss = dist.all_reduce_sum(actor_loss), dist.all_reduce_sum(critic_loss)
-                mb_metrics = {**means.reduce(), "loss/total": actor_loss + critic_loss}
+                mb_metrics = {**means.reduce(), **self.global_maxima(maxima), "loss/total": actor_loss + critic_loss}
                 evaluated += 1
                 for k, v in mb_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -386,22 +445,34 @@ class PPOTrainer(RLAlgorithm):
                     "optim/critic_grad_norm": critic_norm})
         return out
 
+    @staticmethod
+    def global_maxima(local: dict[str, float]) -> dict[str, float]:
+        """The ``..._max`` metrics of a minibatch (e.g. ``policy/ratio_max``): the max over every
+        rank's micro-batches (a rank without members of the minibatch brings none)."""
+        out: dict[str, float] = {}
+        for part in dist.all_gather_objects(local):
+            for k, v in part.items():
+                out[k] = max(out.get(k, v), v)
+        return out
+
     def step_metrics(self, batch: ScoredBatch, pb: PPOBatch, beta: float) -> dict[str, float]:
         """Rollout-side metrics of one step (the update adds its own)."""
         mask = pb.mask
         lengths = mask.sum(dim=1).float()
+        # (data parallel: row means are this rank's, made global by reduce_metrics weighted by
+        # rows; token means, stds and the explained variance are global here already)
         metrics = {
-            **reward_metrics(batch.scores),
+            **reward_metrics(global_scores(batch.scores)),
             "reward/score": float(pb.scores.mean()),
             "reward/total_mean": float((pb.rewards * mask).sum(dim=1).mean()),
-            "kl/ref": float(masked_mean(pb.kl, mask)),
+            "kl/ref": global_masked_mean(pb.kl, mask),
             "kl/ref_sequence": float(pb.kl.sum(dim=1).mean()),
             "kl/coef": beta,
-            "returns/mean": float(masked_mean(pb.returns, mask)),
-            "value/mean": float(masked_mean(pb.old_values, mask)),
-            "value/explained_variance": explained_variance(pb.old_values, pb.returns, mask),
-            "adv/mean": float(masked_mean(pb.raw_advantages, mask)),
-            "adv/std": float(masked_mean((pb.raw_advantages - masked_mean(pb.raw_advantages, mask)).square(), mask).sqrt()),
+            "returns/mean": global_masked_mean(pb.returns, mask),
+            "value/mean": global_masked_mean(pb.old_values, mask),
+            "value/explained_variance": global_explained_variance(pb.old_values, pb.returns, mask),
+            "adv/mean": global_masked_mean(pb.raw_advantages, mask),
+            "adv/std": global_masked_std(pb.raw_advantages, mask),
             "completion/mean_length": float(lengths.mean()),
             "completion/max_length": float(lengths.max()),
             "completion/truncated_fraction": float(pb.rollout.truncated.float().mean()),
