@@ -16,7 +16,9 @@ dropped). A saved scalar model is a directory holding::
     config.json, model.safetensors   the trunk (``save_pretrained``; ``AutoModel`` loads it)
     tokenizer files                  when a tokenizer is given to ``save_pretrained``
     value_head.safetensors           {"weight": [1, H], "bias": [1]} in float32
-    trustrl_head.json                {"format": "trustrl-scalar-head", "version": 1, ...}
+    trustrl_head.json                {"format": "trustrl-scalar-head", "version": 1, ...}; a reward
+                                     model's also "max_length" and "prompt_format" (how its
+                                     training formatted prompts, :func:`encode_scored_pair`)
 
 :func:`load_scalar_model` reads it back; :func:`scalar_model_from_lm` builds a fresh one from
 a causal-LM directory (the policy's, for a critic).
@@ -44,7 +46,13 @@ __all__ = [
     "last_token_index",
     "load_scalar_model",
     "scalar_model_from_lm",
+    "PROMPT_FORMAT_KEY",
+    "check_prompt_format",
+    "encode_scored_pair",
     "encode_scored_text",
+    "prompt_format_record",
+    "score_ids",
+    "score_pairs",
     "score_texts",
 ]
 
@@ -275,16 +283,58 @@ def load_scalar_model(
 
 
 # -- text scoring (shared by the reward-model trainer and the reward-model reward) -------------
+#
+# A reward model is trained on ids of ``format_prompt(prompt) + response + EOS`` (see
+# :func:`encode_scored_pair`). Every scorer of a (dataset prompt, response) pair -- the RL
+# reward, the label app's judge -- goes through that same function with the prompt format the
+# trainer recorded in ``trustrl_head.json`` under ``prompt_format``, so it feeds the model the
+# ids it was trained on, whatever tokenizer or template the policy uses.
+
+#: Key of ``trustrl_head.json`` holding how a reward model's prompts were formatted in training.
+PROMPT_FORMAT_KEY = "prompt_format"
+
+
+def prompt_format_record(tokenizer, use_chat_template: bool | None, system_prompt: str | None) -> dict[str, Any]:
+    """``{"use_chat_template": bool, "system_prompt": str | None}``: the reward-model config's
+    prompt formatting with ``use_chat_template=None`` resolved against ``tokenizer`` (True when
+    it has a chat template), so the record does not depend on the tokenizer it is read with."""
+    use = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else bool(use_chat_template)
+    return {"use_chat_template": use, "system_prompt": system_prompt}
+
+
+def check_prompt_format(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is a valid :func:`prompt_format_record`, else ModelLoadError naming ``where``."""
+    if (not isinstance(record, dict) or set(record) != {"use_chat_template", "system_prompt"}
+            or not isinstance(record["use_chat_template"], bool)
+            or not (record["system_prompt"] is None or isinstance(record["system_prompt"], str))):
+        raise ModelLoadError(f"{where}: {PROMPT_FORMAT_KEY!r} must be {{\"use_chat_template\": true|false, "
+                             f"\"system_prompt\": null|\"text\"}}, got {record!r}")
+    return record
+
+
+def encode_scored_pair(tokenizer, prompt: str | list[dict[str, Any]], response: str, prompt_format: dict[str, Any],
+                       max_length: int | None = None) -> list[int]:
+    """Token ids a reward model scores for a dataset ``prompt`` (a string or chat messages) and
+    a ``response``: ``format_prompt(prompt)`` under ``prompt_format`` (:func:`prompt_format_record`)
+    then :func:`encode_scored_text`. The reward-model trainer, the RL reward and the label judge
+    all encode pairs here, so they feed the model identical ids for the same pair."""
+    from trustrl.data import format_prompt
+
+    use = prompt_format["use_chat_template"]
+    # False on a tokenizer without a template is what None meant when it was recorded: pass
+    # None so that a messages prompt gets format_prompt's "no chat_template" error, as in training
+    use_arg = use if (use or getattr(tokenizer, "chat_template", None)) else None
+    text = format_prompt(tokenizer, prompt, use_chat_template=use_arg, system_prompt=prompt_format["system_prompt"])
+    return encode_scored_text(tokenizer, text, response, max_length)
 
 
 def encode_scored_text(tokenizer, prompt_text: str, response: str, max_length: int | None = None) -> list[int]:
-    """Token ids a reward model scores: ``prompt_text + response`` encoded under trustrl's BOS
-    policy (:func:`trustrl.data.encode_rendered_text`: the tokenizer's special tokens are added
-    unless the text already starts with its BOS token, as a chat template that writes one
-    leaves it; so exactly one BOS either way), followed by EOS (so the score is always read at
-    an EOS position), left-truncated to ``max_length`` so the end of the response is kept.
-    The same function serves reward-model training and scoring inside RL, so both see the
-    same ids for the same text."""
+    """Token ids a reward model scores for an already formatted ``prompt_text``:
+    ``prompt_text + response`` encoded under trustrl's BOS policy
+    (:func:`trustrl.data.encode_rendered_text`: the tokenizer's special tokens are added unless
+    the text already starts with its BOS token, as a chat template that writes one leaves it;
+    so exactly one BOS either way), followed by EOS (so the score is always read at an EOS
+    position), left-truncated to ``max_length`` so the end of the response is kept."""
     from trustrl.data import encode_rendered_text
 
     ids = encode_rendered_text(tokenizer, prompt_text + response) + [tokenizer.eos_token_id]
@@ -294,20 +344,35 @@ def encode_scored_text(tokenizer, prompt_text: str, response: str, max_length: i
 
 
 @torch.no_grad()
-def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses: list[str], *,
-                batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
-    """Reward-model scores ``[N]`` (float32, on the CPU) of prompt + response texts, in
-    batches of ``batch_size``."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"score_texts: {len(prompts)} prompts for {len(responses)} responses")
+def score_ids(model: ScalarHeadModel, pad_token_id: int, seqs: list[list[int]], *, batch_size: int = 32) -> torch.Tensor:
+    """Reward-model scores ``[N]`` (float32, on the CPU) of ``N`` token-id sequences, left-padded
+    in batches of ``batch_size``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [encode_scored_text(tokenizer, p, r, max_length)
-                for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[start:start + batch_size], pad_token_id)
         out.append(model.score(ids.to(device), mask.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses: list[str], *,
+                batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Reward-model scores ``[N]`` of already formatted prompt texts + responses
+    (:func:`encode_scored_text`), in batches of ``batch_size``."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_texts: {len(prompts)} prompts for {len(responses)} responses")
+    seqs = [encode_scored_text(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    return score_ids(model, tokenizer.pad_token_id, seqs, batch_size=batch_size)
+
+
+def score_pairs(model: ScalarHeadModel, tokenizer, prompts: list[Any], responses: list[str],
+                prompt_format: dict[str, Any], *, batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Reward-model scores ``[N]`` of dataset prompts (strings or chat messages) + responses,
+    encoded as in training (:func:`encode_scored_pair`), in batches of ``batch_size``."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_pairs: {len(prompts)} prompts for {len(responses)} responses")
+    seqs = [encode_scored_pair(tokenizer, p, r, prompt_format, max_length) for p, r in zip(prompts, responses)]
+    return score_ids(model, tokenizer.pad_token_id, seqs, batch_size=batch_size)

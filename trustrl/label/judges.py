@@ -5,7 +5,10 @@ and ``trustrl label stats`` (agreement of the judge with people) read them uncha
 
 A judge is (``--judge SPEC``):
 
-* a reward-model directory (``trustrl train rm`` output: it has ``trustrl_head.json``);
+* a reward-model directory (``trustrl train rm`` output: it has ``trustrl_head.json``): it
+  scores each (prompt, response) with the token ids its training fed it for that pair (the
+  item's own prompt, string or chat messages, reaches it as ``raw_prompts`` and is formatted
+  with the model's recorded ``prompt_format``, see :mod:`trustrl.rewards.reward_model`);
 * a language-model directory: a generative judge with a prompt template, whose score is
   parsed from its output (:mod:`trustrl.rewards.judge`);
 * a reward function, ``module:function`` or a built-in reward name.
@@ -69,8 +72,9 @@ def judge_items(candidates: Any, store: JudgementStore, judge: NamedReward, *, t
             continue
         item = candidates.wait(index)
         prompt = prompt_as_text(item.prompt)
-        try:
-            result = score_completions([judge], [prompt] * len(item.responses), item.responses,
+        k = len(item.responses)
+        try:  # raw_prompts: the item's prompt itself, for a judge that formats it (a reward model)
+            result = score_completions([judge], [prompt] * k, item.responses, {"raw_prompts": [item.prompt] * k},
                                        timeout_s=timeout_s, on_error="raise")
         except RewardError as err:
             if on_error == "raise":

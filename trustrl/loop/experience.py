@@ -181,9 +181,12 @@ class RewardSuite:
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], lengths: list[int],
               completion_ids: list[list[int]] | None = None,
-              completion_messages: list[list[dict] | None] | None = None) -> ScoreResult:
+              completion_messages: list[list[dict] | None] | None = None,
+              raw_prompts: list[Any] | None = None) -> ScoreResult:
         cfg = self.config
         columns = {**columns, "completion_lengths": lengths}
+        if raw_prompts is not None:  # the dataset's prompts before formatting (a reward model formats its own)
+            columns["raw_prompts"] = raw_prompts
         if completion_ids is not None:
             columns["completion_ids"] = completion_ids
         if completion_messages is not None:
@@ -250,7 +253,8 @@ def sample_and_score(
         messages = [[{"role": "assistant", "content": c}] if prompts.is_conversation[i] else None
                     for i, c in zip(rows, completions)]
     scores = rewards.score(texts, completions, prompts.columns(rows), rollout.completion_lengths.tolist(),
-                           completion_ids=sampled, completion_messages=messages)
+                           completion_ids=sampled, completion_messages=messages,
+                           raw_prompts=[prompts.rows[i][prompts.prompt_column] for i in rows])
     return ScoredBatch(rollout, rows, texts, completions, scores)
 
 

@@ -15,6 +15,10 @@ What a reward function receives (the full signature)::
 
 * ``prompts``: the prompt texts as the model saw them (chat template applied), one per
   completion; ``completions``: the decoded completion texts.
+* ``raw_prompts``: the dataset's prompts before formatting (a string or a list of chat
+  messages), one per completion: for a scorer that formats them its own way (a reward model
+  formats them as in its training, :mod:`trustrl.rewards.reward_model`). Not given to
+  multi-turn agent rewards.
 * ``completion_ids``: the sampled token ids of each completion (EOS included when sampled, no
   padding); ``completion_lengths``: their counts.
 * ``completion_messages``: ``[{"role": "assistant", "content": text}]`` per completion, given
@@ -76,7 +80,8 @@ __all__ = [
 RewardFn = Callable[..., Any]
 
 #: Arguments the trainers pass besides the dataset columns; a dataset column may not use these names.
-BATCH_ARGUMENTS = ("prompts", "completions", "completion_ids", "completion_lengths", "completion_messages", "step")
+BATCH_ARGUMENTS = ("prompts", "completions", "raw_prompts", "completion_ids", "completion_lengths",
+                   "completion_messages", "step")
 
 
 class RewardError(FunctionFault):

@@ -32,6 +32,11 @@ Both are sums over rankings (:func:`trustrl.losses.ranking_pairwise_sum`,
 same one normalizer as pairs. Held-out ``rm/accuracy`` is then the share of the held-out
 rankings' strictly ordered pairs that the model orders right.
 
+Texts: each (prompt, response) is encoded by :func:`trustrl.value_model.encode_scored_pair`
+(the prompt formatted as configured -- chat template, ``system_prompt`` -- then prompt + response
++ EOS under the BOS policy). That format is recorded in ``trustrl_head.json`` (``prompt_format``)
+and the RL reward and the label judge encode their pairs with it through the same function.
+
 The final model is saved to ``output_dir/final`` (trunk + tokenizer + ``value_head.safetensors``
 + ``trustrl_head.json``) and loads with :func:`trustrl.value_model.load_scalar_model`, or as a
 reward with ``reward_model: output_dir/final`` in an RL config.
@@ -51,7 +56,7 @@ import torch
 from trustrl import distributed as dist
 from trustrl import parallel
 from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
-from trustrl.data import format_prompt, load_rows, source_name
+from trustrl.data import load_rows, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
@@ -63,7 +68,8 @@ from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, ma
                                      restore_loop, warn_skipped, warn_truncated)
 from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
-from trustrl.value_model import ScalarHeadModel, encode_scored_text, save_final_scalar_model, scalar_model_from_lm
+from trustrl.value_model import (PROMPT_FORMAT_KEY, ScalarHeadModel, encode_scored_pair, prompt_format_record,
+                                 save_final_scalar_model, scalar_model_from_lm)
 
 
 @dataclass
@@ -92,16 +98,17 @@ def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) 
     warn_skipped(loaded.skipped, source_name(path))
     chosen, rejected, margins = [], [], []
     truncated = 0
+    prompt_format = prompt_format_record(tokenizer, config.use_chat_template, config.system_prompt)
     for row_no, row in enumerate(loaded.rows, start=1):
-        prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
-                               system_prompt=config.system_prompt)
         for key in (config.chosen_column, config.rejected_column):
             if not isinstance(row[key], str):
                 raise loaded.error(row_no - 1, f"must be a string response, got {type(row[key]).__name__}",
                                    column=key)
-        pair = [encode_scored_text(tokenizer, prompt, row[key]) for key in (config.chosen_column, config.rejected_column)]
+        # the one encoding of a (prompt, response) pair that the RL reward and the label judge use too
+        pair = [encode_scored_pair(tokenizer, row[config.prompt_column], row[key], prompt_format)
+                for key in (config.chosen_column, config.rejected_column)]
         truncated += any(len(ids) > config.max_length for ids in pair)
-        # encode_scored_text's own cut, made here so the cut pairs can be counted: keep the last max_length
+        # encode_scored_pair's own cut, made here so the cut pairs can be counted: keep the last max_length
         chosen.append(pair[0][-config.max_length:])
         rejected.append(pair[1][-config.max_length:])
         margin = row.get(config.margin_column) if config.margin_column else None
@@ -218,6 +225,7 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
     warn_skipped(loaded.skipped, name)
     rows = [r for r in current_judgements(loaded.rows, where=name) if r.get("action", "rank") == "rank"]
     texts, ranks, no_comparison, truncated = [], [], 0, 0
+    prompt_format = prompt_format_record(tokenizer, config.use_chat_template, config.system_prompt)
     for row_no, row in enumerate(rows, start=1):
         where = f"{name} ranking {row_no}"
         for key in (config.prompt_column, config.responses_column, config.ranks_column):
@@ -231,11 +239,9 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
         if not _has_comparison(order, config):
             no_comparison += 1
             continue
-        prompt = format_prompt(tokenizer, row[config.prompt_column], use_chat_template=config.use_chat_template,
-                               system_prompt=config.system_prompt)
-        full = [encode_scored_text(tokenizer, prompt, r) for r in responses]
+        full = [encode_scored_pair(tokenizer, row[config.prompt_column], r, prompt_format) for r in responses]
         truncated += any(len(ids) > config.max_length for ids in full)
-        texts.append([ids[-config.max_length:] for ids in full])  # encode_scored_text's cut: the last max_length
+        texts.append([ids[-config.max_length:] for ids in full])  # encode_scored_pair's cut: the last max_length
         ranks.append(order)
         if limit is not None and len(texts) >= limit:
             break
@@ -343,6 +349,9 @@ class RewardTrainer:
         self.model.kind = "reward"
         parallel.apply(self.model, config.parallelism, self.device, root=self.model.trunk)  # fsdp: shard it
         self.model.extra["max_length"] = config.max_length
+        # how prompts are formatted (trustrl_head.json): scorers of the saved model format theirs alike
+        self.model.extra[PROMPT_FORMAT_KEY] = prompt_format_record(self.tokenizer, config.use_chat_template,
+                                                                   config.system_prompt)
         self.rankings = is_rankings_file(config.dataset, config)
         if self.rankings and config.center_rewards_coef:
             raise ValueError("rm: center_rewards_coef is defined on pairs; with rankings leave it unset "
