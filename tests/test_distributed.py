@@ -233,6 +233,9 @@ WORKER = textwrap.dedent('''
                  {"a": 4.0, "completion/max_length": 5.0, "perf/tokens_per_second": 20.0, "only1": 7.0})
         assert dist.reduce_metrics(local, weight=1.0 if r == 0 else 3.0) == {
             "a": 3.25, "completion/max_length": 5.0, "perf/tokens_per_second": 30.0, "only1": 7.0}
+        # equal values: a mean stays (2.0), a max stays (4.0), this rank's counts add (1 + 1 faults)
+        assert dist.reduce_metrics({"b": 2.0, "x/max": 4.0, "env/faults": 1.0}, weight=1.0 + r) == {
+            "b": 2.0, "x/max": 4.0, "env/faults": 2.0}
         assert dist.sum_across_ranks({"x": 1.5, f"k{r}": 1.0}) == {"x": 3.0, "k0": 1.0, "k1": 1.0}
         assert dist.all_reduce_sum(r + 1) == 3 and dist.all_reduce_max(float(r)) == 1.0
         assert dist.all_true(True) and not dist.all_true(r == 0)

@@ -254,7 +254,8 @@ def reduce_metrics(metrics: Mapping[str, float], weight: float = 1.0) -> dict[st
     max, :data:`SUM_SUFFIXES` the sum, every other key the mean weighted by ``weight`` (e.g.
     this rank's rows; ranks lacking a key are left out of its mean). Exact for means over rows
     when ``weight`` counts rows; for a standard deviation or an explained variance it is the
-    weighted mean of the ranks' values, an approximation. Identical values stay identical."""
+    weighted mean of the ranks' values, an approximation. Identical values stay identical (but
+    for summed keys, which are always this rank's own counts: 1 fault on each of 2 ranks is 2)."""
     if not is_distributed():
         return dict(metrics)
     gathered = all_gather_objects(({k: (None if v is None else float(v)) for k, v in metrics.items()}, float(weight)))
@@ -268,10 +269,13 @@ def reduce_metrics(metrics: Mapping[str, float], weight: float = 1.0) -> dict[st
             out[name] = None  # type: ignore[assignment]
             continue
         values = [v for v, _ in pairs]
+        kind = _kind(name)
+        if kind == "sum":  # counts and rates of this rank alone: equal ones add up as well
+            out[name] = sum(values)
+            continue
         if all(v == values[0] for v in values):
             out[name] = values[0]
             continue
-        kind = _kind(name)
         if kind == "max":
             out[name] = max(values)
         elif kind == "sum":

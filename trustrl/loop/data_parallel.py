@@ -82,6 +82,9 @@ class _PromptShard:
     def columns(self, indices: list[int]) -> dict[str, list[Any]]:
         return self.base.columns([self.lo + i for i in indices])
 
+    def raw_prompts(self, indices: list[int]) -> list[Any]:
+        return self.base.raw_prompts([self.lo + i for i in indices])
+
 
 def evaluate_sharded(evaluate: Callable[..., dict[str, float]], policy, tokenizer, prompts, config, rewards, device):
     """``evaluate(policy, tokenizer, prompts, config, rewards, device)`` (a greedy held-out

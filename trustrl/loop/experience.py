@@ -70,6 +70,10 @@ class PromptSet:
         names = {k for i in indices for k in self.rows[i] if k != self.prompt_column}
         return {name: [self.rows[i].get(name) for i in indices] for name in sorted(names)}
 
+    def raw_prompts(self, indices: list[int]) -> list[Any]:
+        """The prompt column as the dataset holds it (text or messages) for the given rows."""
+        return [self.rows[i][self.prompt_column] for i in indices]
+
 
 @dataclass
 class ScoredBatch:
@@ -254,7 +258,7 @@ def sample_and_score(
                     for i, c in zip(rows, completions)]
     scores = rewards.score(texts, completions, prompts.columns(rows), rollout.completion_lengths.tolist(),
                            completion_ids=sampled, completion_messages=messages,
-                           raw_prompts=[prompts.rows[i][prompts.prompt_column] for i in rows])
+                           raw_prompts=prompts.raw_prompts(rows))
     return ScoredBatch(rollout, rows, texts, completions, scores)
 
 
