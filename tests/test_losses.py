@@ -327,6 +327,23 @@ def test_value_loss_clipped_by_hand() -> None:
     assert metrics_nc["value_clip_fraction"] == 0.0
 
 
+def test_value_clip_never_binds_inside_the_range() -> None:
+    """Within c of V_old the clipped value is V itself: float32 V_old + (V - V_old) can land one
+    ulp off V (it does for the pair below), which made the clipped branch "bind" and the clip
+    fraction move with rounding (seen as 1 vs 2 data-parallel processes)."""
+    from trustrl.losses import value_loss_sum
+
+    old, v = torch.tensor([0.034105025231838226]), torch.tensor([0.004326691385358572])
+    round_trip = old + (v - old)
+    assert round_trip.item() != v.item()  # the rounding this test is about
+    # returns 1e-3 on the side where the round trip is farther: (V - R)^2 = 1e-6 < (rt - R)^2
+    r = v - torch.sign(round_trip - v) * 1e-3
+    assert ((round_trip - r).square() > (v - r).square()).item()
+    mask = torch.tensor([True])
+    loss, metrics = value_loss_sum(v[None], old[None], r[None], mask[None], clip=1.0)
+    assert metrics["value_clip_fraction"] == 0.0
+    assert loss.total.item() == 0.5 * (v - r).square().item()  # the unclipped error, exactly
+
 def test_huber_value_loss_by_hand() -> None:
     # errors 0.5 and 3, delta 1: 0.5*0.25 = 0.125 and 1*(3 - 0.5) = 2.5 -> mean 1.3125
     v, r = T_([0.5, 3.0, 100.0]), T_([0.0, 0.0, 0.0])

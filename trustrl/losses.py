@@ -518,7 +518,7 @@ def value_loss_sum(
 
     Formula (PPO value clipping, Huang et al. 2024 "N+ details", Ziegler et al. 2019)::
 
-        V_clip = V_old + clip(V - V_old, -c, c)
+        V_clip = V_old + clip(V - V_old, -c, c)    (exactly V where |V - V_old| <= c)
         loss   = 0.5 * masked_mean( max((V - R)^2, (V_clip - R)^2) )
 
     With ``clip=None``: ``0.5 * masked_mean((V - R)^2)``. Returned as a :class:`LossSum`
@@ -533,7 +533,10 @@ def value_loss_sum(
         return LossSum(0.5 * masked_sum(err, mask), count, "tokens"), {"value_clip_fraction": 0.0}
     if clip < 0:
         raise ValueError(f"value_loss: clip must be >= 0 or None, got {clip}")
-    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    # V itself where it lies within c of V_old: V_old + (V - V_old) can round away from V, and
+    # then the clipped branch would "bind" by one ulp (a rounding-level clip fraction)
+    step = values - old_values
+    v_clip = torch.where(step.abs() > clip, old_values + step.clamp(-clip, clip), values)
     err_clip = (v_clip - returns).square()
     loss = LossSum(0.5 * masked_sum(torch.maximum(err, err_clip), mask), count, "tokens")
     with torch.no_grad():
