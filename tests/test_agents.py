@@ -186,6 +186,27 @@ def test_env_specs_resolve_or_are_refused_by_name():
         resolve_env_factory("trustrl.envs.maze:Nope")
     with pytest.raises(ValueError, match=r"has no reset\(\) method"):
         resolve_env_factory(lambda: object())[1]()
+    # env_kwargs the class cannot take: refused when the spec is resolved (before any run)
+    with pytest.raises(ValueError, match=r"env_kwargs \['bogus'\] do not fit it .* it takes exit_reward, wall_reward, "
+                                         r"step_reward, invalid_reward"):
+        resolve_env_factory("trustrl.envs.maze:TextMaze", {"bogus": 1})
+
+
+def test_a_bad_env_spec_is_one_line_on_the_cli(tmp_path, capsys):
+    """`trustrl train agent-grpo env=no_such_module:Env`: exit 2, one line naming the spec, no
+    traceback, and nothing loaded or written (the spec is resolved before the model loads)."""
+    from trustrl.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"layout": "####/#SE#/####", "heading": "east"}) + "\n")
+    out = tmp_path / "run"
+    code = main(["train", "agent-grpo", f"model={tmp_path / 'no_model_here'}", f"dataset={rows}",
+                 "env=no_such_module:Env", f"output_dir={out}", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["trustrl: env 'no_such_module:Env': cannot import module 'no_such_module' "
+                                        "(No module named 'no_such_module')"]
+    assert not out.exists()
 
 
 def test_text_maze_rewards_and_views_by_hand():

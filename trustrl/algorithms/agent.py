@@ -40,7 +40,7 @@ from trustrl.algorithms.ppo import PPOTrainer, make_critic
 from trustrl.kl_control import make_kl_controller
 from trustrl.config.agent import AgentGRPOConfig, AgentPPOConfig  # noqa: F401 - registers the configs
 from trustrl.data import load_rows
-from trustrl.envs.api import EnvPolicy, resolve_env_factory
+from trustrl.envs.api import EnvPolicy, EnvSpecError, resolve_env_factory
 from trustrl.envs.chat import TurnRenderer
 from trustrl.envs.episodes import Episode, EpisodeLimits, episodes_to_rollout, run_episodes
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
@@ -106,7 +106,7 @@ class AgentMixin:
         warn_top_p(config)
         spec = env if env is not None else config.env
         if spec is None:
-            raise ValueError(f"{type(self).__name__}: no environment: set `env: module:Class` in the config or pass env=")
+            raise EnvSpecError(f"{type(self).__name__}: no environment: set `env: module:Class` in the config or pass env=")
         self.env_name, self.make_env = resolve_env_factory(spec, config.env_kwargs)
         self.device = dist.setup_device(config.device)
         self.rewards = EnvRewards(config, self.device)

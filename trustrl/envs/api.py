@@ -31,10 +31,13 @@ counted fault).
 from __future__ import annotations
 
 import importlib
+import inspect
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
+
+from trustrl.errors import UserError
 
 
 @runtime_checkable
@@ -46,8 +49,12 @@ class LanguageEnv(Protocol):
     def step(self, action: str) -> tuple[Any, float, bool, bool, dict]: ...
 
 
-class EnvError(RuntimeError):
+class EnvError(UserError, RuntimeError):
     """An environment call failed or overran its time limit (env_on_error = raise)."""
+
+
+class EnvSpecError(UserError, ValueError):
+    """``env:`` names nothing usable (no such module or attribute, not a class or factory)."""
 
 
 class EnvTimeout(EnvError):
@@ -67,27 +74,44 @@ def resolve_env_factory(spec: str | EnvFactory, kwargs: dict[str, Any] | None = 
         if not sep:
             module_name, _, attr = spec.rpartition(".")
         if not module_name or not attr:
-            raise ValueError(f"env {spec!r}: expected 'module:Class' (e.g. trustrl.envs.maze:TextMaze)")
+            raise EnvSpecError(f"env {spec!r}: expected 'module:Class' (e.g. trustrl.envs.maze:TextMaze)")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"env {spec!r}: cannot import module {module_name!r} ({err})") from None
+            raise EnvSpecError(f"env {spec!r}: cannot import module {module_name!r} ({err})") from None
         if not hasattr(module, attr):
-            raise ValueError(f"env {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise EnvSpecError(f"env {spec!r}: module {module_name!r} has no attribute {attr!r}")
         factory, name = getattr(module, attr), spec
     else:
         factory, name = spec, getattr(spec, "__qualname__", type(spec).__name__)
     if not callable(factory):
-        raise ValueError(f"env {name!r} is not a class or factory (got {type(factory).__name__})")
+        raise EnvSpecError(f"env {name!r} is not a class or factory (got {type(factory).__name__})")
+    _check_env_kwargs(name, factory, kwargs)
 
     def make() -> LanguageEnv:
         env = factory(**kwargs)
         for method in ("reset", "step"):
             if not callable(getattr(env, method, None)):
-                raise ValueError(f"env {name!r}: the object it made has no {method}() method")
+                raise EnvSpecError(f"env {name!r}: the object it made has no {method}() method")
         return env
 
     return name, make
+
+
+def _check_env_kwargs(name: str, factory: Callable, kwargs: dict[str, Any]) -> None:
+    """``env_kwargs`` that the factory's signature cannot take are refused before anything
+    runs, naming what it accepts (a factory without an inspectable signature is not checked)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        accepted = [p.name for p in signature.parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise EnvSpecError(f"env {name!r}: env_kwargs {sorted(kwargs)} do not fit it ({err}); it takes "
+                           f"{', '.join(accepted) or 'no arguments'}") from None
 
 
 class _Worker:
