@@ -54,84 +54,26 @@ from trustrl.config.actor_critic import ActorCriticConfig
 from trustrl.kl_control import make_kl_controller
 from trustrl.logprobs import selective_log_softmax
 from trustrl.loop.accumulate import BatchNormalizer, LogprobGap, MetricMeans, token_budget_micro_batches
-from trustrl.loop.data_parallel import global_whiten
+from trustrl.loop.data_parallel import (global_explained_variance, global_masked_mean, global_masked_std, global_scores,
+                                        global_whiten)
 from trustrl.loop.experience import ScoredBatch, reward_metrics
 from trustrl.loop.rl_loop import TrainingState
 from trustrl.losses import (
     LossSum,
     entropy_from_logits,
-    explained_variance,
     huber_value_loss_sum,
     logprob_gap,
-    masked_mean,
     masked_sum,
     policy_loss_sum,
     rollout_correction_weights,
     value_loss_sum,
 )
 from trustrl.models import check_vocab, load_tokenizer, reference_context
-from trustrl.rewards.registry import ScoreResult
 from trustrl.rollout import Rollout, batched_completion_logprobs, completion_logprobs
 from trustrl.trainers.common import FaultCounter, guarded_steps, make_optimizer, make_scheduler
 from trustrl.value_model import ScalarHeadModel, load_scalar_model, save_final_scalar_model, scalar_model_from_lm
 
 
-
-
-# -- the per-token reward (pure functions, tested by hand) ---------------------------------------
-
-
-# -- step statistics over every rank's completions ---------------------------------------------------
-# PPO keeps each rank's share of the rollout local (collects_local_share), so a statistic of the
-# step is computed from every rank's tokens, never as a mean of the ranks' own statistics (a
-# rank-weighted mean of token means, stds or explained variances differs from the global one).
-# One process: exactly the local functions.
-
-
-def _global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(count, mean, population variance)`` over the valid elements of every rank's ``x``,
-    float64, two passes (mean, then ``mean((x - mean)^2)``), as the local formulas."""
-    m = torch.broadcast_to(mask, x.shape)
-    x = x.detach().double()
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n = dist.all_reduce_sum(m.sum().double())
-    mu = dist.all_reduce_sum(torch.where(m, x, zero).sum()) / n.clamp_min(1)
-    var = dist.all_reduce_sum(torch.where(m, (x - mu).square(), zero).sum()) / n.clamp_min(1)
-    return n, mu, var
-
-
-def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """``masked_mean(x, mask)`` over every rank's valid elements."""
-    if not dist.is_distributed():
-        return float(masked_mean(x, mask))
-    return float(_global_moments(x, mask)[1])
-
-
-def global_masked_std(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Population standard deviation ``sqrt(mean((x - mean)^2))`` over every rank's valid elements."""
-    if not dist.is_distributed():
-        return float(masked_mean((x - masked_mean(x, mask)).square(), mask).sqrt())
-    return float(_global_moments(x, mask)[2].sqrt())
-
-
-def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """:func:`trustrl.losses.explained_variance` (``1 - Var[R - V] / Var[R]``, nan when
-    ``Var[R] = 0``) over every rank's valid positions."""
-    if not dist.is_distributed():
-        return explained_variance(values, returns, mask)
-    n, _, var_r = _global_moments(returns, mask)
-    if float(n) == 0 or float(var_r) == 0.0:
-        return float("nan")
-    return float(1.0 - _global_moments(returns.double() - values.double(), mask)[2] / var_r)
-
-
-def global_scores(scores: ScoreResult) -> ScoreResult:
-    """Every rank's rows of ``total`` and ``per_function`` in rank order (so means and stds are
-    the batch's); ``n_faults`` stays this rank's (reduce_metrics sums ``/faults`` keys)."""
-    if not dist.is_distributed():
-        return scores
-    return ScoreResult(dist.gather_rows(scores.total), {k: dist.gather_rows(v) for k, v in scores.per_function.items()},
-                       dict(scores.n_faults))
 
 
 # -- building the critic ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl.advantages import whiten as local_whiten
+from trustrl.losses import explained_variance, masked_mean
+from trustrl.rewards.registry import ScoreResult
 from trustrl.rollout import Rollout, splitmix64
 
 
@@ -96,3 +98,56 @@ def evaluate_sharded(evaluate: Callable[..., dict[str, float]], policy, tokenize
     lo, hi = dist.shard_range(n)
     local = evaluate(policy, tokenizer, _PromptShard(prompts, lo, hi), config, rewards, device) if hi > lo else {}
     return dist.reduce_metrics(local, weight=hi - lo)
+
+
+# -- step statistics over every rank's completions ---------------------------------------------------
+# An algorithm that keeps each rank's share of the rollout local (PPO: collects_local_share), so a statistic of the
+# step is computed from every rank's tokens, never as a mean of the ranks' own statistics (a
+# rank-weighted mean of token means, stds or explained variances differs from the global one).
+# One process: exactly the local functions.
+
+
+def _global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(count, mean, population variance)`` over the valid elements of every rank's ``x``,
+    float64, two passes (mean, then ``mean((x - mean)^2)``), as the local formulas."""
+    m = torch.broadcast_to(mask, x.shape)
+    x = x.detach().double()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = dist.all_reduce_sum(m.sum().double())
+    mu = dist.all_reduce_sum(torch.where(m, x, zero).sum()) / n.clamp_min(1)
+    var = dist.all_reduce_sum(torch.where(m, (x - mu).square(), zero).sum()) / n.clamp_min(1)
+    return n, mu, var
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """``masked_mean(x, mask)`` over every rank's valid elements."""
+    if not dist.is_distributed():
+        return float(masked_mean(x, mask))
+    return float(_global_moments(x, mask)[1])
+
+
+def global_masked_std(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Population standard deviation ``sqrt(mean((x - mean)^2))`` over every rank's valid elements."""
+    if not dist.is_distributed():
+        return float(masked_mean((x - masked_mean(x, mask)).square(), mask).sqrt())
+    return float(_global_moments(x, mask)[2].sqrt())
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """:func:`trustrl.losses.explained_variance` (``1 - Var[R - V] / Var[R]``, nan when
+    ``Var[R] = 0``) over every rank's valid positions."""
+    if not dist.is_distributed():
+        return explained_variance(values, returns, mask)
+    n, _, var_r = _global_moments(returns, mask)
+    if float(n) == 0 or float(var_r) == 0.0:
+        return float("nan")
+    return float(1.0 - _global_moments(returns.double() - values.double(), mask)[2] / var_r)
+
+
+def global_scores(scores: ScoreResult) -> ScoreResult:
+    """Every rank's rows of ``total`` and ``per_function`` in rank order (so means and stds are
+    the batch's); ``n_faults`` stays this rank's (reduce_metrics sums ``/faults`` keys)."""
+    if not dist.is_distributed():
+        return scores
+    return ScoreResult(dist.gather_rows(scores.total), {k: dist.gather_rows(v) for k, v in scores.per_function.items()},
+                       dict(scores.n_faults))
