@@ -42,7 +42,7 @@ FLOOR_VENV := .venv-floor
 TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
 FLOOR_TESTS ?= tests/test_architectures.py tests/test_logprobs.py tests/test_rollout.py tests/test_data.py \
 	tests/test_sft.py tests/test_reward_model.py tests/test_grpo.py tests/test_ppo.py tests/test_trpo_lm.py \
-	tests/test_checkpoint.py tests/test_resume.py
+	tests/test_checkpoint.py tests/test_resume.py tests/test_lora_save.py tests/test_rm_text.py
 
 test-floor:
 	@test -n "$(TRANSFORMERS_FLOOR)" || { echo "test-floor: no \"transformers>=X\" line in pyproject.toml"; exit 1; }
