@@ -210,3 +210,19 @@ def test_lora_on_a_tied_head_is_refused_by_the_exact_merge() -> None:
     model = _with_lora(_llama(tie=True), r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
     with pytest.raises(UnmergeableLoRA, match="tied"):
         merged_lora_state_dict(model)
+
+
+def test_a_base_class_that_cannot_be_rebuilt_is_unmergeable_not_a_crash():
+    """The key check builds a plain model of the base's class; when that fails the merge is
+    refused (UnmergeableLoRA, so save_model falls back to peft's merge), naming the cause."""
+    from trustrl.lora_merge import _check_plain_keys
+
+    class Broken(torch.nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            if config is not None:
+                raise RuntimeError("needs more than a config")
+            self.config = object()
+
+    with pytest.raises(UnmergeableLoRA, match=r"cannot build a plain Broken .*needs more than a config"):
+        _check_plain_keys(Broken(), {})

@@ -15,6 +15,7 @@ import re
 import torch
 import torch.nn as nn
 
+from trustrl.errors import cause_summary
 from trustrl.logging import quiet_transformers
 
 
