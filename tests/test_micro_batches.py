@@ -211,3 +211,16 @@ def test_grpo_with_packed_micro_batches_gives_the_whole_batch_gradient(tiny_mode
     scale = max(float(g.abs().max()) for g in grads["one"].values())
     for n, g in grads["one"].items():
         torch.testing.assert_close(grads["packed"][n], g, rtol=0, atol=1e-5 * scale)
+
+
+def test_metric_means_take_maxima_for_max_metrics():
+    """Means weighted by each micro-batch's share; ``..._max`` metrics are the largest over the
+    micro-batches that count (a stand-in pass, weight 0, does not): by hand,
+    a = 0.25 * 2 + 0.75 * 4 = 3.5, ratio_max = max(1.5, 1.2) = 1.5 (not the stand-in's 9)."""
+    from trustrl.loop.accumulate import MetricMeans
+
+    means = MetricMeans()
+    means.add({"a": 2.0, "policy/ratio_max": 1.5}, 0.25)
+    means.add({"a": 4.0, "policy/ratio_max": 1.2}, 0.75)
+    means.add({"a": 100.0, "policy/ratio_max": 9.0}, 0.0)
+    assert means.reduce() == {"a": 3.5, "policy/ratio_max": 1.5}

@@ -346,7 +346,6 @@ class PPOTrainer(RLAlgorithm):
                 # token means over the whole minibatch (all its micro-batches, all ranks)
                 normalizer = BatchNormalizer.from_counts({"tokens": float(row_tokens[mb].sum())})
                 means = MetricMeans()
-                maxima: dict[str, float] = {}  # "..._max" metrics: the max over micro-batches and ranks
                 actor_loss = critic_loss = 0.0
                 # (FSDP: as many passes on every rank, a rank without members of this minibatch
                 # included; a stand-in pass has weight 0)
@@ -358,13 +357,9 @@ class PPOTrainer(RLAlgorithm):
                     (a_loss + c_loss).backward()  # disjoint parameters: one backward fills both
                     actor_loss += float(a_loss.detach())
                     critic_loss += float(c_loss.detach())
-                    for k in [k for k in m if k.endswith("_max")]:
-                        v = m.pop(k)
-                        if live:  # (a stand-in pass's ratios are not the minibatch's)
-                            maxima[k] = max(maxima.get(k, float("-inf")), v)
                     means.add(m, normalizer.weight(actor_terms[0][1]) * live)
                 actor_loss, critic_loss = dist.all_reduce_sum(actor_loss), dist.all_reduce_sum(critic_loss)
-                mb_metrics = {**means.reduce(), **self.global_maxima(maxima), "loss/total": actor_loss + critic_loss}
+                mb_metrics = {**means.reduce(), "loss/total": actor_loss + critic_loss}
                 evaluated += 1
                 for k, v in mb_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -385,16 +380,6 @@ class PPOTrainer(RLAlgorithm):
         out.update({"ppo/epochs_run": float(epochs_run), "ppo/updates": float(updates),
                     "ppo/early_stopped": float(stopped), "optim/skipped": float(skipped), "optim/grad_norm": actor_norm,
                     "optim/critic_grad_norm": critic_norm})
-        return out
-
-    @staticmethod
-    def global_maxima(local: dict[str, float]) -> dict[str, float]:
-        """The ``..._max`` metrics of a minibatch (e.g. ``policy/ratio_max``): the max over every
-        rank's micro-batches (a rank without members of the minibatch brings none)."""
-        out: dict[str, float] = {}
-        for part in dist.all_gather_objects(local):
-            for k, v in part.items():
-                out[k] = max(out.get(k, v), v)
         return out
 
     def step_metrics(self, batch: ScoredBatch, pb: PPOBatch, beta: float) -> dict[str, float]:

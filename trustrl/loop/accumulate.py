@@ -101,17 +101,32 @@ def row_micro_batches(n_rows: int, steps: int) -> list[torch.Tensor]:
 
 class MetricMeans:
     """Batch means of per-micro-batch metrics, each weighted by its micro-batch's share of a
-    unit (tokens for token means, sequences for sequence means), summed across ranks."""
+    unit (tokens for token means, sequences for sequence means), summed across ranks; metrics
+    named ``..._max`` (e.g. ``policy/ratio_max``) are maxima, not means: the largest over the
+    micro-batches that count (weight > 0: not a stand-in pass) and over ranks."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
 
     def add(self, metrics: Mapping[str, float], weight: float) -> None:
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+            if k.endswith("_max"):
+                if weight > 0:
+                    self.maxima[k] = max(self.maxima.get(k, float("-inf")), float(v))
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
 
     def reduce(self) -> dict[str, float]:
-        return dist.sum_across_ranks(self.sums)
+        mine = (self.sums, self.maxima)
+        parts = dist.all_gather_objects(mine) if dist.is_distributed() else [mine]
+        out: dict[str, float] = {}
+        for sums, maxima in parts:
+            for k, v in sums.items():
+                out[k] = out.get(k, 0.0) + v
+            for k, v in maxima.items():
+                out[k] = max(out.get(k, v), v)
+        return out
 
 
 class LogprobGap:
