@@ -101,10 +101,11 @@ def evaluate_sharded(evaluate: Callable[..., dict[str, float]], policy, tokenize
 
 
 # -- step statistics over every rank's completions ---------------------------------------------------
-# An algorithm that keeps each rank's share of the rollout local (PPO: collects_local_share), so a statistic of the
-# step is computed from every rank's tokens, never as a mean of the ranks' own statistics (a
-# rank-weighted mean of token means, stds or explained variances differs from the global one).
-# One process: exactly the local functions.
+# An algorithm that keeps each rank's share of the rollout local (PPO: collects_local_share)
+# computes a step's statistics from every rank's tokens, never as a mean of the ranks' own
+# statistics (a rank-weighted mean of token means, stds or explained variances differs from the
+# global one). One process: exactly the local functions. (global_whiten above makes the same
+# two passes, in the data's dtype, as the local whitening it stands for.)
 
 
 def _global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
