@@ -84,8 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     module, name = TRAINERS[args.algo]
     joined_here = not distributed.is_distributed()
     try:  # under torchrun the trainer joins the process group (see docs/distributed.md)
-        trainer = getattr(importlib.import_module(module), name)(config)
-        result = trainer.train()
+        # (the trainer is gone before shutdown: its models are freed with the process group alive)
+        result = getattr(importlib.import_module(module), name)(config).train()
         if distributed.is_main():
             from trustrl.logging import format_summary
 
