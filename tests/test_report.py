@@ -302,8 +302,9 @@ def test_report_edge_cases(tmp_path: Path) -> None:
     # one step of one metric: its value is the same at every step -> listed, not drawn
     assert "reward/mean</code> = 0.25" in page and not _figures(page)
 
-    empty = tmp_path / "empty"
+    empty = tmp_path / "empty"  # a run stopped before its first step: its config, no metrics
     empty.mkdir()
+    (empty / "config.yaml").write_text("seed: 0\n")
     page = write_report(empty).read_text()
     assert "No metrics logged" in page and "No numeric metrics to plot" in page
     assert list((empty / "plots").glob("*.png")) == []
@@ -430,3 +431,21 @@ def test_build_report_multi_run_keeps_run_order(tmp_path: Path) -> None:
     page, images = build_report(runs)
     assert page.index(">b</td>") < page.index(">a</td>")  # the order given, colours C0, C1
     assert set(images) == set(_figures(page))
+
+
+def test_report_refuses_a_directory_no_run_wrote(tmp_path: Path, capsys) -> None:
+    """`trustrl report DIR` replaces DIR/plots/*.png: on a directory that is not a run directory
+    (a typo, a project folder) it must refuse, not write report.html there and delete the user's
+    own figures."""
+    from trustrl.cli import main
+
+    project = tmp_path / "project"
+    (project / "plots").mkdir(parents=True)
+    (project / "plots" / "mine.png").write_bytes(b"my figure")
+    with pytest.raises(FileNotFoundError, match="not a trustrl run directory"):
+        write_report(project)
+    assert main(["report", str(project)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a trustrl run directory" in err[0] and str(project) in err[0]
+    assert (project / "plots" / "mine.png").read_bytes() == b"my figure"
+    assert not (project / "report.html").exists()

@@ -152,16 +152,25 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
+#: Files every trustrl run directory has (one is enough: a run stopped early may lack the others).
+RUN_DIR_MARKERS = ("metrics.jsonl", "config.yaml", "train_summary.json")
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Read one run directory.
 
     Raises:
-        FileNotFoundError: ``run_dir`` is not a directory.
+        FileNotFoundError: ``run_dir`` is not a directory, or not a run directory (none of
+            :data:`RUN_DIR_MARKERS` in it).
         ValueError: a file in it is malformed (the message names it).
     """
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist")
+    if not any((path / name).is_file() for name in RUN_DIR_MARKERS):
+        # (the report replaces RUN_DIR/plots/*.png: never in a directory trustrl did not write)
+        raise FileNotFoundError(f"{path} is not a trustrl run directory (it has none of "
+                                f"{', '.join(RUN_DIR_MARKERS)})")
     records = read_metrics(path)
     config_text = None
     config: dict[str, Any] = {}
