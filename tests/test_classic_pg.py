@@ -306,3 +306,19 @@ def test_cli_rejects_unknown_config_key(capsys):
 
     assert main(["--algo", "ppo", "--set", "n_epoch=3", "--print-config"]) == 2
     assert "unknown config key 'n_epoch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    # -5 ran 256 steps (one rollout) and 0 the preset budget, both without a word
+    (["--algo", "ppo", "--total-steps", "-5"], "total_steps must be a positive number of environment steps, got -5"),
+    (["--algo", "reinforce", "--total-steps", "0"], "got 0"),
+    # an unknown Gymnasium id was a traceback from gymnasium's registry
+    (["--algo", "td", "--env", "NoSuchEnv-v0"], "NoSuchEnv"),
+])
+def test_cli_refuses_bad_budget_and_unknown_env(tmp_path, capsys, argv, says):
+    from trustrl.classic.cli import main
+
+    assert main([*argv, "--output-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trustrl classic: error:") and says in err[0], err
+    assert not (tmp_path / "run").exists()

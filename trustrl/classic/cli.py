@@ -198,6 +198,9 @@ def run(algo: str, env_id: str | None = None, total_steps: int | None = None, se
 
     if algo not in ALGOS:
         raise ValueError(f"trustrl.classic.cli.run: algo {algo!r} not in {ALGOS}")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps <= 0):
+        raise ValueError(f"total_steps must be a positive number of environment steps, got {total_steps!r}")
     env_id = env_id or DEFAULT_ENV[algo]
     steps = total_steps or DEFAULT_STEPS.get((algo, env_id), DEFAULT_STEPS_PER_ALGO[algo])
     ov = dict(overrides or {})
@@ -239,6 +242,8 @@ def make_trainer(algo: str, env_id: str, seed: int = 0, overrides: Mapping[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from gymnasium import error as gym_error
+
     import trustrl.classic  # noqa: F401
 
     env_id = args.env or DEFAULT_ENV[args.algo]
@@ -253,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         out_dir = args.output_dir or f"runs/classic/{args.algo}_{env_id.replace('/', '_')}_s{args.seed}"
         summary = run(args.algo, env_id, args.total_steps, args.seed, out_dir, overrides, args.eval_episodes)
-    except ValueError as err:  # bad config key / value: one line, not a traceback
+    except (ValueError, gym_error.Error) as err:  # bad config key / value, unknown env: one line
         print(f"trustrl classic: error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
