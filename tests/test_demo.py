@@ -77,6 +77,49 @@ def test_demo_key_value_overrides(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("pipeline, setting, says", [
+    # grpo_steps=-1 surfaced only in the GRPO stage, after minutes of pre-training and SFT
+    ("grpo", "grpo_steps=-1", "grpo_steps=-1 must be an integer >= 1"),
+    ("rlhf", "sft_carry_slip_rate=2", "sft_carry_slip_rate=2.0 must be a fraction in [0, 1]"),
+    ("grpo", "grpo_lr=0", "grpo_lr=0.0 must be > 0"),
+    ("grpo", "beta=-0.1", "beta=-0.1 must be >= 0"),
+    ("trpo", "trpo_max_kl=.nan", "trpo_max_kl=nan must be a finite number"),
+    ("agent", "rl_steps=0", "rl_steps=0 must be an integer >= 1"),
+    ("agent", "slip_rate=-0.5", "slip_rate=-0.5 must be a fraction in [0, 1]"),
+])
+def test_demo_refuses_settings_out_of_range_before_writing(tmp_path, capsys, pipeline, setting, says):
+    out = tmp_path / "never"
+    assert cli_main(["demo", "--pipeline", pipeline, "--quick", "--output-dir", str(out), setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"trustrl: demo setting {says}"], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("pipeline", ["grpo", "agent"])
+def test_demo_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, pipeline):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    assert cli_main(["demo", "--pipeline", pipeline, "--quick", "--output-dir", str(afile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"trustrl: demo output_dir {afile} is a file, not a directory"], err  # was a FileExistsError traceback
+    assert afile.read_text() == "mine\n"
+
+
+def test_agent_demo_rerun_is_refused_before_it_touches_the_earlier_demo(tmp_path, capsys):
+    """The agent demo rewrote data/ and init/ of an earlier demo in the same directory, then the
+    SFT stage refused to overwrite sft/: half of the earlier run replaced. Now it is refused
+    first, as the other demos are, and --overwrite moves the earlier demo aside whole."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "maze_train.jsonl").write_text("earlier\n")
+    (out / "summary.json").write_text("{}\n")
+    assert cli_main(["demo", "--pipeline", "agent", "--quick", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier demo; pass --overwrite" in err
+    assert (out / "data" / "maze_train.jsonl").read_text() == "earlier\n"
+    assert sorted(p.name for p in out.iterdir()) == ["data", "summary.json"]
+
+
 def test_demo_overrides_take_their_type_from_the_field_annotation():
     from trustrl.config import ConfigError
 

@@ -261,7 +261,7 @@ def test_the_summary_prints_as_a_table():
 
 
 def test_the_demo_refuses_an_earlier_demo_and_moves_it_aside_with_overwrite(tmp_path, capsys):
-    from trustrl.tasks.demo import DemoSettings, _set_aside_earlier_demo, run_demo
+    from trustrl.tasks.demo import DemoSettings, set_aside_earlier_demo, run_demo
 
     out = tmp_path / "demo"
     (out / "sft").mkdir(parents=True)
@@ -271,7 +271,7 @@ def test_the_demo_refuses_an_earlier_demo_and_moves_it_aside_with_overwrite(tmp_
         run_demo(DemoSettings.quick(output_dir=str(out)))
     assert cli_main(["demo", "--quick", "--output-dir", str(out)]) == 2
     assert "Traceback" not in capsys.readouterr().err and _files(out) == before
-    _set_aside_earlier_demo(out, overwrite=True)  # what --overwrite does first
+    set_aside_earlier_demo(out, overwrite=True)  # what --overwrite does first
     assert not out.exists() and _files(tmp_path / "demo.previous-1") == before
 
 

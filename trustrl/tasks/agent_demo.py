@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trustrl.envs.maze import ACTION_TEXT, expert_action, make_maze, maze_key, random_layouts, render_view, robot_view
-from trustrl.tasks.demo import DemoSettings
+from trustrl.tasks.demo import DemoSettings, set_aside_earlier_demo, check_demo_settings
 from trustrl.tiny import CHAT_ROLE_TOKENS, CHAT_TEMPLATE, create_tiny_model_dir
 
 CHARS = "abcdefghijklmnopqrstuvwxyz +-0123456789"
@@ -38,6 +38,9 @@ class AgentDemoSettings:
     """Seeds the layouts drawn for training, initialization, data order and sampling (the held-out layouts are fixed)."""
     pipeline: str = "agent"
     """Always agent (the field keeps the CLI's settings uniform)."""
+    overwrite: bool = False
+    """output_dir holds an earlier demo: move it aside whole to OUT.previous-<n> (without it,
+    such a start is refused before anything is written)."""
     hidden_size: int = 64
     """Width of the tiny model."""
     num_layers: int = 2
@@ -142,6 +145,7 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
     from trustrl.report import write_report
     from trustrl.trainers.sft import SFTTrainer
 
+    check_demo_settings(s)
     if s.max_turns < s.layout_turns:
         raise ConfigError(f"demo setting max_turns={s.max_turns} is below layout_turns={s.layout_turns}: "
                           "some mazes could not be solved even by the expert")
@@ -149,6 +153,7 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
         torch.set_num_threads(s.torch_threads)
     started = time.time()
     out = Path(s.output_dir)
+    set_aside_earlier_demo(out, s.overwrite)
     data = write_agent_data(out / "data", s)
     timings: dict[str, float] = {}
     common = dict(seed=s.seed, progress=s.progress, tensorboard=True, device="cpu")

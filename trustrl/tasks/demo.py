@@ -206,11 +206,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     s = settings
     if s.pipeline not in PIPELINES:
         raise ValueError(f"DemoSettings.pipeline must be one of {PIPELINES}, got {s.pipeline!r}")
+    check_demo_settings(s)
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     started = time.time()
     out = Path(s.output_dir)
-    _set_aside_earlier_demo(out, s.overwrite)
+    set_aside_earlier_demo(out, s.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(digits=s.digits, reverse_answer=s.reverse_answer)
     data = write_task_data(out / "data", task, seed=s.seed, n_eval=s.eval_prompts,
@@ -239,7 +240,46 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     return summary
 
 
-def _set_aside_earlier_demo(out: Path, overwrite: bool) -> None:
+def check_demo_settings(s: Any) -> None:
+    """Refuse settings no demo can run, before anything is written or trained (a negative step
+    count used to surface only in the RL stage, after minutes of pre-training and SFT).
+
+    The rules, by the field's type and name, for :class:`DemoSettings` and the agent demo's
+    settings alike: every int but ``seed`` counts something (>= 1; ``torch_threads`` may be
+    null); ``*_rate`` and ``*_share`` are fractions in [0, 1]; ``beta`` and ``ppo_beta`` are
+    KL coefficients (>= 0); every other float (learning rates, KL targets and limits, the
+    controller's horizon) is > 0. ``output_dir`` must not be a file.
+
+    Raises:
+        ConfigError: naming the setting and its value.
+    """
+    import math
+    from dataclasses import fields
+
+    from trustrl.config import ConfigError
+
+    for f in fields(s):
+        name, value = f.name, getattr(s, f.name)
+        if value is None or isinstance(value, (bool, str)) or name == "seed":
+            continue
+        if isinstance(value, int):
+            ok, rule = value >= 1, "an integer >= 1"
+        elif not math.isfinite(value):
+            ok, rule = False, "a finite number"
+        elif name.endswith(("_rate", "_share")):
+            ok, rule = 0.0 <= value <= 1.0, "a fraction in [0, 1]"
+        elif name in ("beta", "ppo_beta"):
+            ok, rule = value >= 0.0, ">= 0"
+        else:
+            ok, rule = value > 0.0, "> 0"
+        if not ok:
+            raise ConfigError(f"demo setting {name}={value!r} must be {rule}")
+    out = Path(s.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo output_dir {out} is a file, not a directory")
+
+
+def set_aside_earlier_demo(out: Path, overwrite: bool) -> None:
     """The demo's stages are runs: an earlier demo in ``out`` is refused, or with ``overwrite``
     moved aside whole (:mod:`trustrl.trainers.run_dir`'s rule, for the whole pipeline)."""
     import os
