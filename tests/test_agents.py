@@ -4,7 +4,9 @@ multi-turn GRPO plug-in of the one loop."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -560,3 +562,117 @@ def test_agent_ppo_with_a_critic_plays_the_maze(tmp_path):
     trained = [r for r in rows if "loss/value" in r]
     assert len(trained) == 2 and all(np.isfinite(r["loss/value"]) and "env/return" in r for r in trained)
     assert summary["eval_history"][-1]["step"] == 2 and "eval/turns" in summary["eval_history"][-1]
+
+
+class _ScriptedEnv:
+    """An environment whose reset / step return what the test gives (the wrong types on purpose)."""
+
+    def __init__(self, reset_out=("ab", {}), step_out=("b", 1.0, False, False, {}), tools=None):
+        self.reset_out, self.step_out = reset_out, step_out
+        if tools is not None:
+            self.tools = tools
+
+    def reset(self, seed=None, options=None):
+        return self.reset_out
+
+    def step(self, action):
+        return self.step_out
+
+
+def _play_envs(model, tok, envs, policy=None):
+    return run_episodes(model, tok, envs, [{}] * len(envs), env_seeds=[0] * len(envs),
+                        limits=EpisodeLimits(max_turns=2, max_turn_tokens=40, max_episode_tokens=400),
+                        renderer=TurnRenderer(tok), policy=policy or EnvPolicy(), env_name="Scripted",
+                        labels=[f"row {i}" for i in range(len(envs))], device=torch.device("cpu"),
+                        row_seeds=torch.arange(len(envs)) * 7919 + 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reset_out="ab"), r"reset: reset\(\) must return \(observation, info\), got str$"),
+    (dict(reset_out=(5, {})), r"reset: an observation must be text or chat messages .*got int$"),
+    (dict(step_out=["b", 1.0, False, False, {}]), r"turn 1: step\(\) must return \(observation, reward, terminated, "
+                                                  r"truncated, info\), got list$"),
+    (dict(step_out=("b", "high", False, False, {})), r"turn 1: reward must be a number, got 'high'$"),
+    (dict(step_out=(7, 0.0, False, False, {})), r"turn 1: an observation must be text or chat messages .*got int$"),
+    (dict(step_out=(None, 0.0, False, False, {})), r"turn 1: the observation is None but the episode goes on"),
+    (dict(step_out=("b", 0.0, False, False, [1, 2])), r"turn 1: info must be a dict, got list$"),
+    # bool("no") is True: read by truthiness, this would count a success the env never meant
+    (dict(step_out=("b", 0.0, True, False, {"success": "no"})), r"turn 1: info\['success'\] must be a bool, got 'no'$"),
+    (dict(step_out=("b", 0.0, "False", False, {})), r"turn 1: terminated must be a bool, got 'False'$"),
+])
+def test_an_environment_returning_the_wrong_types_is_one_user_error_naming_it(agent_model, kwargs, message):
+    """Wrong types from reset / step: an EnvError (a UserError: one line on the CLI, no
+    traceback) that names the environment, the episode and the call once, never a ValueError
+    from deep inside, and never a value read some other way."""
+    from trustrl.errors import UserError
+
+    model, tok = agent_model
+    with pytest.raises(EnvError) as err:
+        _play_envs(model, tok, [_ScriptedEnv(**kwargs) for _ in range(4)])
+    text = str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in text
+    assert re.match(r"env Scripted episode row \d (reset|turn 1): ", text) and re.search(message, text), text
+    assert text.count("env Scripted") == 1, text  # named once, not "...: EnvError: env Scripted ..." again
+
+
+def test_a_bad_step_result_follows_the_error_policy(agent_model):
+    """env_on_error=default: a step whose observation is not text or messages ends that
+    episode with env_default_reward and a counted fault, like a step that raises."""
+    model, tok = agent_model
+    episodes = _play_envs(model, tok, [_ScriptedEnv(step_out=(7, 0.0, False, False, {})) for _ in range(4)],
+                          policy=EnvPolicy(on_error="default", default_reward=-2.0))
+    stepped = [e for e in episodes if e.turns and e.ids[e.turn_ends[0]] == tok.eos_token_id]
+    assert stepped  # at least one episode ended its first turn and got to step()
+    for e in stepped:
+        assert e.turns == 1 and e.turn_rewards == [-2.0] and e.truncated
+        assert e.fault.startswith("env Scripted episode row") and "got int" in e.fault
+
+
+def test_flags_from_numpy_and_torch_are_accepted():
+    """Gymnasium environments return NumPy booleans; 0-d tensors and 0/1 are flags too."""
+    from trustrl.envs.api import check_step_result
+
+    out = check_step_result(("o", np.float32(0.5), np.bool_(True), torch.tensor(False), {"success": 1}), "w")
+    assert out == ("o", 0.5, True, False, {"success": True})
+    assert check_step_result((None, 0, 0, True, None), "w") == (None, 0.0, False, True, {})
+
+
+def test_a_tool_without_a_docstring_is_refused_naming_the_environment(agent_model):
+    """transformers cannot render a tool without a docstring: an EnvError naming the environment
+    and the tool, not transformers' DocstringParsingException with a traceback."""
+    def nodoc(x: int) -> str:
+        return "x"
+
+    model, tok = agent_model
+    with pytest.raises(EnvError, match=r"^env Scripted episode row 0 reset: its tools cannot be shown to the model: "
+                                       r"Cannot generate JSON schema for nodoc because it has no docstring"):
+        _play_envs(model, tok, [_ScriptedEnv(tools=[nodoc])])
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_user_error(agent_model):
+    from trustrl.envs.chat import ChatTemplateError
+    from trustrl.errors import UserError
+
+    _, tok = agent_model
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(ChatTemplateError, match="multi-turn episodes need a chat template") as err:
+        TurnRenderer(bare)
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+
+
+def test_the_resume_hint_of_an_environment_passed_in_python(tmp_path):
+    """An environment passed in Python (README: ``AgentGRPOTrainer(config, env=GuessEnv)``)
+    leaves ``env: null`` in config.yaml: `trustrl train agent-grpo --config ... --resume` would
+    stop with "no environment", so the hint after Ctrl-C says to run the script again."""
+    from types import SimpleNamespace
+
+    from trustrl.config.agent import AgentGRPOConfig
+    from trustrl.loop.rl_loop import resume_command
+
+    cfg = AgentGRPOConfig(model="m", dataset="d", output_dir=str(tmp_path / "run"), max_completion_length=16)
+    hint = resume_command(SimpleNamespace(config=cfg, name="agent-grpo"))
+    assert hint.startswith('run the same script again with resume="auto"') and "trustrl train" not in hint
+    named = cfg.model_copy(update={"env": "agent_envs:CountEnv"})
+    assert resume_command(SimpleNamespace(config=named, name="agent-grpo")) == \
+        f"trustrl train agent-grpo --config {tmp_path / 'run' / 'config.yaml'} --resume"

@@ -41,7 +41,7 @@ from trustrl.kl_control import make_kl_controller
 from trustrl.config.agent import AgentGRPOConfig, AgentPPOConfig  # noqa: F401 - registers the configs
 from trustrl.data import load_rows
 from trustrl.envs.api import EnvPolicy, EnvSpecError, resolve_env_factory
-from trustrl.envs.chat import TurnRenderer
+from trustrl.envs.chat import ChatTemplateError, TurnRenderer
 from trustrl.envs.episodes import Episode, EpisodeLimits, episodes_to_rollout, run_episodes
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
 from trustrl.loop.experience import RewardSuite, ScoredBatch, concat_batches, with_reward_funcs
@@ -111,7 +111,10 @@ class AgentMixin:
         self.device = dist.setup_device(config.device)
         self.rewards = EnvRewards(config, self.device)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
-        self.renderer = TurnRenderer(self.tokenizer, config.system_prompt)
+        try:
+            self.renderer = TurnRenderer(self.tokenizer, config.system_prompt)
+        except ChatTemplateError as err:  # name the tokenizer's directory
+            raise ChatTemplateError(f"{config.tokenizer or config.model}: {err}") from None
         self.prompts = EpisodeRows(config.dataset, config)
         self.eval_prompts = EpisodeRows(config.eval_dataset, config, limit=config.eval_prompts) if config.eval_dataset else None
         if model is None:

@@ -35,6 +35,7 @@ import inspect
 import queue
 import threading
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from trustrl.errors import UserError
@@ -181,15 +182,23 @@ def call_env(policy: EnvPolicy, fn: Callable[..., Any], args: tuple, what: str) 
     try:
         return call_with_time_limit(fn, args, policy.timeout_s, what), None
     except Exception as err:  # noqa: BLE001 - every failure of user code is a fault of the env
-        message = str(err) if isinstance(err, EnvTimeout) else f"{what}: {type(err).__name__}: {err}"
+        # an EnvError (a timeout, a result of the wrong shape) already names ``what``
+        named = isinstance(err, EnvError) and str(err).startswith(what)
+        message = str(err) if named else f"{what}: {type(err).__name__}: {err}"
         if policy.on_error == "raise":
-            raise EnvError(message) from (None if isinstance(err, EnvTimeout) else err)
+            raise EnvError(message) from (None if named else err)
         return None, message
 
 
 def check_step_result(out: Any, what: str) -> tuple[Any, float, bool, bool, dict]:
-    """A ``step`` result must be the 5-tuple of Gymnasium's API with a finite number reward."""
+    """A ``step`` result must be the 5-tuple of Gymnasium's API: an observation (text or chat
+    messages; None only when the episode ends), a finite number reward, two flags and a dict
+    ``info`` whose ``"success"``, when given, is a flag. Anything else is an :class:`EnvError`
+    naming ``what``: a string ``"no"`` read as ``bool("no") = True`` would count a success the
+    environment never meant."""
     import math
+
+    from trustrl.envs.chat import as_messages
 
     if not isinstance(out, tuple) or len(out) != 5:
         raise EnvError(f"{what}: step() must return (observation, reward, terminated, truncated, info), "
@@ -197,8 +206,35 @@ def check_step_result(out: Any, what: str) -> tuple[Any, float, bool, bool, dict
     obs, reward, terminated, truncated, info = out
     try:
         reward = float(reward)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
         raise EnvError(f"{what}: reward must be a number, got {reward!r}") from None
     if not math.isfinite(reward):
         raise EnvError(f"{what}: reward is not finite ({reward})")
-    return obs, reward, bool(terminated), bool(truncated), dict(info or {})
+    terminated, truncated = _flag(terminated, "terminated", what), _flag(truncated, "truncated", what)
+    if info is None:
+        info = {}
+    if not isinstance(info, Mapping):
+        raise EnvError(f"{what}: info must be a dict, got {type(info).__name__}")
+    info = dict(info)
+    if info.get("success") is not None:
+        info["success"] = _flag(info["success"], "info['success']", what)
+    if obs is None:
+        if not (terminated or truncated):
+            raise EnvError(f"{what}: the observation is None but the episode goes on (terminated and truncated "
+                           "are False); return the reply to the model's turn")
+    else:
+        as_messages(obs, what)  # text or chat messages, else an EnvError naming what
+    return obs, reward, terminated, truncated, info
+
+
+def _flag(value: Any, name: str, what: str) -> bool:
+    """``value`` as a bool: True/False, 0/1, or a NumPy / torch boolean scalar; anything else
+    (a string, None, a list) is refused rather than read by its truthiness."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise EnvError(f"{what}: {name} must be a bool, got {value!r}")
+    try:
+        if value in (True, False) and getattr(value, "ndim", 0) == 0:
+            return bool(value)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise EnvError(f"{what}: {name} must be a bool, got {value!r}")

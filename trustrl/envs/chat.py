@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from trustrl.envs.api import EnvError
+from trustrl.errors import UserError
+
 _SENTINEL = "\x00trustrl-assistant-content\x00"
 
 
@@ -33,8 +36,13 @@ def as_messages(observation: Any, what: str) -> list[dict[str, Any]]:
         return [dict(observation)]
     if isinstance(observation, list) and all(isinstance(m, dict) and "role" in m for m in observation):
         return [dict(m) for m in observation]
-    raise ValueError(f"{what}: an observation must be text or chat messages ({{'role': ..., 'content': ...}}), "
+    raise EnvError(f"{what}: an observation must be text or chat messages ({{'role': ..., 'content': ...}}), "
                      f"got {type(observation).__name__}")
+
+
+class ChatTemplateError(UserError, ValueError):
+    """The tokenizer's chat template cannot render an episode turn by turn (none, no EOS, or a
+    template that rewrites earlier turns)."""
 
 
 class TurnRenderer:
@@ -42,10 +50,10 @@ class TurnRenderer:
 
     def __init__(self, tokenizer, system_prompt: str | None = None):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"multi-turn episodes need a chat template; tokenizer {type(tokenizer).__name__} has "
+            raise ChatTemplateError(f"multi-turn episodes need a chat template; tokenizer {type(tokenizer).__name__} has "
                              "none (set tokenizer.chat_template)")
         if tokenizer.eos_token_id is None:
-            raise ValueError("multi-turn episodes need the tokenizer's eos_token: the model ends its turn with it")
+            raise ChatTemplateError("multi-turn episodes need the tokenizer's eos_token: the model ends its turn with it")
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self._close: dict[str, str] = {}
@@ -55,7 +63,7 @@ class TurnRenderer:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                                   **kwargs)
         if not isinstance(text, str):
-            raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+            raise ChatTemplateError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
         return text
 
     def encode(self, text: str) -> list[int]:
@@ -78,7 +86,7 @@ class TurnRenderer:
             close = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
             eos = self.tokenizer.eos_token
             if not close.startswith(eos):
-                raise ValueError(f"the chat template ends an assistant turn with {close[:40]!r}, not with the EOS "
+                raise ChatTemplateError(f"the chat template ends an assistant turn with {close[:40]!r}, not with the EOS "
                                  f"token {eos!r} the model stops on: its turns cannot be continued token by token")
             self._close[key] = close[len(eos):]
         return self._close[key]
@@ -93,7 +101,7 @@ class TurnRenderer:
         after_history = with_action + new_messages
         after = self.render(after_history, tools, True)
         if not after.startswith(before):
-            raise ValueError("the chat template renders earlier turns differently once later ones are added "
+            raise ChatTemplateError("the chat template renders earlier turns differently once later ones are added "
                              f"(e.g. it drops reasoning of past turns): {before[-60:]!r} vs {after[:len(before)][-60:]!r};"
                              " such a template cannot be continued turn by turn")
         return after_history, self.encode(self.close_after_eos(history, tools) + after[len(before):])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustrl.envs.api import EnvPolicy, call_env, check_step_result
+from trustrl.envs.api import EnvError, EnvPolicy, call_env, check_step_result
 from trustrl.envs.chat import TurnRenderer, as_messages
 from trustrl.rollout import Rollout, counter_uniforms, left_pad, sample_next, splitmix64
 from trustrl.rollout import _cache_argument, _returned_cache  # the sampler's: the cache keyword of this transformers
@@ -88,6 +88,20 @@ def turn_seeds(row_seeds: torch.Tensor, turn: int) -> torch.Tensor:
     return splitmix64(row_seeds + stride * turn)  # int64 arithmetic wraps, as splitmix64 wants
 
 
+def _opening(renderer: TurnRenderer, messages: list[dict], tools: list | None, what: str) -> tuple[list[dict], list[int]]:
+    """The renderer's opening; a tool that transformers cannot turn into a JSON schema (no
+    docstring, an argument without a type hint or not in ``Args:``) is the environment's
+    fault, named with it."""
+    try:
+        from transformers.utils.chat_template_utils import DocstringParsingException, TypeHintParsingException
+    except ImportError:  # pragma: no cover - older transformers
+        DocstringParsingException = TypeHintParsingException = ()  # noqa: N806
+    try:
+        return renderer.opening(messages, tools)
+    except (DocstringParsingException, TypeHintParsingException) as err:
+        raise EnvError(f"{what}: its tools cannot be shown to the model: {err}") from None
+
+
 def _step_env(env, action: str, what: str):
     return check_step_result(env.step(action), what)
 
@@ -123,11 +137,11 @@ def run_episodes(
         out, fault = call_env(EnvPolicy(policy.timeout_s, "raise"), lambda e=env, b=b: e.reset(seed=env_seeds[b], options=dict(rows[b])),
                               (), what)  # a failed reset leaves no episode to give a default to: always raises
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(f"{what}: reset() must return (observation, info), got {type(out).__name__}")
+            raise EnvError(f"{what}: reset() must return (observation, info), got {type(out).__name__}")
         env_tools = getattr(env, "tools", None) or None
-        history, ids = renderer.opening(as_messages(out[0], what), env_tools)
+        history, ids = _opening(renderer, as_messages(out[0], what), env_tools, what)
         if len(ids) >= limits.max_episode_tokens:
-            raise ValueError(f"{what}: the first observation is {len(ids)} tokens, max_episode_tokens="
+            raise EnvError(f"{what}: the first observation is {len(ids)} tokens, max_episode_tokens="
                              f"{limits.max_episode_tokens} leaves no room for a turn")
         episodes.append(Episode(prompt_ids=ids, messages=history))
         tools.append(env_tools)

@@ -102,8 +102,14 @@ def _due_for_eval(algorithm: RLAlgorithm, step: int) -> bool:
 
 
 def resume_command(algorithm: RLAlgorithm) -> str:
-    """The command that continues this run (its resolved config is saved in the run directory)."""
+    """The command that continues this run (its resolved config is saved in the run directory).
+    An agent whose environment was passed in Python (``env=MyEnv``, ``env: null`` in
+    config.yaml) cannot be continued from the command line: its script is run again with
+    ``resume="auto"``."""
     out = Path(algorithm.config.output_dir)
+    if "env" in type(algorithm.config).model_fields and algorithm.config.env is None:
+        return (f"run the same script again with resume=\"auto\" in its config (the environment was passed in "
+                f"Python; {out / 'config.yaml'} does not name it)")
     return f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
 
 
