@@ -290,3 +290,149 @@ def test_hanging_reward_hits_the_time_limit(tiny_model_dir, addition_data, tmp_p
         assert summary["reward_faults"]["hang"] == 16
     finally:
         release.set()  # let the abandoned worker threads finish
+
+
+# ------------------------------------------------------------------------------------------
+# found by a new-user audit of the README's GRPO section: each printed a traceback (or a
+# misleading line) before
+# ------------------------------------------------------------------------------------------
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the CLI in-process; assert the one error style (status 2, 1-2 lines starting
+    "trustrl: ", no traceback) and return the text."""
+    from trustrl import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == cli.USER_ERROR_STATUS, text
+    assert "Traceback" not in text and 1 <= len(lines) <= 2 and lines[0].startswith("trustrl: "), text
+    return text
+
+
+def user_config(tmp_path: Path, model, dataset, **extra) -> Path:
+    import yaml
+
+    data = dict(model=str(model), dataset=str(dataset), output_dir=str(tmp_path / "run"), max_steps=1,
+                prompts_per_step=2, group_size=2, max_completion_length=3, max_prompt_length=16, beta=0.0,
+                progress=False, tensorboard=False, rewards=[{"name": "numeric_answer"}], **extra)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _refuse_policy_load(monkeypatch) -> None:
+    import trustrl.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the policy model was loaded before the error")
+
+    monkeypatch.setattr(trustrl.models, "load_policy", refuse)
+
+
+def _unavailable_devices() -> list[str]:
+    import torch
+
+    out = ["gpu"]  # not a torch device type at all
+    if not torch.cuda.is_available():
+        out += ["cuda", "cuda:0"]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        out.append("mps")
+    return out
+
+
+@pytest.mark.parametrize("device", _unavailable_devices())
+def test_a_device_this_machine_lacks_is_named_before_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                               device):
+    # was torch's traceback from inside model loading ("Torch not compiled with CUDA enabled",
+    # "Expected one of cpu, cuda, ... device type at start of device string: gpu")
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    _refuse_policy_load(monkeypatch)
+    text = cli_error(capsys, "train", "grpo", "--config", str(user_config(tmp_path, tiny_model_dir, data)),
+                     f"device={device}")
+    assert f"device={device!r}" in text, text
+    assert not (tmp_path / "run").exists()  # nothing written: the same command works once fixed
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_output_dir_that_is_a_file(tiny_model_dir, tmp_path, capsys, monkeypatch, below):
+    # was FileExistsError / NotADirectoryError with a traceback from the first mkdir
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    (tmp_path / "afile").write_text("not a directory")
+    out = tmp_path / "afile" / below if below else tmp_path / "afile"
+    _refuse_policy_load(monkeypatch)
+    text = cli_error(capsys, "train", "grpo", "--config", str(user_config(tmp_path, tiny_model_dir, data)),
+                     f"output_dir={out}")
+    assert f"output_dir {out}" in text and "is a file" in text, text
+    assert (tmp_path / "afile").read_text() == "not a directory"
+    # and from Python, before any model loads
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        GRPOTrainer(grpo_config(tiny_model_dir, data, tmp_path, output_dir=str(out),
+                                rewards=[{"name": "numeric_answer"}]))
+
+
+def test_override_that_is_not_yaml_and_a_yaml_file_that_is_not(tiny_model_dir, tmp_path, capsys):
+    # the override was a yaml.parser.ParserError traceback; the file error was 7 lines quoting
+    # "<unicode string>" instead of the file's line
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    config = str(user_config(tmp_path, tiny_model_dir, data))
+    text = cli_error(capsys, "train", "grpo", "--config", config, "rewards=[{name: format")
+    assert "override 'rewards=[{name: format'" in text and "not valid YAML" in text, text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nrewards: [unclosed\n", encoding="utf-8")
+    text = cli_error(capsys, "train", "grpo", "--config", str(bad))
+    # the flow sequence opened on line 2 is still open at the end of the file: line 3, column 1
+    assert f"config file {bad} is not valid YAML: line 3, column 1:" in text, text
+    assert "<unicode string>" not in text
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"pattern": "(<answer>"}, "pattern '(<answer>' is not a valid regular expression"),
+    ({"flags": "DOTAL"}, "unknown regex flag 'DOTAL'"),
+])
+def test_format_reward_with_a_bad_regex_is_named_before_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                  kwargs, named):
+    # the bad pattern was a re.error traceback (re.error is not a ValueError)
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    _refuse_policy_load(monkeypatch)
+    text = cli_error(capsys, "train", "grpo", "--config",
+                     str(user_config(tmp_path, tiny_model_dir, data)), f"rewards=[{{name: format, kwargs: {json.dumps(kwargs)}}}]")
+    assert "reward 'format'" in text and named in text, text
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_promise_a_resume(tiny_model_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    # was "checkpoints already written in OUT are intact (resume with --resume)" when there was
+    # no OUT at all, and --resume then refuses ("holds no run to resume")
+    import trustrl.algorithms.grpo as grpo_module
+    from trustrl import cli
+
+    class Interrupted:
+        def __init__(self, config):
+            self.config = config
+
+        def train(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(grpo_module, "GRPOTrainer", Interrupted)
+    data = write_lines(tmp_path / "rl.jsonl", GOOD)
+    config = str(user_config(tmp_path, tiny_model_dir, data))
+    capsys.readouterr()
+    assert cli.main(["train", "grpo", "--config", config]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the run started" in err and "--resume" not in err, err
+    # a run directory with files but no checkpoint: --overwrite, not --resume
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    assert cli.main(["train", "grpo", "--config", config]) == 130  # (the stand-in trainer checks no run dir)
+    err = capsys.readouterr().err
+    assert "before the run's first checkpoint" in err and "--resume" not in err, err
+    # with a checkpoint there, --resume is the way on
+    (tmp_path / "run" / "checkpoints" / "step_000003").mkdir(parents=True)
+    assert cli.main(["train", "grpo", "--config", config, "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "checkpoints already written" in err and "--resume" in err, err

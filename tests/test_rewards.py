@@ -493,3 +493,27 @@ def test_input_validation() -> None:
     with pytest.raises(ValueError, match=r"two rewards are named"):
         score_completions([NamedReward("x", boom), NamedReward("x", boom)], ["p"], ["a"])
     assert math.isfinite(score_completions(r, ["p"], ["a"]).metrics()["reward/std"])
+
+
+def test_math_equivalence_in_a_worker_thread_logs_no_timeout_notice(monkeypatch, caplog) -> None:
+    # without a timeout (worker thread: the scorer bounds the call) math_verify logs "Timeout is
+    # disabled ... you must provide the logic for timeout interuption yourself" once per process;
+    # it reached the terminal of every `trustrl train` run using math_equivalence
+    import logging
+
+    import math_verify.grader
+    import math_verify.parser
+
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)  # (once per process)
+    monkeypatch.setattr(math_verify.grader, "TIMEOUT_WARNING_SHOWN", False)
+    fn = math_equivalence_reward()
+    box: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING):
+        t = threading.Thread(target=lambda: box.setdefault("v", fn(["p"], ["<answer>0.5</answer>"], answer=["1/2"])))
+        t.start()
+        t.join(30)
+    assert box["v"] == [1.0]
+    assert not [r for r in caplog.records if "Timeout is disabled" in r.getMessage()], caplog.text
+    # other math_verify records still pass
+    logging.getLogger("math_verify.parser").warning("something else")
+    assert "something else" in caplog.text

@@ -60,6 +60,21 @@ def _config_class(algo: str):
     return CONFIG_CLASSES[algo]
 
 
+def _interrupted_message(config) -> str:
+    """What a Ctrl-C outside the loop's own handling leaves, and the way on: ``--resume`` only
+    when ``output_dir`` holds a checkpoint (it refuses otherwise)."""
+    from trustrl.checkpoint import list_checkpoints
+    from trustrl.trainers.run_dir import run_files
+
+    out = Path(config.output_dir)
+    if list_checkpoints(out) or config.resume not in ("never", "auto"):
+        return f"interrupted; checkpoints already written in {out} are intact (resume with --resume)"
+    if run_files(out):
+        return (f"interrupted before the run's first checkpoint: nothing to resume; start it again with "
+                f"--overwrite (moves {out} aside) or in a new output_dir")
+    return f"interrupted before the run started; nothing was written to {out}: run the same command again"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
@@ -91,8 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print(format_summary(result, title=f"trustrl train {args.algo}: {config.output_dir}"))
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one before the loop started
-        print(f"\ntrustrl: interrupted; checkpoints already written in {config.output_dir} are intact "
-              f"(resume with --resume)", file=sys.stderr)
+        print(f"\ntrustrl: {_interrupted_message(config)}", file=sys.stderr)
         return 130
     finally:
         if joined_here:  # leave the process group as it was found

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "init_from_env", "setup_device", "shutdown", "is_distributed", "world_size", "rank", "local_rank", "is_main",
+    "check_device", "init_from_env", "setup_device", "shutdown", "is_distributed", "world_size", "rank", "local_rank", "is_main",
     "barrier", "all_reduce_sum", "all_reduce_mean", "all_reduce_max", "all_true", "all_gather_objects",
     "broadcast_object", "sum_across_ranks", "reduce_metrics", "shard_range", "shard_indices", "shard_batch",
     "shard_groups", "all_reduce_gradients", "on_main", "gather_rows", "require_single_process",
@@ -78,6 +78,35 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"distributed: environment variable {name}={value!r} is not an integer") from None
 
 
+def check_device(device: str) -> None:
+    """Refuse a ``device`` setting this machine cannot honour, naming it: a string torch does
+    not parse (``"gpu"``), CUDA or MPS asked for where torch has none, or a CUDA index past the
+    visible GPUs. Without this the run would stop deep in model loading with torch's
+    traceback. ``"auto"`` is always fine.
+
+    Raises:
+        trustrl.config.ConfigError: naming the ``device`` key and what this machine has.
+    """
+    from trustrl.config import ConfigError  # (no torch there; imported late to keep this module light)
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}, "
+                              f"{torch.cuda.device_count()} GPUs visible); use device=auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device={device!r}: MPS is not available here; use device=auto or cpu")
+
+
 def init_from_env(device: str = "auto", timeout_minutes: float | None = None) -> torch.device:
     """Join the process group described by the environment (``torchrun`` sets ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and return this rank's
@@ -87,6 +116,7 @@ def init_from_env(device: str = "auto", timeout_minutes: float | None = None) ->
     Backend: NCCL when the device is CUDA, gloo otherwise. With CUDA, ``device`` "auto" or
     "cuda" means ``cuda:LOCAL_RANK`` (and ``torch.cuda.set_device`` is called); an explicit
     ``cuda:i`` is kept (a warning when several ranks would then share it)."""
+    check_device(device)
     world = _env_int("WORLD_SIZE", 1)
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()

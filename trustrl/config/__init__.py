@@ -447,6 +447,16 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: ``"line L, column C: problem (context)"`` (1-based),
+    instead of PyYAML's several lines quoting ``"<unicode string>"``."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ["a=1", "lora.r=8"] into a nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -456,7 +466,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {yaml_problem(err)}") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -537,7 +551,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

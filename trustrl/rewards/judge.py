@@ -56,7 +56,10 @@ def generative_judge_reward(path: str | Path, template: str = DEFAULT_TEMPLATE,
         raise ValueError(f"judge: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if "{response}" not in template:
         raise ValueError("judge: the template must contain {response} (and usually {prompt})")
-    pattern = re.compile(score_pattern)
+    try:
+        pattern = re.compile(score_pattern)
+    except re.error as err:  # (re.error is not a ValueError)
+        raise ValueError(f"judge: score_pattern {score_pattern!r} is not a valid regular expression: {err}") from err
     tokenizer = load_tokenizer(path)
     model = load_policy(path, device=device, tokenizer=tokenizer)
     model.requires_grad_(False)

@@ -15,6 +15,7 @@ The public names here are *factories*: ``format_reward()`` returns the reward fu
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -93,7 +94,10 @@ def format_reward(pattern: str = DEFAULT_FORMAT_PATTERN, flags: int | str = re.D
         flags: ``re`` flags as an int, or as names such as ``"DOTALL|MULTILINE"`` (for YAML
             configs).
     """
-    regex = re.compile(pattern, _parse_flags(flags))
+    try:
+        regex = re.compile(pattern, _parse_flags(flags))
+    except re.error as err:  # not a ValueError: the registry would let it through as a traceback
+        raise ValueError(f"format_reward: pattern {pattern!r} is not a valid regular expression: {err}") from err
 
     def fn(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
@@ -250,6 +254,26 @@ def _mv_parse(text: str, timeout: int | None) -> list[Any]:
     return list(parsed)
 
 
+class _NoTimeoutNotice(logging.Filter):
+    """Drops math_verify's "Timeout is disabled ... you must provide the logic for timeout
+    interruption yourself" record: outside the main thread trustrl passes no timeout on purpose
+    and the scorer's own time limit bounds the call (see :func:`math_equivalence_reward`), so
+    the notice would only tell a user to do what is already done."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+_NO_TIMEOUT_NOTICE = _NoTimeoutNotice()
+
+
+def _quiet_math_verify_timeout_notice() -> None:
+    for name in ("math_verify.parser", "math_verify.grader"):
+        log = logging.getLogger(name)
+        if _NO_TIMEOUT_NOTICE not in log.filters:
+            log.addFilter(_NO_TIMEOUT_NOTICE)
+
+
 def math_equivalence_reward(
     answer_column: str = "answer", tag_required: bool = False, timeout_s: int | None = 5
 ) -> RewardFn:
@@ -277,6 +301,7 @@ def math_equivalence_reward(
         raise ValueError(
             f"math_equivalence_reward: timeout_s must be a positive int (signal.alarm takes whole seconds) or None, got {timeout_s!r}"
         )
+    _quiet_math_verify_timeout_notice()
 
     def fn(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         from math_verify import verify

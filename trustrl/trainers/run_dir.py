@@ -218,11 +218,23 @@ def _check_inputs_outside(config: TrainConfig, out: Path) -> None:
                                   "aside; copy it out first or choose a new output_dir")
 
 
+def _check_can_be_dir(out: Path) -> None:
+    """``out`` is, or can be created as, a directory: neither it nor a parent that exists is
+    a file (the run would otherwise fail with an OSError at its first write)."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == out else f"lies under {p}, which is"
+                raise RunDirError(f"output_dir {out} {what} a file, not a directory; choose another output_dir")
+            return
+
+
 def check_run_dir(config: TrainConfig) -> None:
     """Everything the run directory rules refuse, checked before any model loads (writes
     nothing): see the module docstring. Raises :class:`RunDirError` (a ConfigError) with a
     message that names the directory and the way forward."""
     out = Path(config.output_dir)
+    _check_can_be_dir(out)
     unknown = sorted(set(config.allow_changed) - {k.split(".")[0] for k in type(config).model_fields})
     if unknown:
         raise RunDirError(f"allow_changed: {', '.join(unknown)} is not a setting of {type(config).__name__}")
