@@ -148,6 +148,26 @@ def test_cli_requires_a_token_off_loopback(tmp_path, candidates_file, monkeypatc
     assert local.get("/api/health", headers={"host": "10.1.2.3"}).status_code == 400
 
 
+@pytest.mark.parametrize("which", ["missing", "not_a_model"])
+def test_cli_names_a_wrong_model_directory_before_serving(tmp_path, monkeypatch, capsys, which):
+    """`trustrl label --model DIR` loaded the model in the sampler thread only: with a wrong DIR
+    the page was served all the same (and sampling failed behind it). Now it stops first."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    model = tmp_path / "nomodel"
+    if which == "not_a_model":
+        model.mkdir()
+        (model / "tokenizer.json").write_text("{}")
+    rc = label_main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "j.jsonl")])
+    assert rc == 2 and not served
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(model) in err[0], err
+
+
 def test_untrusted_text_never_becomes_markup(tmp_path, candidates_file):
     """The script builds the page from text nodes only, and the CSP forbids inline script
     (the browser test checks the effect in Chromium)."""

@@ -92,6 +92,13 @@ class SampledCandidates:
                              use_chat_template=use_chat_template, system_prompt=system_prompt,
                              max_prompt_length=max_prompt_length)
         self.model_dir, self.device = str(model_dir), device
+        # a wrong model directory is named now, not after the page is served (the model itself
+        # loads in the sampler thread, so the page opens at once)
+        from trustrl.models import ModelLoadError, load_tokenizer
+
+        self._tokenizer = load_tokenizer(self.model_dir)
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ModelLoadError(f"{self.model_dir} is not a model directory (no config.json)")
         self.cache_path = Path(cache_path)
         self.responses: dict[int, list[str]] = {}
         self._read_cache()
@@ -151,10 +158,10 @@ class SampledCandidates:
             import torch
 
             from trustrl.data import encode_prompt
-            from trustrl.models import load_policy, load_tokenizer
+            from trustrl.models import load_policy
             from trustrl.rollout import generate, left_pad
 
-            tokenizer = load_tokenizer(self.model_dir)
+            tokenizer = self._tokenizer
             model = load_policy(self.model_dir, device=self.device, tokenizer=tokenizer)
             s = self.settings
             for index in range(len(self.prompts)):
