@@ -143,7 +143,7 @@ class AgentMixin:
                              cfg.unfinished_turn_reward)
 
     def play(self, rows: EpisodeRows, indices: list[int], repeats: int, *, row_seeds=None, greedy=False,
-             seed: int | None = None, label: str = "step") -> tuple[ScoredBatch, list[Episode]]:
+             seed: int | None = None, label: str = "train") -> tuple[ScoredBatch, list[Episode]]:
         """``repeats`` episodes of each row in ``indices`` (consecutive per row), scored."""
         cfg = self.config
         order = [i for i in indices for _ in range(repeats)]
