@@ -190,6 +190,18 @@ def call_env(policy: EnvPolicy, fn: Callable[..., Any], args: tuple, what: str) 
         return None, message
 
 
+def as_messages(observation: Any, what: str) -> list[dict[str, Any]]:
+    """An observation as chat messages: text -> one user message; a message list as given."""
+    if isinstance(observation, str):
+        return [{"role": "user", "content": observation}]
+    if isinstance(observation, dict) and "role" in observation:
+        return [dict(observation)]
+    if isinstance(observation, list) and all(isinstance(m, dict) and "role" in m for m in observation):
+        return [dict(m) for m in observation]
+    raise EnvError(f"{what}: an observation must be text or chat messages ({{'role': ..., 'content': ...}}), "
+                     f"got {type(observation).__name__}")
+
+
 def check_step_result(out: Any, what: str) -> tuple[Any, float, bool, bool, dict]:
     """A ``step`` result must be the 5-tuple of Gymnasium's API: an observation (text or chat
     messages; None only when the episode ends), a finite number reward, two flags and a dict
@@ -197,8 +209,6 @@ def check_step_result(out: Any, what: str) -> tuple[Any, float, bool, bool, dict
     naming ``what``: a string ``"no"`` read as ``bool("no") = True`` would count a success the
     environment never meant."""
     import math
-
-    from trustrl.envs.chat import as_messages
 
     if not isinstance(out, tuple) or len(out) != 5:
         raise EnvError(f"{what}: step() must return (observation, reward, terminated, truncated, info), "

@@ -22,22 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trustrl.envs.api import EnvError
 from trustrl.errors import UserError
 
 _SENTINEL = "\x00trustrl-assistant-content\x00"
-
-
-def as_messages(observation: Any, what: str) -> list[dict[str, Any]]:
-    """An observation as chat messages: text -> one user message; a message list as given."""
-    if isinstance(observation, str):
-        return [{"role": "user", "content": observation}]
-    if isinstance(observation, dict) and "role" in observation:
-        return [dict(observation)]
-    if isinstance(observation, list) and all(isinstance(m, dict) and "role" in m for m in observation):
-        return [dict(m) for m in observation]
-    raise EnvError(f"{what}: an observation must be text or chat messages ({{'role': ..., 'content': ...}}), "
-                     f"got {type(observation).__name__}")
 
 
 class ChatTemplateError(UserError, ValueError):

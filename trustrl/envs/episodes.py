@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustrl.envs.api import EnvError, EnvPolicy, call_env, check_step_result
-from trustrl.envs.chat import TurnRenderer, as_messages
+from trustrl.envs.api import EnvError, EnvPolicy, as_messages, call_env, check_step_result
+from trustrl.envs.chat import TurnRenderer
 from trustrl.rollout import Rollout, counter_uniforms, left_pad, sample_next, splitmix64
 from trustrl.rollout import _cache_argument, _returned_cache  # the sampler's: the cache keyword of this transformers
 
