@@ -469,3 +469,163 @@ def test_two_processes_end_where_one_process_ends(tiny_model_dir, addition_data,
     assert [p.name for p in (tmp_path / "two" / "grpo" / "checkpoints").iterdir() if ".tmp-" in p.name] == []
     summary = json.loads((tmp_path / "two" / "grpo_resumed" / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("step_000002") and summary["steps"] == 3
+
+
+# -- what a user sees when a 2-process run fails or is interrupted -------------------------------------
+
+# fails on rank 1's completions only; rank 0 meanwhile waits in the rollout gather
+RANK1_REWARD = textwrap.dedent('''
+    import torch.distributed
+
+
+    def fails_on_rank1(prompts, completions, **columns):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise ValueError("only rank 1 fails")
+        return [0.0 for _ in completions]
+''')
+
+
+def _torchrun(args: list[str], cwd: Path, timeout: float, interrupt_when=None) -> tuple[int, str, float]:
+    """``python -m torch.distributed.run --nproc_per_node 2 -m trustrl ARGS`` in its own session;
+    returns (exit status, output, seconds). ``interrupt_when()`` true: SIGINT to the whole
+    session, as Ctrl-C in a terminal sends it to torchrun and its workers."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TRUSTRL_NO_PROGRESS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRUSTRL_DEBUG"):
+        env.pop(var, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(_free_port()), "-m", "trustrl", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(launch, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        if interrupt_when is not None:
+            while proc.poll() is None and not interrupt_when():
+                if time.monotonic() - started > timeout:
+                    break
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=max(timeout - (time.monotonic() - started), 10))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output, time.monotonic() - started
+
+
+def _trustrl_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("trustrl:")]
+
+
+def _assert_no_trustrl_traceback(output: str) -> None:
+    # (torchrun prints its own ChildFailedError report whenever a worker exits non-zero;
+    # what must not appear is a traceback through trustrl's code)
+    assert not re.search(r'File ".*trustrl/', output), output[-4000:]
+
+
+def test_two_process_user_errors_are_printed_once_and_one_rank_errors_name_the_rank(tiny_model_dir, addition_data,
+                                                                                     tmp_path):
+    (tmp_path / "rank1_reward.py").write_text(RANK1_REWARD)
+    common = [f"model={tiny_model_dir}", f"dataset={addition_data['rl']}", "device=cpu", "max_steps=2",
+              "prompts_per_step=2", "group_size=2", "max_completion_length=4", "progress=false", "tensorboard=false"]
+    exact = "rewards=[{name: exact_answer}]"
+    # 1. an unknown key, met by every rank before the process group exists: one line, once
+    status, output, _ = _torchrun(["train", "grpo", *common, f"output_dir={tmp_path / 'a'}", exact, "bogus_key=1"],
+                                  tmp_path, 120)
+    assert status != 0
+    assert len([line for line in _trustrl_lines(output) if "GRPOConfig" in line]) == 1, output[-4000:]
+    assert "bogus_key: unknown key" in output
+    _assert_no_trustrl_traceback(output)
+    # 2. a missing dataset, met by every rank inside the trainer (process group joined)
+    status, output, _ = _torchrun(["train", "grpo", *common, f"output_dir={tmp_path / 'b'}", exact,
+                                   f"dataset={tmp_path / 'missing.jsonl'}"], tmp_path, 120)
+    assert status != 0
+    assert _trustrl_lines(output) == [f"trustrl: {tmp_path / 'missing.jsonl'}: no such file or directory"], \
+        output[-4000:]
+    _assert_no_trustrl_traceback(output)
+    # 3. TRPO refuses data parallelism: one line, once (was a RuntimeError traceback per rank)
+    status, output, _ = _torchrun(["train", "trpo", *common[:3], f"output_dir={tmp_path / 'c'}", "max_steps=1", exact], tmp_path, 120)
+    lines = _trustrl_lines(output)
+    assert status != 0 and len(lines) == 1 and "trpo does not support data-parallel runs" in lines[0], output[-4000:]
+    _assert_no_trustrl_traceback(output)
+    # 4. a reward that fails on rank 1 only: rank 0 is stuck in a collective; the job still ends
+    # within seconds (not the 10-minute collective timeout), naming the reward and the rank
+    status, output, seconds = _torchrun(["train", "grpo", *common, f"output_dir={tmp_path / 'd'}",
+                                         'rewards=[{name: "rank1_reward:fails_on_rank1", alias: flaky}]'], tmp_path, 240)
+    lines = _trustrl_lines(output)
+    assert status != 0 and len(lines) == 1, output[-4000:]
+    assert lines[0].startswith("trustrl: rank 1 of 2: reward function 'flaky' raised ValueError: only rank 1 fails")
+    assert seconds < 200
+    _assert_no_trustrl_traceback(output)
+
+
+def test_ctrl_c_under_torchrun_stops_once_and_the_printed_command_resumes(tiny_model_dir, addition_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "grpo", f"model={tiny_model_dir}", f"dataset={addition_data['rl']}", "device=cpu",
+            "max_steps=100000", "prompts_per_step=2", "group_size=2", "max_completion_length=4", "progress=false",
+            "tensorboard=false", f"output_dir={out}", "save_every=100000", "rewards=[{name: exact_answer}]", "parallelism.strategy=fsdp"]
+
+    def two_steps_logged() -> bool:
+        metrics = out / "metrics.jsonl"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+
+    status, output, _ = _torchrun(args, tmp_path, 240, interrupt_when=two_steps_logged)
+    assert status != 0  # torchrun reports its interrupted workers as failed
+    lines = _trustrl_lines(output)
+    assert len([line for line in lines if "SIGINT received" in line]) == 1, output[-4000:]
+    # FSDP's float32-on-CPU notice: once per run (was once per rank and sharded model)
+    assert output.count("mixed-precision policy applies on GPUs") == 1, output[-4000:]
+    stopped = [line for line in lines if line.startswith("trustrl: stopped after step")]
+    assert len(stopped) == 1, output[-4000:]
+    step = int(re.search(r"stopped after step (\d+)", stopped[0]).group(1))
+    hint = re.search(r"^resume with: (.*)$", output, flags=re.M).group(1)
+    # the launcher is kept in the hint: the run was started under torchrun with 2 processes
+    assert hint == (f"torchrun --standalone --nproc_per_node 2 -m trustrl train grpo --config {out / 'config.yaml'} "
+                    "--resume"), hint
+    from trustrl.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(out)] == [step]
+    # the printed command (its trustrl part, 2 processes) continues the run for 1 more step
+    resume_args = hint.split(" -m trustrl ", 1)[1].split() + [f"max_steps={step + 1}"]
+    status, output, _ = _torchrun(resume_args, tmp_path, 240)
+    assert status == 0, output[-4000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step_{step:06d}") and summary["steps"] == step + 1
+
+
+@pytest.mark.parametrize("trainer", ["sft", "rm"])
+def test_ctrl_c_stops_supervised_trainers_with_a_checkpoint_that_resumes_in_one_process(trainer, tiny_model_dir,
+                                                                                         addition_data, tmp_path):
+    # SFT and the reward model stopped at once on Ctrl-C, losing every step since the last
+    # checkpoint ("interrupted before the run's first checkpoint", twice under torchrun)
+    from trustrl.checkpoint import list_checkpoints
+    from trustrl.cli import main
+
+    out = tmp_path / "run"
+    if trainer == "rm":
+        _write_pairs(tmp_path / "pairs.jsonl")
+    data = addition_data["sft"] if trainer == "sft" else tmp_path / "pairs.jsonl"
+    args = ["train", trainer, f"model={tiny_model_dir}", f"dataset={data}", "device=cpu", "max_steps=100000",
+            "batch_size=4", "progress=false", "tensorboard=false", f"output_dir={out}", "save_every=100000"]
+
+    def two_steps_logged() -> bool:
+        metrics = out / "metrics.jsonl"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+
+    status, output, _ = _torchrun(args, tmp_path, 240, interrupt_when=two_steps_logged)
+    lines = _trustrl_lines(output)
+    assert status != 0 and len([line for line in lines if "SIGINT received" in line]) == 1, output[-4000:]
+    stopped = [line for line in lines if line.startswith("trustrl: stopped after step")]
+    assert len(stopped) == 1, output[-4000:]
+    step = int(re.search(r"stopped after step (\d+)", stopped[0]).group(1))
+    assert [s for s, _ in list_checkpoints(out)] == [step]
+    assert f"torchrun --standalone --nproc_per_node 2 -m trustrl train {trainer} --config {out / 'config.yaml'} " \
+           "--resume" in output
+    assert not (out / "final").exists()  # no final model from a stopped run
+    # 2 -> 1 process: the printed command without the launcher, one more step
+    assert main(["train", trainer, "--config", str(out / "config.yaml"), "--resume", f"max_steps={step + 1}"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step_{step:06d}") and summary["steps"] == step + 1
+    assert (out / "final").is_dir()

@@ -91,9 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"allow_changed=[{args.allow_changed}]")
     try:
         config = load_config(cls, args.config, overrides)
-    except ConfigError as err:
-        print(f"trustrl: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:  # (under torchrun: printed once, not by every rank)
+        return report_user_error(err, debug_requested())
     from trustrl import distributed
 
     module, name = TRAINERS[args.algo]
@@ -106,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print(format_summary(result, title=f"trustrl train {args.algo}: {config.output_dir}"))
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one before the loop started
-        print(f"\ntrustrl: {_interrupted_message(config)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("0", ""):  # torchrun interrupts every rank: said once
+            print(f"\ntrustrl: {_interrupted_message(config)}", file=sys.stderr)
         return 130
     finally:
         if joined_here:  # leave the process group as it was found
@@ -236,10 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_user_error(err: UserError, debug: bool) -> int:
-    """One message (a few lines) naming what to fix; the traceback only with ``debug``."""
+    """One message (a few lines) naming what to fix; the traceback only with ``debug``. Under
+    torchrun the ranks agree on who prints it: once when every rank met it, prefixed with the
+    rank(s) otherwise (:func:`trustrl.distributed.user_error_text`)."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from trustrl.distributed import user_error_text
+
+        text = user_error_text(str(err))
+    else:
+        text = str(err)
+    if text is None:  # a lower rank prints the same message
+        return USER_ERROR_STATUS
     if debug:
         traceback.print_exception(err)
-    print(f"trustrl: {err}", file=sys.stderr, flush=True)
+    print(f"trustrl: {text}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -55,7 +56,7 @@ __all__ = [
     "barrier", "all_reduce_sum", "all_reduce_mean", "all_reduce_max", "all_true", "all_gather_objects",
     "broadcast_object", "sum_across_ranks", "reduce_metrics", "shard_range", "shard_indices", "shard_batch",
     "shard_groups", "all_reduce_gradients", "on_main", "gather_rows", "require_single_process",
-    "check_parameters_equal",
+    "check_parameters_equal", "user_error_text",
 ]
 
 _STATE: dict[str, Any] = {"owned": False}
@@ -198,10 +199,59 @@ def barrier() -> None:
 
 
 def require_single_process(what: str) -> None:
-    """For trainers without data parallelism yet: a clear error instead of N racing copies."""
+    """For trainers without data parallelism yet: a clear error instead of N racing copies
+    (a :class:`~trustrl.config.ConfigError`: one line, no traceback, printed once)."""
     if _env_int("WORLD_SIZE", 1) > 1:
-        raise RuntimeError(f"{what} does not support data-parallel runs yet (WORLD_SIZE="
-                           f"{os.environ.get('WORLD_SIZE')}); run it as a single process")
+        from trustrl.config import ConfigError
+
+        raise ConfigError(f"{what} does not support data-parallel runs (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
+                          f"launched by torchrun); run it as a single process: trustrl train {what} ...")
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    shown = ", ".join(str(r) for r in ranks[:4])
+    return f"ranks {shown}" + (f", ... ({len(ranks)} ranks)" if len(ranks) > 4 else "")
+
+
+def user_error_text(message: str, wait_s: float = 5.0) -> str | None:
+    """What this rank prints for a user error ``message`` under torchrun, or None: another rank
+    prints the same text. Without ``WORLD_SIZE > 1``: ``message`` itself.
+
+    Every rank that fails posts its message to the launcher's key-value store (torchrun's
+    ``MASTER_ADDR:MASTER_PORT``, reachable before and after the process group) and waits up to
+    ``wait_s`` seconds for the other ranks' messages: the lowest rank holding a message prints
+    it, the others stay quiet, so an error every rank meets (a bad key, a missing dataset) is
+    printed once and as it is; one that only some ranks meet (a reward that fails on rank 1's
+    completions, a file one node lacks) is printed once per distinct message, prefixed with
+    the ranks that met it ("rank 1 of 2: ..."). The ranks that did not fail are stuck in a
+    collective: the failing rank gives up waiting for them after ``wait_s`` seconds, exits,
+    and torchrun stops them. No store (a launch without torchrun): the prefixed message."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return message
+    me = _env_int("RANK", 0)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=max(wait_s, 1.0)), wait_for_workers=False)
+        # (a restarted job, or another run on the same store, must not read old messages)
+        prefix = (f"trustrl/user_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        store.set(f"{prefix}/{me}", message)
+        deadline = time.monotonic() + wait_s
+        while True:
+            present = [r for r in range(world) if store.check([f"{prefix}/{r}"])]
+            if len(present) == world or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        posted = {r: store.get(f"{prefix}/{r}").decode() for r in present}
+    except Exception:  # no launcher store to talk to: say which rank this is, at least
+        return f"rank {me} of {world}: {message}"
+    same = sorted(r for r, text in posted.items() if text == message) or [me]
+    if same[0] != me:
+        return None
+    return message if len(same) == world else f"{_ranks_text(same)} of {world}: {message}"
 
 
 # -- collectives on numbers, tensors and objects ------------------------------------------------------
@@ -450,7 +500,11 @@ def check_parameters_equal(module: nn.Module, what: str = "model") -> None:
 
 def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` on rank 0 only and return its result on every rank (broadcast; this is also
-    a barrier). If it raises on rank 0, every rank raises (a RuntimeError naming it elsewhere)."""
+    a barrier). If it raises on rank 0, every rank raises: a :class:`~trustrl.errors.UserError`
+    with the same message when rank 0's error is one (so the CLI prints it once, without a
+    traceback), else a RuntimeError naming it."""
+    from trustrl.errors import UserError
+
     if not is_distributed():
         return fn(*args, **kwargs)
     result, failure = None, None
@@ -459,13 +513,17 @@ def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:  # re-raised below, once the other ranks have been told
-            error, failure = exc, f"{type(exc).__name__}: {exc}"
+            error = exc
+            failure = (str(exc), True) if isinstance(exc, UserError) else (f"{type(exc).__name__}: {exc}", False)
     if error is not None:
         broadcast_object((failure, None))
         raise error
     failure, result = broadcast_object((failure, result))
     if failure is not None:
-        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__name__', fn)}: {failure}")
+        text, user_error = failure
+        if user_error:
+            raise UserError(text)
+        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__name__', fn)}: {text}")
     return result
 
 

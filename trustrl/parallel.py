@@ -275,8 +275,15 @@ def memory_shares(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return out
 
 
+_WARNED: set[str] = set()
+
+
 def warn_cpu_precision(device: torch.device, param_dtype: str) -> None:
-    if device.type != "cuda" and param_dtype == "auto" and dist.is_distributed():
+    """Say once per run, on rank 0, that ``param_dtype: auto`` means float32 on a CPU (each
+    sharded model and each rank used to repeat it)."""
+    if device.type != "cuda" and param_dtype == "auto" and dist.is_distributed() and dist.is_main() \
+            and "cpu_precision" not in _WARNED:
+        _WARNED.add("cpu_precision")
         warnings.warn("parallelism.strategy=fsdp on CPU: float32 parameters, compute and gradient reduction "
                       "(the bfloat16 mixed-precision policy applies on GPUs)", stacklevel=2)
 

@@ -27,7 +27,7 @@ from trustrl import parallel
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.data_parallel import evaluate_sharded
 from trustrl.loop.experience import evaluate_greedy
-from trustrl.loop.stops import GracefulStop
+from trustrl.loop.stops import GracefulStop, launcher_prefix
 from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop
 
 
@@ -110,7 +110,7 @@ def resume_command(algorithm: RLAlgorithm) -> str:
     if "env" in type(algorithm.config).model_fields and algorithm.config.env is None:
         return (f"run the same script again with resume=\"auto\" in its config (the environment was passed in "
                 f"Python; {out / 'config.yaml'} does not name it)")
-    return f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
+    return launcher_prefix() + f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
 
 
 def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:

@@ -10,6 +10,7 @@ jointly (``all_true`` of "no stop"), so every rank leaves after the same step.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -33,8 +34,9 @@ class GracefulStop:
         if self.signal_name is not None:  # the second one: stop now
             raise KeyboardInterrupt(f"{name} received twice")
         self.signal_name = name
-        print(f"\ntrustrl: {name} received; stopping after the current step (send it again to stop now)",
-              file=sys.stderr, flush=True)
+        if dist.is_main():  # torchrun forwards the signal to every rank: said once
+            print(f"\ntrustrl: {name} received; stopping after the current step (send it again to stop now)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # handlers only install there
@@ -50,3 +52,24 @@ class GracefulStop:
     def requested(self) -> bool:
         """True on every rank once any rank received a signal."""
         return not dist.all_true(self.signal_name is None)
+
+
+def launcher_prefix() -> str:
+    """What goes before ``trustrl train ...`` in a resume hint: nothing in one process; under
+    torchrun the launcher (any world size resumes the checkpoint), its one-node line when every
+    rank is on this node, else a placeholder for the job's own options."""
+    world = dist.world_size()
+    if world <= 1:
+        return ""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) == world:
+        return f"torchrun --standalone --nproc_per_node {world} -m "
+    return "torchrun <the same launcher options> -m "
+
+
+def announce_stop(command: str, step: int, max_steps: int, stopped_by: str, checkpoint: Any, output_dir: Any) -> None:
+    """Rank 0 says where a clean stop left the run and the command that continues it
+    (``command``: the CLI's trainer name, e.g. "sft")."""
+    if dist.is_main():
+        print(f"\ntrustrl: stopped after step {step} of {max_steps} ({stopped_by}); checkpoint {checkpoint}\n"
+              f"resume with: {launcher_prefix()}trustrl train {command} --config {os.path.join(output_dir, 'config.yaml')} "
+              "--resume", file=sys.stderr, flush=True)

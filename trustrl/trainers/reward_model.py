@@ -59,6 +59,7 @@ from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig
 from trustrl.data import load_rows, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
+from trustrl.loop.stops import GracefulStop, announce_stop
 from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
                             reward_centering_sum)
 from trustrl.models import check_vocab, load_tokenizer
@@ -428,68 +429,80 @@ class RewardTrainer:
         bar = progress(total=self.max_steps, initial=run.start_step, desc="rm", disable=not cfg.progress or None)
         step = run.start_step
         last_loss = float("nan")
-        while step < self.max_steps:
-            t0 = time.time()
-            # 1. the next pairs
-            # (data parallel: every rank draws the same pairs and keeps its contiguous share)
-            indices = sampler.take(cfg.batch_size)
-            batch = self.pairs.subset(dist.shard_batch(indices, "batch_size"))
-            # 2. the normalizer: pairs of the global batch (all micro-batches and ranks); each
-            # micro-batch's summed loss is divided by it, once
-            # (one row per pair: a [pairs, 1] mask counts them in the unit "rows")
-            normalizer = BatchNormalizer([torch.ones(len(batch), 1, dtype=torch.bool)])
-            n = normalizer.counts["rows"]
-            sums: dict[str, float] = {}
-            total = 0.0
-            # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
-            for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
-                micro = batch.subset(rows.tolist())
-                if self.rankings:  # one ranking = one row, its K responses in one forward pass
-                    part, m = ranking_loss_sum(*ranking_scores(model, micro, pad, self.device), cfg)
-                else:
-                    r_c, r_r = pair_scores(model, micro, pad, self.device)
-                    margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
-                    part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
-                (normalizer.loss([(1.0, part)]) * live).backward()
-                total += float(part.total.detach()) * live
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * live
-            total, sums = dist.all_reduce_sum(total), dist.sum_across_ranks(sums)
-            total, sums = total / max(n, 1.0), {k: v / max(n, 1.0) for k, v in sums.items()}
-            # 3. guarded update (data parallel: it sums the gradients over ranks)
-            grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"rm step {step + 1}",
-                                              loss=total)
-            step += 1
-            last_loss = total
-            metrics = {
-                "loss/total": total, ("loss/rank" if self.rankings else "loss/bt"): sums["rank" if self.rankings else "bt"],
-                "rm/train_accuracy": sums["accuracy"],
-                "rm/train_margin": sums["margin"], "optim/grad_norm": grad_norm,
-                "optim/lr": scheduler.get_last_lr()[0], "optim/skipped": float(not applied),
-                "perf/step_seconds": time.time() - t0,
-            }
-            if "center" in sums:
-                metrics["loss/center"] = sums["center"]
-            # 4. held-out evaluation
-            if self.eval_pairs is not None and (
-                    step == self.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                ev = self.evaluate()
-                history.append({"step": step, **ev})
-                metrics.update(ev)
-            run.log(step, metrics)
-            bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["loss/rank" if self.rankings else "loss/bt", "rm/accuracy"]))
-            if run.should_save(step, self.max_steps, faults):
-                run.save(step, {"reward_model": model}, {"reward_model": optimizer}, {"reward_model": scheduler},
-                         {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
-                         {}, tokenizer=self.tokenizer)
+        stopped_by = None
+        with GracefulStop() as stop:  # a clean stop between steps (Ctrl-C)
+            while step < self.max_steps:
+                t0 = time.time()
+                # 1. the next pairs
+                # (data parallel: every rank draws the same pairs and keeps its contiguous share)
+                indices = sampler.take(cfg.batch_size)
+                batch = self.pairs.subset(dist.shard_batch(indices, "batch_size"))
+                # 2. the normalizer: pairs of the global batch (all micro-batches and ranks); each
+                # micro-batch's summed loss is divided by it, once
+                # (one row per pair: a [pairs, 1] mask counts them in the unit "rows")
+                normalizer = BatchNormalizer([torch.ones(len(batch), 1, dtype=torch.bool)])
+                n = normalizer.counts["rows"]
+                sums: dict[str, float] = {}
+                total = 0.0
+                # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
+                for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
+                    micro = batch.subset(rows.tolist())
+                    if self.rankings:  # one ranking = one row, its K responses in one forward pass
+                        part, m = ranking_loss_sum(*ranking_scores(model, micro, pad, self.device), cfg)
+                    else:
+                        r_c, r_r = pair_scores(model, micro, pad, self.device)
+                        margins = torch.tensor(micro.margins, dtype=r_c.dtype, device=r_c.device)
+                        part, m = reward_model_loss_sum(r_c, r_r, margins, cfg.center_rewards_coef)
+                    (normalizer.loss([(1.0, part)]) * live).backward()
+                    total += float(part.total.detach()) * live
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v * live
+                total, sums = dist.all_reduce_sum(total), dist.sum_across_ranks(sums)
+                total, sums = total / max(n, 1.0), {k: v / max(n, 1.0) for k, v in sums.items()}
+                # 3. guarded update (data parallel: it sums the gradients over ranks)
+                grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"rm step {step + 1}",
+                                                  loss=total)
+                step += 1
+                last_loss = total
+                metrics = {
+                    "loss/total": total, ("loss/rank" if self.rankings else "loss/bt"): sums["rank" if self.rankings else "bt"],
+                    "rm/train_accuracy": sums["accuracy"],
+                    "rm/train_margin": sums["margin"], "optim/grad_norm": grad_norm,
+                    "optim/lr": scheduler.get_last_lr()[0], "optim/skipped": float(not applied),
+                    "perf/step_seconds": time.time() - t0,
+                }
+                if "center" in sums:
+                    metrics["loss/center"] = sums["center"]
+                # 4. held-out evaluation
+                if self.eval_pairs is not None and (
+                        step == self.max_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                    ev = self.evaluate()
+                    history.append({"step": step, **ev})
+                    metrics.update(ev)
+                run.log(step, metrics)
+                bar.update(1)
+                bar.set_postfix(format_postfix(metrics, ["loss/rank" if self.rankings else "loss/bt", "rm/accuracy"]))
+                stopping = stop.requested() and step < self.max_steps  # SIGINT/SIGTERM: joint decision
+                if stopping or run.should_save(step, self.max_steps, faults):
+                    path = run.save(step, {"reward_model": model}, {"reward_model": optimizer},
+                                    {"reward_model": scheduler},
+                                    {"sampler": sampler.state_dict(), "eval_history": history, "faults": faults.state_dict()},
+                                    {}, tokenizer=self.tokenizer)
+                if stopping:
+                    stopped_by = stop.signal_name or "a signal on another rank"
+                    announce_stop("rm", step, self.max_steps, stopped_by, path, cfg.output_dir)
+                    break
         bar.close()
-        final_dir = save_final_scalar_model(model, Path(cfg.output_dir) / "final", tokenizer=self.tokenizer)
+        # (stopped early: no final model; the checkpoint continues the run)
+        final_dir = None if stopped_by else save_final_scalar_model(model, Path(cfg.output_dir) / "final",
+                                                                    tokenizer=self.tokenizer)
         summary = {
-            "steps": step, "final_loss": last_loss, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+            "steps": step, "final_loss": last_loss, "wall_seconds": time.time() - started,
+            "model_dir": str(final_dir) if final_dir else None,
             "accuracy_first": history[0]["rm/accuracy"] if history else None,
             "accuracy_last": history[-1]["rm/accuracy"] if history else None,
             "eval_history": history, "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+            **({"stopped_early": stopped_by} if stopped_by else {}),
         }
         return run.finish(summary)  # train_summary.json, report.html and plots/

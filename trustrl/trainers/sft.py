@@ -35,6 +35,7 @@ from trustrl.config import ConfigError, PretrainConfig, SFTConfig
 from trustrl.data import DataError, encode_prompt, load_rows, source_files, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
+from trustrl.loop.stops import GracefulStop, announce_stop
 from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
@@ -200,57 +201,67 @@ class _LMTrainer:
         bar = progress(total=max_steps, initial=run.start_step, desc=self.stage, disable=not cfg.progress or None)
         step = run.start_step
         last_loss = float("nan")
-        while step < max_steps:
-            step_started = time.time()
-            # 1. the next batch of examples
-            # (data parallel: every rank draws the same batch and keeps its contiguous share)
-            batch = [self.examples[i] for i in dist.shard_batch(sampler.take(cfg.batch_size), "batch_size")]
-            ids, attention, target = right_pad([b[0] for b in batch], [b[1] for b in batch], pad)
-            # 2. the normalizer: target tokens of the global batch (all micro-batches and ranks)
-            normalizer = BatchNormalizer([target[:, 1:]])
-            n_targets = normalizer.counts["tokens"]
-            # 3. micro-batches: summed NLL, divided once by the global count
-            nll_sum = 0.0
-            # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
-            for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
-                width = len(batch[int(rows[0])][0]) if cfg.micro_batch_tokens else ids.shape[1]  # longest row first
-                m_ids, m_att, m_tgt = (t[rows, :width].to(self.device) for t in (ids, attention, target))
-                logp = completion_logprobs_for_targets(model, m_ids, m_att, chunk_size=1024)
-                part = token_nll_sum(logp, m_tgt[:, 1:])
-                (normalizer.loss([(1.0, part)]) * live).backward()
-                nll_sum += float(part.total.detach()) * live
-            total_nll = dist.all_reduce_sum(nll_sum) / max(n_targets, 1.0)
-            # 4. guarded update (data parallel: it sums the gradients over ranks)
-            grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
-                                              loss=total_nll)
-            step += 1
-            last_loss = total_nll
-            metrics = {
-                "loss/nll": total_nll, "loss/perplexity": math.exp(min(total_nll, 50.0)),
-                "optim/grad_norm": grad_norm, "optim/lr": scheduler.get_last_lr()[0],
-                "optim/skipped": float(not applied), "perf/step_seconds": time.time() - step_started,
-                "perf/tokens_per_second": n_targets / max(time.time() - step_started, 1e-9),
-            }
-            # 5. held-out loss
-            if self._due_for_eval(step):
-                ev = self.evaluate()
-                history.append({"step": step, **ev})
-                metrics.update(ev)
-            run.log(step, metrics)
-            bar.update(1)
-            bar.set_postfix(format_postfix(metrics, ["loss/nll", "eval/nll"]))
-            # every save_every steps / save_every_minutes and always at the last one
-            if run.should_save(step, max_steps, faults):
-                run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
-                         {"sampler": sampler.state_dict(), "faults": faults.state_dict(), "eval_history": history},
-                         {}, tokenizer=self.tokenizer)
+        stopped_by = None
+        with GracefulStop() as stop:  # a clean stop between steps (Ctrl-C)
+            while step < max_steps:
+                step_started = time.time()
+                # 1. the next batch of examples
+                # (data parallel: every rank draws the same batch and keeps its contiguous share)
+                batch = [self.examples[i] for i in dist.shard_batch(sampler.take(cfg.batch_size), "batch_size")]
+                ids, attention, target = right_pad([b[0] for b in batch], [b[1] for b in batch], pad)
+                # 2. the normalizer: target tokens of the global batch (all micro-batches and ranks)
+                normalizer = BatchNormalizer([target[:, 1:]])
+                n_targets = normalizer.counts["tokens"]
+                # 3. micro-batches: summed NLL, divided once by the global count
+                nll_sum = 0.0
+                # (FSDP: as many passes on every rank; a stand-in pass has weight 0)
+                for rows, live in parallel.lockstep(self.micro_batches(batch), sharded=parallel.is_sharded(model)):
+                    width = len(batch[int(rows[0])][0]) if cfg.micro_batch_tokens else ids.shape[1]  # longest row first
+                    m_ids, m_att, m_tgt = (t[rows, :width].to(self.device) for t in (ids, attention, target))
+                    logp = completion_logprobs_for_targets(model, m_ids, m_att, chunk_size=1024)
+                    part = token_nll_sum(logp, m_tgt[:, 1:])
+                    (normalizer.loss([(1.0, part)]) * live).backward()
+                    nll_sum += float(part.total.detach()) * live
+                total_nll = dist.all_reduce_sum(nll_sum) / max(n_targets, 1.0)
+                # 4. guarded update (data parallel: it sums the gradients over ranks)
+                grad_norm, applied = guarded_step(model, optimizer, scheduler, cfg.max_grad_norm, faults, f"{self.stage} step {step + 1}",
+                                                  loss=total_nll)
+                step += 1
+                last_loss = total_nll
+                metrics = {
+                    "loss/nll": total_nll, "loss/perplexity": math.exp(min(total_nll, 50.0)),
+                    "optim/grad_norm": grad_norm, "optim/lr": scheduler.get_last_lr()[0],
+                    "optim/skipped": float(not applied), "perf/step_seconds": time.time() - step_started,
+                    "perf/tokens_per_second": n_targets / max(time.time() - step_started, 1e-9),
+                }
+                # 5. held-out loss
+                if self._due_for_eval(step):
+                    ev = self.evaluate()
+                    history.append({"step": step, **ev})
+                    metrics.update(ev)
+                run.log(step, metrics)
+                bar.update(1)
+                bar.set_postfix(format_postfix(metrics, ["loss/nll", "eval/nll"]))
+                # every save_every steps / save_every_minutes and always at the last one
+                stopping = stop.requested() and step < max_steps  # SIGINT/SIGTERM: joint decision
+                if stopping or run.should_save(step, max_steps, faults):
+                    path = run.save(step, {"policy": model}, {"policy": optimizer}, {"policy": scheduler},
+                                    {"sampler": sampler.state_dict(), "faults": faults.state_dict(), "eval_history": history},
+                                    {}, tokenizer=self.tokenizer)
+                if stopping:
+                    stopped_by = stop.signal_name or "a signal on another rank"
+                    announce_stop(self.stage, step, max_steps, stopped_by, path, cfg.output_dir)
+                    break
         bar.close()
-        final_dir = save_final_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
-        summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started, "model_dir": str(final_dir),
+        # (stopped early: no final model; the checkpoint continues the run)
+        final_dir = None if stopped_by else save_final_model(model, self.tokenizer, Path(cfg.output_dir) / "final")
+        summary = {"final_loss": last_loss, "steps": step, "wall_seconds": time.time() - started,
+                   "model_dir": str(final_dir) if final_dir else None,
                    "eval_nll_first": history[0]["eval/nll"] if history else None,
                    "eval_nll_last": history[-1]["eval/nll"] if history else None, "eval_history": history,
                    "nonfinite_skips": faults.total, "data/skipped_rows": run.skipped_rows,
-                   "resumed_from": str(run.resumed_from) if run.resumed_from else None}
+                   "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+                   **({"stopped_early": stopped_by} if stopped_by else {})}
         return run.finish(summary)  # train_summary.json, report.html and plots/
 
 
