@@ -172,3 +172,20 @@ def test_the_demo_is_reproducible_bit_for_bit(tmp_path):
         runs.append((summary["accuracy_before_rl"], summary["accuracy_after_rl"], metrics, weights))
     assert runs[0][2], "no metrics recorded"
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("pipeline, stage, absent", [("grpo", "pretrain", "sft"), ("agent", "sft", "agent")])
+def test_a_stage_stopped_by_a_signal_ends_the_demo_there(tmp_path, capsys, monkeypatch, pipeline, stage, absent):
+    """Ctrl-C stops a stage cleanly after its current step (a checkpoint, `stopped_early`, no
+    final/). The demo handed that unfinished result on: the next stage started from a model
+    directory of None. Now the demo ends with exit 130 and says which stage stopped."""
+    from trustrl.loop import stops
+
+    monkeypatch.setattr(stops.GracefulStop, "requested", lambda self: True)  # as if SIGINT came during step 1
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--pipeline", pipeline, "--quick", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"trustrl demo: the demo stopped during its {stage} stage"), err
+    assert "ran 1 steps" in err[-1] and "--overwrite" in err[-1]
+    assert not (out / absent).exists() and not (out / "summary.json").exists()
+    assert list((out / stage / "checkpoints").iterdir())  # the stopped stage's step is kept

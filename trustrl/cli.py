@@ -136,7 +136,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"trustrl demo: {err}", file=sys.stderr)
         return 2
-    summary = run_demo(settings)  # an earlier demo there: a RunDirError (UserError), reported by main()
+    from trustrl.tasks.demo import DemoStopped
+
+    try:
+        summary = run_demo(settings)  # an earlier demo there: a RunDirError (UserError), reported by main()
+    except DemoStopped as stop:  # Ctrl-C / SIGTERM between two steps of a stage (its checkpoint is written)
+        print(f"trustrl demo: {stop}; run the demo again with --overwrite to start afresh", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one between stages
+        print("\ntrustrl demo: interrupted; run the demo again with --overwrite to start afresh", file=sys.stderr)
+        return 130
     print()
     print(format_table(summary))
     print()

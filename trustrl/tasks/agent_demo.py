@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trustrl.envs.maze import ACTION_TEXT, expert_action, make_maze, maze_key, random_layouts, render_view, robot_view
-from trustrl.tasks.demo import DemoSettings, set_aside_earlier_demo, check_demo_settings
+from trustrl.tasks.demo import DemoSettings, check_demo_settings, finished_stage, set_aside_earlier_demo
 from trustrl.tiny import CHAT_ROLE_TOKENS, CHAT_TEMPLATE, create_tiny_model_dir
 
 CHARS = "abcdefghijklmnopqrstuvwxyz +-0123456789"
@@ -166,6 +166,7 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
                                max_steps=s.sft_steps, batch_size=s.sft_batch, learning_rate=s.sft_lr,
                                lr_scheduler="cosine", warmup_steps=min(20, s.sft_steps // 5), max_length=max_tokens,
                                **common)).train()
+    finished_stage("sft", sft)
     timings["sft"] = time.time() - t
     cfg = AgentGRPOConfig(model=sft["model_dir"], dataset=str(data["train"]), eval_dataset=str(data["eval"]),
                           output_dir=str(out / "agent"), env="trustrl.envs.maze:TextMaze", max_turns=s.max_turns,
@@ -175,7 +176,7 @@ def run_agent_demo(s: AgentDemoSettings) -> dict[str, Any]:
                           beta=s.beta, temperature=1.0, eval_prompts=s.eval_prompts, eval_every=s.eval_every,
                           save_every=0, sample_every=5, **common)
     t = time.time()
-    rl = AgentGRPOTrainer(cfg).train()
+    rl = finished_stage("agent_grpo", AgentGRPOTrainer(cfg).train())
     timings["agent_grpo"] = time.time() - t
     summary = {
         "pipeline": "agent",

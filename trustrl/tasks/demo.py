@@ -302,9 +302,26 @@ def _common(s: DemoSettings) -> dict[str, Any]:
     return dict(seed=s.seed, progress=s.progress, tensorboard=True, device="cpu")
 
 
+class DemoStopped(Exception):
+    """A stage stopped early (SIGINT/SIGTERM between two of its steps): the demo ends there
+    instead of handing an unfinished stage's result to the next one."""
+
+    def __init__(self, stage: str, result: dict[str, Any]):
+        self.stage, self.result = stage, result
+        super().__init__(f"the demo stopped during its {stage} stage ({result.get('stopped_early')}; "
+                         f"{stage} ran {result.get('steps', '?')} steps); nothing after it ran")
+
+
+def finished_stage(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of a stage that ran to its end; :class:`DemoStopped` if it stopped early."""
+    if result.get("stopped_early"):
+        raise DemoStopped(stage, result)
+    return result
+
+
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     t = time.time()
-    result = fn()
+    result = finished_stage(name, fn())
     timings[name] = time.time() - t
     return result
 
