@@ -21,6 +21,7 @@ import argparse
 import json
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def run_rank_feedback(s: RankFeedbackSettings) -> dict[str, Any]:
     from trustrl.logging import write_json_atomic
     from trustrl.rankings import strict_pairs
     from trustrl.tasks.arithmetic import write_task_data
-    from trustrl.tasks.demo import DemoSettings, _first_two_stages, _rl_common, _rule_rewards
+    from trustrl.tasks.demo import DemoSettings, _first_two_stages, _rl_common, _rule_rewards, finished_stage
     from trustrl.trainers.reward_model import RewardConfig, RewardTrainer
 
     out = Path(s.output_dir)
@@ -154,11 +155,13 @@ def run_rank_feedback(s: RankFeedbackSettings) -> dict[str, Any]:
                   save_every=0, seed=s.seed, progress=demo.progress, device="cpu")
     rm = RewardTrainer(RewardConfig(dataset=str(out / "rankings.jsonl"), eval_dataset=str(out / "heldout_rankings.jsonl"),
                                     output_dir=str(out / "rm_rankings"), batch_size=s.rm_batch, **common)).train()
+    finished_stage("rm_rankings", rm)  # (stopped by Ctrl-C: the walkthrough ends there)
     # the same comparisons per step: rankings that tie everything (identical samples) carry none
     informative = sum(bool(strict_pairs(r["ranks"])) for r in rankings)
     pair_batch = max(1, round(s.rm_batch * len(pairs) / max(informative, 1)))
     rm_pairs = RewardTrainer(RewardConfig(dataset=str(out / "pairs.jsonl"), eval_dataset=str(out / "heldout_pairs.jsonl"),
                                           output_dir=str(out / "rm_pairs"), batch_size=pair_batch, **common)).train()
+    finished_stage("rm_pairs", rm_pairs)
 
     # 4. PPO against the reward model trained from rankings (the rule only measures)
     ppo_cfg = PPOConfig(**{**_rl_common(demo, out, data, sft_dir), "output_dir": str(out / "ppo")},
@@ -170,7 +173,7 @@ def run_rank_feedback(s: RankFeedbackSettings) -> dict[str, Any]:
                         beta=demo.ppo_beta, kl_control="adaptive", kl_target=demo.ppo_kl_target,
                         kl_horizon=demo.ppo_kl_horizon, target_kl=demo.ppo_target_kl, missing_eos_penalty=-1.0,
                         gamma=1.0, lam=0.95)
-    ppo = PPOTrainer(ppo_cfg).train()
+    ppo = finished_stage("ppo", PPOTrainer(ppo_cfg).train())
     summary = {
         "rankings": len(rankings), "rankings_left_out_empty_response": dropped, "k": s.k, "pairs_in_rankings": len(pairs), "heldout_rankings": len(held_out),
         "heldout_pairs": len(eval_pairs),
@@ -210,9 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rm-steps", type=int, default=RankFeedbackSettings.rm_steps)
     p.add_argument("--ppo-steps", type=int, default=RankFeedbackSettings.ppo_steps)
     args = p.parse_args(argv)
-    summary = run_rank_feedback(RankFeedbackSettings(output_dir=args.output_dir, sft_model=args.sft_model,
-                                                     quick=args.quick, seed=args.seed, prompts=args.prompts,
-                                                     rm_steps=args.rm_steps, ppo_steps=args.ppo_steps))
+    from trustrl.tasks.demo import DemoStopped
+
+    try:
+        summary = run_rank_feedback(RankFeedbackSettings(output_dir=args.output_dir, sft_model=args.sft_model,
+                                                         quick=args.quick, seed=args.seed, prompts=args.prompts,
+                                                         rm_steps=args.rm_steps, ppo_steps=args.ppo_steps))
+    except DemoStopped as stop:
+        print(f"rank_feedback: {str(stop).replace('the demo', 'the walkthrough')}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
     return 0
