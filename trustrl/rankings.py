@@ -23,20 +23,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
+from trustrl.errors import UserError
+
 __all__ = ["ACTIONS", "check_ranks", "strict_pairs", "current_judgements", "kendall_tau_b",
            "pair_agreement", "agreement_stats"]
 
 ACTIONS = ("rank", "skip", "undo")
 
 
+class RankingError(UserError, ValueError):
+    """A ranking or a judgement-log row that cannot be used; the message names where it is."""
+
+
 def check_ranks(ranks: Any, n_responses: int, where: str) -> list[int]:
     """``ranks`` as a list of ints >= 1, one per response, or a ValueError naming ``where``."""
     if not isinstance(ranks, (list, tuple)) or len(ranks) != n_responses:
         got = f"{len(ranks)} ranks" if isinstance(ranks, (list, tuple)) else type(ranks).__name__
-        raise ValueError(f"{where}: 'ranks' must be a list of {n_responses} integers (one per response), got {got}")
+        raise RankingError(f"{where}: 'ranks' must be a list of {n_responses} integers (one per response), got {got}")
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{where}: ranks must be integers >= 1 (1 = best), got {r!r} in {list(ranks)}")
+            raise RankingError(f"{where}: ranks must be integers >= 1 (1 = best), got {r!r} in {list(ranks)}")
     return list(ranks)
 
 
@@ -55,16 +61,16 @@ def current_judgements(rows: Iterable[Mapping[str, Any]], where: str = "judgemen
     for line, row in enumerate(rows, start=1):
         action = row.get("action", "rank")
         if action not in ACTIONS:
-            raise ValueError(f"{where} line {line}: action must be one of {ACTIONS}, got {action!r}")
+            raise RankingError(f"{where} line {line}: action must be one of {ACTIONS}, got {action!r}")
         if action == "undo":
             target = row.get("undoes")
             if target not in kept:
-                raise ValueError(f"{where} line {line}: undo of {target!r}, which is no rank/skip row in force")
+                raise RankingError(f"{where} line {line}: undo of {target!r}, which is no rank/skip row in force")
             del kept[target]
             continue
         key = str(row.get("id", f"line-{line}"))
         if key in kept:
-            raise ValueError(f"{where} line {line}: id {key!r} is used twice (replaying a judgement log needs each "
+            raise RankingError(f"{where} line {line}: id {key!r} is used twice (replaying a judgement log needs each "
                              "log listed once, with weight 1)")
         kept[key] = dict(row)
         order.append(key)

@@ -56,7 +56,7 @@ import torch
 from trustrl import distributed as dist
 from trustrl import parallel
 from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig: importable from here too)
-from trustrl.data import load_rows, source_name
+from trustrl.data import DataError, load_rows, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
 from trustrl.loop.stops import GracefulStop, announce_stop
@@ -98,7 +98,7 @@ def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) 
                        types={config.margin_column: (int, float)} if config.margin_column else None)
     warn_skipped(loaded.skipped, source_name(path))
     chosen, rejected, margins = [], [], []
-    truncated = 0
+    truncated = identical = 0
     prompt_format = prompt_format_record(tokenizer, config.use_chat_template, config.system_prompt)
     for row_no, row in enumerate(loaded.rows, start=1):
         for key in (config.chosen_column, config.rejected_column):
@@ -108,12 +108,21 @@ def load_pairs(path, config: RewardConfig, tokenizer, limit: int | None = None) 
         # the one encoding of a (prompt, response) pair that the RL reward and the label judge use too
         pair = [encode_scored_pair(tokenizer, row[config.prompt_column], row[key], prompt_format)
                 for key in (config.chosen_column, config.rejected_column)]
-        truncated += any(len(ids) > config.max_length for ids in pair)
         # encode_scored_pair's own cut, made here so the cut pairs can be counted: keep the last max_length
-        chosen.append(pair[0][-config.max_length:])
-        rejected.append(pair[1][-config.max_length:])
+        kept = [ids[-config.max_length:] for ids in pair]
+        if kept[0] == kept[1]:  # r_c - r_r is 0 whatever the weights: no gradient, and never "accurate"
+            identical += 1
+            continue
+        truncated += any(len(ids) > config.max_length for ids in pair)
+        chosen.append(kept[0])
+        rejected.append(kept[1])
         margin = row.get(config.margin_column) if config.margin_column else None
         margins.append(0.0 if margin is None else float(margin))
+    if identical:  # as load_rankings leaves out rankings that tie every response
+        warnings.warn(f"{source_name(path)}: left out {identical} pairs whose chosen and rejected texts are the same "
+                      f"tokens after the max_length cut (nothing to learn)", stacklevel=2)
+    if not chosen:
+        raise DataError(source_name(path), "no pair whose chosen and rejected texts differ")
     warn_truncated(truncated, source_name(path), f"of {len(chosen)} pairs have a text (prompt + response + EOS) longer "
                    f"than max_length={config.max_length} tokens; its beginning is cut",
                    "data/truncated_pairs" if limit is None else "data/truncated_eval_pairs")
@@ -231,11 +240,12 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
         where = f"{name} ranking {row_no}"
         for key in (config.prompt_column, config.responses_column, config.ranks_column):
             if row.get(key) is None:
-                raise ValueError(f"{where}: column {key!r} is missing (a ranking needs {config.prompt_column!r}, "
-                                 f"{config.responses_column!r} and {config.ranks_column!r})")
+                raise DataError(name, f"column {key!r} is missing (a ranking needs {config.prompt_column!r}, "
+                                f"{config.responses_column!r} and {config.ranks_column!r})", row_label=f"ranking {row_no}")
         responses = row[config.responses_column]
         if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-            raise ValueError(f"{where}: column {config.responses_column!r} must be a list of 2 or more strings")
+            raise DataError(name, "must be a list of 2 or more strings", row_label=f"ranking {row_no}",
+                            column=config.responses_column)
         order = check_ranks(row[config.ranks_column], len(responses), where)
         if not _has_comparison(order, config):
             no_comparison += 1
@@ -250,7 +260,7 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
         warnings.warn(f"{name}: left out {no_comparison} rankings that tie every response (nothing to learn)",
                       stacklevel=2)
     if not texts:
-        raise ValueError(f"{name}: no ranking with two differently ranked responses")
+        raise DataError(name, "no ranking with two differently ranked responses")
     warn_truncated(truncated, name, f"of {len(texts)} rankings have a text (prompt + response + EOS) longer than "
                    f"max_length={config.max_length} tokens; its beginning is cut",
                    "data/truncated_pairs" if limit is None else "data/truncated_eval_pairs")
@@ -355,7 +365,7 @@ class RewardTrainer:
                                                                    config.system_prompt)
         self.rankings = is_rankings_file(config.dataset, config)
         if self.rankings and config.center_rewards_coef:
-            raise ValueError("rm: center_rewards_coef is defined on pairs; with rankings leave it unset "
+            raise ConfigError("rm: center_rewards_coef is defined on pairs; with rankings leave it unset "
                              f"({source_name(config.dataset)} holds rankings)")
         load = load_rankings if self.rankings else load_pairs
         pairs = load(config.dataset, config, self.tokenizer)
@@ -364,7 +374,7 @@ class RewardTrainer:
         self.data_counts = {"data/truncated_pairs": pairs.truncated}
         if config.eval_dataset:
             if is_rankings_file(config.eval_dataset, config) != self.rankings:
-                raise ValueError(f"rm: dataset {source_name(config.dataset)} and eval_dataset "
+                raise ConfigError(f"rm: dataset {source_name(config.dataset)} and eval_dataset "
                                  f"{source_name(config.eval_dataset)} must both "
                                  "hold pairs or both hold rankings")
             self.eval_pairs: PairSet | RankingSet | None = load(config.eval_dataset, config, self.tokenizer,

@@ -1,0 +1,72 @@
+"""Bad input to the trainers other than GRPO (pretrain, sft, rm, ppo, trpo) and their stops:
+each user error is one line naming the file / row / key at fault (a UserError, no
+traceback), and rows left out are counted in a warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trustrl.errors import UserError
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# reward model: pairs and rankings
+# ------------------------------------------------------------------------------------------
+
+PAIRS = [{"prompt": f"{i}+1=", "chosen": f"<answer>{i + 1}</answer>", "rejected": f"<answer>{i + 2}</answer>"}
+         for i in range(6)]
+RANKINGS = [{"prompt": f"{i}+1=", "responses": [str(i + 1), str(i + 2), str(i + 3)], "ranks": [1, 2, 3]}
+            for i in range(6)]
+
+
+def rm_trainer(tiny_model_dir, dataset: Path, tmp_path, **overrides):
+    from trustrl.trainers.reward_model import RewardConfig, RewardTrainer
+
+    cfg = RewardConfig(model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "rm"), max_steps=1,
+                       batch_size=2, max_length=32, device="cpu", progress=False, tensorboard=False, **overrides)
+    return RewardTrainer(cfg)
+
+
+def test_rm_pairs_with_chosen_equal_to_rejected_are_left_out_and_counted(tiny_model_dir, tmp_path):
+    # 6 good pairs + 2 whose chosen == rejected: r_c - r_r is 0 for any weights, so such a pair
+    # has no gradient and is never counted accurate (was: trained on and evaluated, silently)
+    same = [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}, {"prompt": "2+2=", "chosen": "x4", "rejected": "x4"}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3] + same + PAIRS[3:])
+    with pytest.warns(UserWarning, match=r"pairs\.jsonl: left out 2 pairs whose chosen and rejected"):
+        trainer = rm_trainer(tiny_model_dir, data, tmp_path)
+    assert len(trainer.pairs) == 6
+    only_same = write_jsonl(tmp_path / "same.jsonl", same)
+    with pytest.warns(UserWarning), pytest.raises(UserError, match=r"same\.jsonl: no pair whose chosen and rejected"):
+        rm_trainer(tiny_model_dir, only_same, tmp_path)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"prompt": "1+1=", "responses": ["2"], "ranks": [1]}, r"r\.jsonl: ranking 4: column 'responses': must be a list of 2"),
+    ({"prompt": "1+1=", "responses": ["2", "3"], "ranks": [1, 2, 3]}, r"r\.jsonl ranking 4: 'ranks' must be a list of 2"),
+    ({"prompt": "1+1=", "responses": ["2", "3"], "ranks": [0, 1]}, r"r\.jsonl ranking 4: ranks must be integers >= 1"),
+    ({"prompt": "1+1=", "responses": ["2", "3"]}, r"r\.jsonl: ranking 4: column 'ranks' is missing"),
+])
+def test_rm_bad_ranking_is_a_one_line_user_error(tiny_model_dir, tmp_path, bad, match):
+    # (was: a ValueError, shown with a traceback by the command line)
+    data = write_jsonl(tmp_path / "r.jsonl", RANKINGS[:3] + [bad] + RANKINGS[3:])
+    with pytest.raises(UserError, match=match):
+        rm_trainer(tiny_model_dir, data, tmp_path)
+
+
+def test_rm_settings_that_do_not_fit_the_data_are_config_errors(tiny_model_dir, tmp_path):
+    from trustrl.config import ConfigError
+
+    rankings = write_jsonl(tmp_path / "r.jsonl", RANKINGS)
+    pairs = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    with pytest.raises(ConfigError, match="center_rewards_coef is defined on pairs"):
+        rm_trainer(tiny_model_dir, rankings, tmp_path, center_rewards_coef=0.01)
+    with pytest.raises(ConfigError, match="must both hold pairs or both hold rankings"):
+        rm_trainer(tiny_model_dir, pairs, tmp_path, eval_dataset=str(rankings))
