@@ -70,3 +70,54 @@ def test_rm_settings_that_do_not_fit_the_data_are_config_errors(tiny_model_dir, 
         rm_trainer(tiny_model_dir, rankings, tmp_path, center_rewards_coef=0.01)
     with pytest.raises(ConfigError, match="must both hold pairs or both hold rankings"):
         rm_trainer(tiny_model_dir, pairs, tmp_path, eval_dataset=str(rankings))
+
+
+# ------------------------------------------------------------------------------------------
+# SFT: chat rows
+# ------------------------------------------------------------------------------------------
+
+CHAT = [{"messages": [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}]}
+        for i in range(4)]
+
+
+def sft_trainer(tiny_model_dir, dataset: Path, tmp_path, chat_template: bool, **overrides):
+    from transformers import AutoTokenizer
+
+    from trustrl.config import SFTConfig
+    from trustrl.trainers.sft import SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    if chat_template:
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    cfg = SFTConfig(model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "sft"), max_steps=1,
+                    batch_size=2, max_length=32, device="cpu", progress=False, tensorboard=False, **overrides)
+    return SFTTrainer(cfg, tokenizer=tok)
+
+
+@pytest.mark.parametrize("last, shown", [
+    ({"role": "assistant", "content": ""}, "got ''"),  # (was: trained on EOS alone, silently)
+    ({"role": "assistant", "content": 7}, "got 7"),  # (was: a tokenizer ValueError traceback)
+    ({"role": "assistant"}, "got None"),  # (was: KeyError 'content')
+])
+def test_sft_chat_row_whose_assistant_message_has_no_text(tiny_model_dir, tmp_path, last, shown):
+    bad = {"messages": [{"role": "user", "content": "1+1="}, last]}
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT[:2] + [bad] + CHAT[2:])
+    with pytest.raises(UserError, match=r"chat\.jsonl: line 3: column 'messages': the last \(assistant\) message "
+                                        rf"needs a non-empty string 'content', {shown}"):
+        sft_trainer(tiny_model_dir, data, tmp_path, chat_template=True)
+    # skip_bad_rows: left out and counted, like every other malformed row
+    with pytest.warns(UserWarning, match="skipped 1 malformed rows"):
+        trainer = sft_trainer(tiny_model_dir, data, tmp_path, chat_template=True, skip_bad_rows=True)
+    assert len(trainer.examples) == 4 and trainer.skipped_rows == 1
+
+
+def test_sft_chat_rows_without_a_chat_template_and_malformed_messages(tiny_model_dir, tmp_path):
+    # (both were ValueError tracebacks from format_prompt, naming neither file nor row)
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    with pytest.raises(UserError, match=rf"chat\.jsonl: line 1: column 'messages': chat messages need a chat "
+                                        rf"template and the tokenizer in {tiny_model_dir} has none"):
+        sft_trainer(tiny_model_dir, data, tmp_path, chat_template=False)
+    bad = {"messages": [{"role": "user"}, {"role": "assistant", "content": "2"}]}
+    data = write_jsonl(tmp_path / "chat2.jsonl", CHAT + [bad])
+    with pytest.raises(UserError, match=r"chat2\.jsonl: line 5: column 'messages': chat message 0 is not a"):
+        sft_trainer(tiny_model_dir, data, tmp_path, chat_template=True)

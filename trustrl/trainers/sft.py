@@ -313,7 +313,14 @@ class SFTTrainer(_LMTrainer):
                         continue
                     raise loaded.error(row_no - 1, "the last message must be the assistant's",
                                        column=cfg.messages_column)
-                prompt, completion = messages[:-1], messages[-1]["content"]
+                completion = messages[-1].get("content")
+                if not isinstance(completion, str) or not completion.strip():  # as an empty completion column
+                    if cfg.skip_bad_rows:
+                        skipped += 1
+                        continue
+                    raise loaded.error(row_no - 1, "the last (assistant) message needs a non-empty string "
+                                       f"'content', got {completion!r}", column=cfg.messages_column)
+                prompt = messages[:-1]
             else:
                 for key in (cfg.prompt_column, cfg.completion_column):
                     if key not in row or not isinstance(row[key], (str, list)) or not row[key]:
@@ -321,8 +328,21 @@ class SFTTrainer(_LMTrainer):
                 prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
             # the BOS policy of trustrl.data: template text as written, plain text (with or
             # without system_prompt) with the tokenizer's special tokens
-            _, prompt_ids = encode_prompt(tok, prompt, use_chat_template=cfg.use_chat_template,
-                                          system_prompt=cfg.system_prompt)
+            try:
+                _, prompt_ids = encode_prompt(tok, prompt, use_chat_template=cfg.use_chat_template,
+                                              system_prompt=cfg.system_prompt)
+            except DataError:
+                raise
+            except ValueError as err:  # a message that is not {role, content}, or no chat template to render it
+                problem = str(err).removeprefix("format_prompt: ")
+                column = cfg.messages_column if cfg.messages_column in row else cfg.prompt_column
+                tok_dir = cfg.tokenizer or cfg.model
+                if "has no chat_template" in problem and isinstance(prompt, list):
+                    problem = (f"chat messages need a chat template and the tokenizer in {tok_dir} has none; write "
+                               "prompt/completion rows with string prompts, or use a tokenizer with a chat_template")
+                elif "chat_template" in problem:
+                    problem += f" (tokenizer in {tok_dir})"
+                raise loaded.error(row_no - 1, problem, column=column) from err
             completion_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = (prompt_ids + completion_ids)[: cfg.max_length]
             mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[: cfg.max_length]
