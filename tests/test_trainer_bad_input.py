@@ -5,6 +5,7 @@ traceback), and rows left out are counted in a warning."""
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,59 @@ def test_sft_chat_rows_without_a_chat_template_and_malformed_messages(tiny_model
     data = write_jsonl(tmp_path / "chat2.jsonl", CHAT + [bad])
     with pytest.raises(UserError, match=r"chat2\.jsonl: line 5: column 'messages': chat message 0 is not a"):
         sft_trainer(tiny_model_dir, data, tmp_path, chat_template=True)
+
+
+# ------------------------------------------------------------------------------------------
+# PPO / TRPO settings and critics
+# ------------------------------------------------------------------------------------------
+
+
+def test_trpo_settings_that_would_be_ignored_or_cut_are_refused():
+    from trustrl.config import ConfigError, TRPOConfig, build_config
+
+    base = dict(model="m", dataset="d", prompts_per_step=2, group_size=4)  # rollout batch 8
+    # (was: accepted; the critic directory unused with group advantages, the minibatch cut to the batch)
+    with pytest.raises(ConfigError, match="critic_init: only used with advantage: gae"):
+        build_config(TRPOConfig, dict(base, critic_init="rm_dir"))
+    with pytest.raises(ConfigError, match="critic_model: only used with advantage: gae"):
+        build_config(TRPOConfig, dict(base, critic_model="lm_dir"))
+    with pytest.raises(ConfigError, match=r"value_minibatch_size \(9\) is larger than the rollout batch .* = 8"):
+        build_config(TRPOConfig, dict(base, advantage="gae", value_minibatch_size=9))
+    assert build_config(TRPOConfig, dict(base, advantage="gae", value_minibatch_size=8)).value_minibatch_size == 8
+
+
+def test_trpo_layers_and_sharding_it_cannot_do_are_config_errors(tiny_model_dir, addition_data, tmp_path):
+    from trustrl.algorithms.trpo import TRPOTrainer
+    from trustrl.config import ConfigError, TRPOConfig
+
+    def config(**overrides):
+        return TRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(tmp_path / "t"),
+                          max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=4, device="cpu",
+                          progress=False, tensorboard=False, rewards=[{"name": "exact_answer"}], **overrides)
+
+    # (both were plain ValueErrors: a traceback on the command line)
+    with pytest.raises(ConfigError, match=r"trpo_params='last_layers:5': the model has only 1 decoder layers"):
+        TRPOTrainer(config(trpo_params="last_layers:5"))
+    with pytest.raises(ConfigError, match="parallelism.strategy=fsdp: trpo does not support sharded models"):
+        TRPOTrainer(config(parallelism={"strategy": "fsdp"}))
+
+
+def test_ppo_critic_of_another_vocabulary_names_the_key(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trustrl.algorithms.ppo import make_critic
+    from trustrl.config import PPOConfig
+    from trustrl.tiny import create_tiny_model_dir
+
+    # more tokens than the policy's vocabulary, so its embedding has a row for every policy id
+    other = create_tiny_model_dir(tmp_path / "other", chars=string.ascii_letters + string.digits, seed=0, hidden_size=32, num_layers=1,
+                                  num_heads=2, max_position_embeddings=64)
+    policy_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    base = dict(model=str(tiny_model_dir), dataset="d", prompts_per_step=4, minibatch_size=4)
+    # a causal LM of another vocabulary: the critic would read the policy's ids with other meanings
+    # (was: accepted when its embedding had enough rows)
+    with pytest.raises(UserError, match=rf"critic_model: {other}: its tokenizer differs from the policy's"):
+        make_critic(PPOConfig(**base, critic_model=str(other)), policy_tok, "cpu")
+    # a plain causal LM where a reward model is expected: the error says which setting
+    with pytest.raises(UserError, match=rf"critic_init: {tiny_model_dir} is not a trustrl scalar model"):
+        make_critic(PPOConfig(**base, critic_init=str(tiny_model_dir)), policy_tok, "cpu")

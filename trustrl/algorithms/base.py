@@ -21,7 +21,7 @@ import torch
 
 from trustrl import distributed as dist
 from trustrl import parallel
-from trustrl.config import RLConfig
+from trustrl.config import ConfigError, RLConfig
 from trustrl.loop.data_parallel import gather_scored_batches, sampling_row_seeds
 from trustrl.loop.experience import ScoredBatch, concat_batches, load_rl_models, sample_and_score, with_reward_funcs
 from trustrl.loop.rl_loop import TrainingState, run_rl_loop
@@ -79,13 +79,13 @@ class RLAlgorithm:
         for key, supported, off in (("micro_batch_tokens", self.supports_micro_batch_tokens, None),
                                     ("rollout_correction", self.supports_rollout_correction, "none")):
             if not supported and getattr(config, key, off) not in (off, 0):
-                raise ValueError(f"{key}: not implemented for {self.name}; remove it from the config")
+                raise ConfigError(f"{key}: not implemented for {self.name}; remove it from the config")
         apply_cpu_threads(config.cpu_threads)
         seed_everything(config.seed, deterministic=config.deterministic)
         warn_top_p(config)
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         if config.parallelism.strategy == "fsdp" and not self.allow_fsdp:
-            raise ValueError(f"parallelism.strategy=fsdp: {self.name} does not support sharded models yet; "
+            raise ConfigError(f"parallelism.strategy=fsdp: {self.name} does not support sharded models yet; "
                              "use parallelism.strategy=ddp")
         loaded = load_rl_models(config, self.device, who=type(self).__name__, model=model,
                                 tokenizer=tokenizer,

@@ -84,23 +84,31 @@ def make_critic(config: ActorCriticConfig, tokenizer, device) -> ScalarHeadModel
     trunk of ``critic_model`` (default: the policy's directory)."""
     from trustrl.models import ModelLoadError
 
-    if config.critic_init:
-        try:
-            critic_tok = load_tokenizer(config.critic_init)
-        except ModelLoadError:
-            critic_tok = None
-        if critic_tok is not None and critic_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
-                f"critic_init {config.critic_init}: its tokenizer differs from the policy's; the critic reads "
-                "the policy's token ids, so it must share the policy's vocabulary"
-            )
-        critic = load_scalar_model(config.critic_init, dtype=config.dtype, device=device, tokenizer=tokenizer,
-                                   gradient_checkpointing=config.gradient_checkpointing)
-        critic.kind = "value"
-        return critic
-    return scalar_model_from_lm(config.critic_model or config.model, kind="value", zero_head=True,
-                                dtype=config.dtype, device=device, tokenizer=tokenizer,
-                                gradient_checkpointing=config.gradient_checkpointing)
+    key = "critic_init" if config.critic_init else "critic_model" if config.critic_model else "model"
+    try:
+        own_dir = config.critic_init or config.critic_model
+        if own_dir:
+            try:
+                critic_tok = load_tokenizer(own_dir)
+            except ModelLoadError:
+                critic_tok = None
+            if critic_tok is not None and critic_tok.get_vocab() != tokenizer.get_vocab():
+                raise ModelLoadError(
+                    f"{own_dir}: its tokenizer differs from the policy's; the critic reads "
+                    "the policy's token ids, so it must share the policy's vocabulary"
+                )
+        if config.critic_init:
+            critic = load_scalar_model(config.critic_init, dtype=config.dtype, device=device, tokenizer=tokenizer,
+                                       gradient_checkpointing=config.gradient_checkpointing)
+            critic.kind = "value"
+            return critic
+        return scalar_model_from_lm(config.critic_model or config.model, kind="value", zero_head=True,
+                                    dtype=config.dtype, device=device, tokenizer=tokenizer,
+                                    gradient_checkpointing=config.gradient_checkpointing)
+    except ModelLoadError as err:  # say which setting names the directory at fault
+        if key == "model":
+            raise
+        raise type(err)(f"{key}: {err}") from None
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trustrl.advantages import apply_missing_eos_penalty, gae, group_advantages, token_rewards, whiten
 from trustrl.algorithms.base import RLAlgorithm
 from trustrl.algorithms.ppo import batched_values, make_critic
-from trustrl.config import TRPOConfig
+from trustrl.config import ConfigError, TRPOConfig
 from trustrl.config.actor_critic import _PARAMS_RE
 from trustrl.distributed import require_single_process
 from trustrl.loop.experience import ScoredBatch, reward_metrics
@@ -70,7 +70,7 @@ def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     """The trunk's list of decoder blocks (the longest ModuleList among its children)."""
     lists = [m for _, m in backbone.named_children() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"trpo_params: cannot find the decoder layers of {type(backbone).__name__}")
+        raise ConfigError(f"trpo_params: cannot find the decoder layers of {type(backbone).__name__}")
     return max(lists, key=len)
 
 
@@ -85,10 +85,10 @@ def _final_norm(backbone: nn.Module) -> nn.Module | None:
 def select_trpo_parameters(model: nn.Module, spec: str) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs moved by the TRPO step for ``trpo_params = spec``."""
     if not _PARAMS_RE.match(spec):
-        raise ValueError(f"trpo_params must be all, lm_head or last_layers:N, got {spec!r}")
+        raise ConfigError(f"trpo_params must be all, lm_head or last_layers:N, got {spec!r}")
     if is_peft(model):
         if spec != "all":
-            raise ValueError(f"trpo_params={spec!r} with lora: only 'all' (the adapter weights) is supported")
+            raise ConfigError(f"trpo_params={spec!r} with lora: only 'all' (the adapter weights) is supported")
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if spec == "all":
         return list(model.named_parameters())
@@ -98,7 +98,7 @@ def select_trpo_parameters(model: nn.Module, spec: str) -> list[tuple[str, nn.Pa
         n = int(spec.split(":", 1)[1])
         layers = _decoder_layers(backbone)
         if n > len(layers):
-            raise ValueError(f"trpo_params={spec!r}: the model has only {len(layers)} decoder layers")
+            raise ConfigError(f"trpo_params={spec!r}: the model has only {len(layers)} decoder layers")
         for layer in list(layers)[-n:]:
             chosen |= {id(p) for p in layer.parameters()}
         norm = _final_norm(backbone)

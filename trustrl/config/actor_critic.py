@@ -151,6 +151,15 @@ class TRPOConfig(ActorCriticConfig):
     def _check_group(self) -> "TRPOConfig":
         if self.advantage == "group" and self.group_size < 2:
             raise ValueError("advantage: group needs group_size >= 2 (a group of one has no baseline)")
+        if self.advantage == "group" and (self.critic_init or self.critic_model):
+            # group advantages use no critic: the directory would be ignored
+            raise ValueError(f"{'critic_init' if self.critic_init else 'critic_model'}: only used with "
+                             "advantage: gae (advantage: group has no critic)")
+        if self.advantage == "gae" and self.value_minibatch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"value_minibatch_size ({self.value_minibatch_size}) is larger than the rollout batch "
+                f"prompts_per_step * group_size = {self.rollout_batch_size}"
+            )
         return self
 
     @property
