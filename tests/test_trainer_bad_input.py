@@ -178,3 +178,26 @@ def test_ppo_critic_of_another_vocabulary_names_the_key(tiny_model_dir, tmp_path
     # a plain causal LM where a reward model is expected: the error says which setting
     with pytest.raises(UserError, match=rf"critic_init: {tiny_model_dir} is not a trustrl scalar model"):
         make_critic(PPOConfig(**base, critic_init=str(tiny_model_dir)), policy_tok, "cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# the rankings of the README's loop: `trustrl label --judge` then `trustrl train rm`
+# ------------------------------------------------------------------------------------------
+
+
+def test_label_judge_exits_cleanly_and_its_rankings_train_a_reward_model(tiny_model_dir, addition_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "judgements.jsonl"
+    cmd = [sys.executable, "-m", "trustrl", "label", "--model", str(tiny_model_dir), "--prompts",
+           str(addition_data["rl"]), "--k", "4", "--out", str(out), "--max-new-tokens", "6", "--judge",
+           "trustrl.tasks.rank_feedback:scripted_annotator", "--limit", "5", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRUSTRL_NO_PROGRESS": "1"})
+    # (was: exit 134, "terminate called without an active exception": the sampler thread, still
+    # sampling ahead inside torch, was not joined before the interpreter exited)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    trainer = rm_trainer(tiny_model_dir, out, tmp_path)
+    assert trainer.rankings and len(trainer.pairs) >= 1

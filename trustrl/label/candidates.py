@@ -147,9 +147,13 @@ class SampledCandidates:
         return Item(self.item_ids[index], self.prompts[index], self.responses[index])
 
     def close(self) -> None:
+        """Stop the sampler thread and wait for it: a daemon thread still inside torch when the
+        interpreter exits aborts the process ("terminate called without an active exception")."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     # ------------------------------------------------------------ the sampler thread
 
