@@ -86,7 +86,7 @@ class RLAlgorithm:
         self.device = dist.setup_device(config.device)  # joins the process group under torchrun
         if config.parallelism.strategy == "fsdp" and not self.allow_fsdp:
             raise ConfigError(f"parallelism.strategy=fsdp: {self.name} does not support sharded models yet; "
-                             "use parallelism.strategy=ddp")
+                              "use parallelism.strategy=ddp")
         loaded = load_rl_models(config, self.device, who=type(self).__name__, model=model,
                                 tokenizer=tokenizer,
                                 gradient_checkpointing=None if self.allow_gradient_checkpointing else False)
