@@ -82,30 +82,21 @@ def _env_int(name: str, default: int) -> int:
 def check_device(device: str) -> None:
     """Refuse a ``device`` setting this machine cannot honour, naming it: a string torch does
     not parse (``"gpu"``), CUDA or MPS asked for where torch has none, or a CUDA index past the
-    visible GPUs. Without this the run would stop deep in model loading with torch's
-    traceback. ``"auto"`` is always fine.
+    visible GPUs (the rules of :func:`trustrl.utils.get_device`). Without this the run would
+    stop deep in model loading with torch's traceback. ``"auto"`` is always fine.
 
     Raises:
         trustrl.config.ConfigError: naming the ``device`` key and what this machine has.
     """
     from trustrl.config import ConfigError  # (no torch there; imported late to keep this module light)
+    from trustrl.utils import get_device
 
-    if device == "auto":
-        return
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device={device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}, "
-                              f"{torch.cuda.device_count()} GPUs visible); use device=auto or cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"device={device!r}: MPS is not available here; use device=auto or cpu")
+        get_device(device)
+    except ValueError as err:
+        why = str(err).removeprefix("get_device: ")
+        raise ConfigError(f"device={device!r}: {why} (torch {torch.__version__}, {torch.cuda.device_count()} "
+                          "GPUs visible); use auto, cpu, cuda, cuda:N or mps") from err
 
 
 def init_from_env(device: str = "auto", timeout_minutes: float | None = None) -> torch.device:

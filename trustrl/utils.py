@@ -201,7 +201,7 @@ def get_device(preference: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(preference)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"get_device: cannot parse device {preference!r}: {exc}") from exc
+        raise ValueError(f"get_device: cannot parse device {preference!r} (not a torch device type)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"get_device: {preference!r} requested but CUDA is not available")
