@@ -201,3 +201,25 @@ def test_label_judge_exits_cleanly_and_its_rankings_train_a_reward_model(tiny_mo
     assert "terminate called" not in proc.stderr
     trainer = rm_trainer(tiny_model_dir, out, tmp_path)
     assert trainer.rankings and len(trainer.pairs) >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# resume
+# ------------------------------------------------------------------------------------------
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(tiny_model_dir, addition_data, tmp_path):
+    from trustrl.config import ConfigError, SFTConfig
+    from trustrl.trainers.sft import SFTTrainer
+
+    def config(**overrides):
+        return SFTConfig(model=str(tiny_model_dir), dataset=str(addition_data["sft"]), output_dir=str(tmp_path / "s"),
+                         batch_size=4, max_length=32, device="cpu", progress=False, tensorboard=False, **overrides)
+
+    SFTTrainer(config(max_steps=3)).train()  # its checkpoint: step 3
+    # (was: accepted; the run "finished" at step 3 with max_steps=2 and rewrote final/ and config.yaml)
+    with pytest.raises(ConfigError, match=r"max_steps=2: the checkpoint to resume \(.*step_000003\) is already at "
+                                          r"step 3; set max_steps >= 3"):
+        SFTTrainer(config(max_steps=2, resume="auto")).train()
+    assert "max_steps: 3" in (tmp_path / "s" / "config.yaml").read_text()
+    assert SFTTrainer(config(max_steps=3, resume="auto")).train()["steps"] == 3  # a finished run resumed: a no-op

@@ -323,6 +323,9 @@ class Run:
             warnings.warn(f"resume: {path} holds no RNG states; sampling will not continue the "
                           "interrupted run exactly", stacklevel=2)
         self.start_step = int(state.get("step", 0))
+        if self.start_step > self.config.max_steps:  # the run would "finish" at start_step, not at max_steps
+            raise ConfigError(f"max_steps={self.config.max_steps}: the checkpoint to resume ({path}) is already at "
+                              f"step {self.start_step}; set max_steps >= {self.start_step}, or start a new run")
         self.resumed_from = path
         if dist.is_main():  # the settings of the stretch before this resume stay on record
             record_resume(self.config, self.start_step, path)
