@@ -223,3 +223,14 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused(tiny_model_dir, a
         SFTTrainer(config(max_steps=2, resume="auto")).train()
     assert "max_steps: 3" in (tmp_path / "s" / "config.yaml").read_text()
     assert SFTTrainer(config(max_steps=3, resume="auto")).train()["steps"] == 3  # a finished run resumed: a no-op
+
+
+def test_rm_ranking_that_ranks_one_response_twice_is_counted(tiny_model_dir, tmp_path):
+    # "2" ranked 1 and 2 in one ranking: that comparison has r_i - r_j = 0 for any weights
+    # (was: trained on and counted as a miss, silently)
+    twice = {"prompt": "1+1=", "responses": ["2", "2", "3"], "ranks": [1, 2, 3]}
+    tied = {"prompt": "1+1=", "responses": ["2", "2", "3"], "ranks": [1, 1, 3]}  # the same text tied: fine
+    data = write_jsonl(tmp_path / "r.jsonl", RANKINGS[:3] + [twice, tied] + RANKINGS[3:])
+    with pytest.warns(UserWarning, match=r"r\.jsonl: 1 rankings rank the same response \(same tokens\) at two"):
+        trainer = rm_trainer(tiny_model_dir, data, tmp_path)
+    assert len(trainer.pairs) == 8  # kept: their other comparisons are sound

@@ -225,6 +225,13 @@ def _has_comparison(ranks: list[int], config: RewardConfig) -> bool:
     return len(set(ranks)) >= 2  # skip / Plackett-Luce: an all-tied ranking says nothing
 
 
+def _ranks_same_tokens_apart(texts: list[list[int]], ranks: list[int]) -> bool:
+    """True when two responses with the same token ids have different ranks: r_i - r_j is 0
+    for any weights, so that comparison has no gradient and is never ranked right."""
+    return any(texts[i] == texts[j] and ranks[i] != ranks[j]
+               for i in range(len(texts)) for j in range(i + 1, len(texts)))
+
+
 def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = None) -> RankingSet:
     """Read, validate and tokenize the rankings of one file: a rankings file, or a judgement
     log replayed to the rankings in force (skips and undone rows left out). Rankings without
@@ -234,7 +241,7 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
     name = source_name(path)
     warn_skipped(loaded.skipped, name)
     rows = [r for r in current_judgements(loaded.rows, where=name) if r.get("action", "rank") == "rank"]
-    texts, ranks, no_comparison, truncated = [], [], 0, 0
+    texts, ranks, no_comparison, truncated, contradictory = [], [], 0, 0, 0
     prompt_format = prompt_format_record(tokenizer, config.use_chat_template, config.system_prompt)
     for row_no, row in enumerate(rows, start=1):
         where = f"{name} ranking {row_no}"
@@ -254,11 +261,15 @@ def load_rankings(path, config: RewardConfig, tokenizer, limit: int | None = Non
         truncated += any(len(ids) > config.max_length for ids in full)
         texts.append([ids[-config.max_length:] for ids in full])  # encode_scored_pair's cut: the last max_length
         ranks.append(order)
+        contradictory += _ranks_same_tokens_apart(texts[-1], order)
         if limit is not None and len(texts) >= limit:
             break
     if no_comparison:
         warnings.warn(f"{name}: left out {no_comparison} rankings that tie every response (nothing to learn)",
                       stacklevel=2)
+    if contradictory:  # kept: the ranking's other comparisons are sound; said, as identical pairs are
+        warnings.warn(f"{name}: {contradictory} rankings rank the same response (same tokens) at two different "
+                      "ranks; such a comparison teaches nothing and counts as a miss in rm/accuracy", stacklevel=2)
     if not texts:
         raise DataError(name, "no ranking with two differently ranked responses")
     warn_truncated(truncated, name, f"of {len(texts)} rankings have a text (prompt + response + EOS) longer than "
