@@ -234,3 +234,17 @@ def test_rm_ranking_that_ranks_one_response_twice_is_counted(tiny_model_dir, tmp
     with pytest.warns(UserWarning, match=r"r\.jsonl: 1 rankings rank the same response \(same tokens\) at two"):
         trainer = rm_trainer(tiny_model_dir, data, tmp_path)
     assert len(trainer.pairs) == 8  # kept: their other comparisons are sound
+
+
+def test_a_ppo_critic_is_not_taken_as_a_reward_model(tiny_model_dir, tmp_path):
+    from trustrl.models import ModelLoadError
+    from trustrl.rewards.reward_model import check_reward_model_dir
+    from trustrl.value_model import save_final_scalar_model, scalar_model_from_lm
+
+    critic = scalar_model_from_lm(str(tiny_model_dir), kind="value", zero_head=True, device="cpu")
+    critic_dir = save_final_scalar_model(critic, tmp_path / "final_critic")
+    # (was: accepted; a critic's value estimates scored the samples as if they were rewards)
+    with pytest.raises(ModelLoadError, match=r"final_critic: a value model \(a PPO/TRPO critic"):
+        check_reward_model_dir(critic_dir)
+    critic.kind = "reward"
+    assert check_reward_model_dir(save_final_scalar_model(critic, tmp_path / "rm")) == tmp_path / "rm"

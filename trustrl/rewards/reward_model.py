@@ -46,9 +46,12 @@ def check_reward_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"reward model directory not found: {path}")
     try:
-        read_head_meta(path)  # "not a trustrl scalar model: no trustrl_head.json" otherwise
+        meta = read_head_meta(path)  # "not a trustrl scalar model: no trustrl_head.json" otherwise
     except ModelLoadError as err:
         raise ModelLoadError(f"reward model: {err}") from None
+    if meta.get("kind") == "value":  # a critic predicts returns under one policy; it was never trained on preferences
+        raise ModelLoadError(f"reward model {path}: a value model (a PPO/TRPO critic, kind 'value' in "
+                             "trustrl_head.json), not a reward model; train one with `trustrl train rm`")
     for name in (HEAD_FILE, "config.json"):
         if not (path / name).is_file():
             raise ModelLoadError(f"reward model {path}: {name} is missing")
