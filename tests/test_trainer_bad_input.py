@@ -248,3 +248,43 @@ def test_a_ppo_critic_is_not_taken_as_a_reward_model(tiny_model_dir, tmp_path):
         check_reward_model_dir(critic_dir)
     critic.kind = "reward"
     assert check_reward_model_dir(save_final_scalar_model(critic, tmp_path / "rm")) == tmp_path / "rm"
+
+
+@pytest.mark.parametrize("advantage", ["group", "gae"])
+def test_trpo_stopped_by_ctrl_c_resumes_where_the_continuous_run_ends(tiny_model_dir, addition_data, tmp_path,
+                                                                      advantage):
+    import os
+    import signal
+
+    from trustrl.algorithms.trpo import TRPOTrainer
+    from trustrl.checkpoint import list_checkpoints
+    from trustrl.config import TRPOConfig
+    from trustrl.logging import read_metrics
+
+    def count_a(prompts, completions, **columns):
+        return [c.count("a") / max(len(c), 1) for c in completions]
+
+    def config(out, **overrides):
+        return TRPOConfig(model=str(tiny_model_dir), dataset=str(addition_data["rl"]), output_dir=str(out),
+                          max_steps=4, prompts_per_step=2, group_size=4, max_completion_length=4, device="cpu",
+                          advantage=advantage, value_minibatch_size=4, learning_rate=1e-2, beta=0.05, seed=1,
+                          deterministic=True, progress=False, tensorboard=False, rewards=[], **overrides)
+
+    TRPOTrainer(config(tmp_path / "full"), reward_funcs=[count_a]).train()
+    calls = {"n": 0}
+
+    def signalling(prompts, completions, **columns):
+        calls["n"] += 1
+        if calls["n"] == 2:  # inside step 2, between sampling and the update
+            os.kill(os.getpid(), signal.SIGINT)
+        return count_a(prompts, completions)
+
+    signalling.__name__ = "count_a"
+    stopped = TRPOTrainer(config(tmp_path / "run"), reward_funcs=[signalling]).train()
+    assert stopped["stopped_early"] == "SIGINT" and stopped["steps"] == 2
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    TRPOTrainer(config(tmp_path / "run", resume="auto", allow_changed=["rewards"]), reward_funcs=[count_a]).train()
+    keys = ("reward/mean", "trpo/kl", "trpo/surrogate_improvement", "loss/value")
+    full, again = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in again] == [r["step"] for r in full] == [1, 2, 3, 4]
+    assert [[r.get(k) for k in keys] for r in again] == [[r.get(k) for k in keys] for r in full]
