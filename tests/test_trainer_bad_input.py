@@ -288,3 +288,35 @@ def test_trpo_stopped_by_ctrl_c_resumes_where_the_continuous_run_ends(tiny_model
     full, again = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
     assert [r["step"] for r in again] == [r["step"] for r in full] == [1, 2, 3, 4]
     assert [[r.get(k) for k in keys] for r in again] == [[r.get(k) for k in keys] for r in full]
+
+
+# ------------------------------------------------------------------------------------------
+# lengths beyond the model's position table
+# ------------------------------------------------------------------------------------------
+
+
+def test_examples_longer_than_the_models_positions_name_the_setting(tiny_model_dir, addition_data, tmp_path):
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from trustrl.config import ConfigError, PretrainConfig, SFTConfig
+    from trustrl.trainers.sft import PretrainTrainer, SFTTrainer
+
+    # GPT-2 has learned positions: a longer block was an IndexError traceback in the first step
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    gpt2 = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=24,
+                                     pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    common = dict(model=str(gpt2), max_steps=1, batch_size=2, device="cpu", progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match=r"block_size: examples of up to 32 tokens, but the model in .* has "
+                                          r"max_position_embeddings=24; set block_size <= 24"):
+        PretrainTrainer(PretrainConfig(**common, dataset=str(addition_data["pretrain"]), block_size=32,
+                                       output_dir=str(tmp_path / "p")))
+    PretrainTrainer(PretrainConfig(**common, dataset=str(addition_data["pretrain"]), block_size=24,
+                                   output_dir=str(tmp_path / "p24"))).train()
+    # SFT: the longest example decides (prompt "1+1=" + 30 digits + EOS = 35 tokens), not max_length
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"},
+                                                {"prompt": "1+1=", "completion": "2" * 30}])
+    with pytest.raises(ConfigError, match=r"max_length: examples of up to 35 tokens, .* set max_length <= 24"):
+        SFTTrainer(SFTConfig(**common, dataset=str(data), max_length=512, output_dir=str(tmp_path / "s")))

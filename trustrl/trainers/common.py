@@ -435,6 +435,16 @@ def _write_report(run_dir: Path) -> str | None:
         return None
 
 
+def check_positions(model: nn.Module, longest: int, setting: str, model_dir: str) -> None:
+    """Refuse examples longer than the model's position table (``max_position_embeddings`` in
+    its config.json): learned positions (GPT-2) fail with an IndexError there, rotary ones
+    run on positions the model never saw. ``setting`` is the key that lets them through."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(n, int) and longest > n:
+        raise ConfigError(f"{setting}: examples of up to {longest} tokens, but the model in {model_dir} has "
+                          f"max_position_embeddings={n}; set {setting} <= {n}")
+
+
 def warn_skipped(skipped: int, path: str) -> None:
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} malformed rows (skip_bad_rows=true)", stacklevel=2)

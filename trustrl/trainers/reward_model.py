@@ -65,8 +65,8 @@ from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plac
 from trustrl.models import check_vocab, load_tokenizer
 from trustrl.rankings import check_ranks, current_judgements
 from trustrl.rollout import left_pad
-from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
-                                     restore_loop, warn_skipped, warn_truncated)
+from trustrl.trainers.common import (Run, check_positions, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler, restore_loop, warn_skipped, warn_truncated)
 from trustrl.trainers.sft import steps_for_epochs
 from trustrl.utils import seed_everything
 from trustrl.value_model import (PROMPT_FORMAT_KEY, ScalarHeadModel, encode_scored_pair, prompt_format_record,
@@ -402,6 +402,9 @@ class RewardTrainer:
         else:
             self.eval_pairs = None
         self.pairs = pairs
+        texts = [t for p in (pairs, self.eval_pairs) if p is not None
+                 for t in ([x for ts in p.texts for x in ts] if self.rankings else p.chosen + p.rejected)]
+        check_positions(self.model.trunk, max(len(t) for t in texts), "max_length", config.model)
         self.max_steps = steps_for_epochs(config, len(pairs), "training rankings" if self.rankings else "training pairs")
         if config.epochs is not None:  # the run directory's config.yaml says how many steps were run
             self.config = config.model_copy(update={"max_steps": self.max_steps})

@@ -39,8 +39,8 @@ from trustrl.loop.stops import GracefulStop, announce_stop
 from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
-from trustrl.trainers.common import (Run, check_resume_setting, guarded_step, make_optimizer, make_scheduler,
-                                     restore_loop, warn_skipped, warn_truncated)
+from trustrl.trainers.common import (Run, check_positions, check_resume_setting, guarded_step, make_optimizer,
+                                     make_scheduler, restore_loop, warn_skipped, warn_truncated)
 from trustrl.utils import seed_everything
 
 
@@ -146,6 +146,8 @@ class _LMTrainer:
         )
         if model is not None:
             check_vocab(model, self.tokenizer, f"the model passed to {type(self).__name__}")
+        longest = max(len(ids) for ids, _ in self.examples + (self.eval_examples or []))
+        check_positions(self.model, longest, "block_size" if self.stage == "pretrain" else "max_length", config.model)
         parallel.apply(self.model, config.parallelism, self.device)  # parallelism.strategy=fsdp: shard it
         self.max_steps = steps_for_epochs(config, len(self.examples))
         if getattr(config, "epochs", None) is not None:  # the run directory's config.yaml says how many steps were run
