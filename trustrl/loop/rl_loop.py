@@ -16,7 +16,6 @@ of it and the command that resumes the run (:mod:`trustrl.loop.stops`).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from trustrl import parallel
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.data_parallel import evaluate_sharded
 from trustrl.loop.experience import evaluate_greedy
-from trustrl.loop.stops import GracefulStop, launcher_prefix
+from trustrl.loop.stops import GracefulStop, announce_stop, resume_hint
 from trustrl.trainers.common import FaultCounter, PromptSampler, Run, restore_loop
 
 
@@ -110,7 +109,7 @@ def resume_command(algorithm: RLAlgorithm) -> str:
     if "env" in type(algorithm.config).model_fields and algorithm.config.env is None:
         return (f"run the same script again with resume=\"auto\" in its config (the environment was passed in "
                 f"Python; {out / 'config.yaml'} does not name it)")
-    return launcher_prefix() + f"trustrl train {algorithm.name} --config {out / 'config.yaml'} --resume"
+    return resume_hint(algorithm.name, out)
 
 
 def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
@@ -175,9 +174,7 @@ def run_rl_loop(algorithm: RLAlgorithm) -> dict[str, Any]:
             if stop.requested() and step < cfg.max_steps:
                 stopped_by = stop.signal_name or "a signal on another rank"
                 path = checkpoint(step, force=True)
-                if dist.is_main():
-                    print(f"\ntrustrl: stopped after step {step} of {cfg.max_steps} ({stopped_by}); checkpoint "
-                          f"{path}\nresume with: {resume_command(algorithm)}", file=sys.stderr, flush=True)
+                announce_stop(step, cfg.max_steps, stopped_by, path, resume_command(algorithm))
                 break
             checkpoint(step)
     bar.close()

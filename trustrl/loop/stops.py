@@ -66,10 +66,14 @@ def launcher_prefix() -> str:
     return "torchrun <the same launcher options> -m "
 
 
-def announce_stop(command: str, step: int, max_steps: int, stopped_by: str, checkpoint: Any, output_dir: Any) -> None:
-    """Rank 0 says where a clean stop left the run and the command that continues it
-    (``command``: the CLI's trainer name, e.g. "sft")."""
+def resume_hint(command: str, output_dir: Any) -> str:
+    """The command that continues a run of trainer ``command`` (e.g. "grpo", "sft") from its
+    run directory's config.yaml, with the launcher it ran under."""
+    return f"{launcher_prefix()}trustrl train {command} --config {os.path.join(output_dir, 'config.yaml')} --resume"
+
+
+def announce_stop(step: int, max_steps: int, stopped_by: str, checkpoint: Any, resume: str) -> None:
+    """Rank 0 says where a clean stop left the run and how to continue it (``resume``)."""
     if dist.is_main():
         print(f"\ntrustrl: stopped after step {step} of {max_steps} ({stopped_by}); checkpoint {checkpoint}\n"
-              f"resume with: {launcher_prefix()}trustrl train {command} --config {os.path.join(output_dir, 'config.yaml')} "
-              "--resume", file=sys.stderr, flush=True)
+              f"resume with: {resume}", file=sys.stderr, flush=True)

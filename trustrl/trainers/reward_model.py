@@ -59,7 +59,7 @@ from trustrl.config import ConfigError, RewardConfig  # noqa: F401 (RewardConfig
 from trustrl.data import DataError, load_rows, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
-from trustrl.loop.stops import GracefulStop, announce_stop
+from trustrl.loop.stops import GracefulStop, announce_stop, resume_hint
 from trustrl.losses import (LossSum, bradley_terry_loss, bradley_terry_sum, plackett_luce_sum, ranking_pairwise_sum,
                             reward_centering_sum)
 from trustrl.models import check_vocab, load_tokenizer
@@ -514,7 +514,7 @@ class RewardTrainer:
                                     {}, tokenizer=self.tokenizer)
                 if stopping:
                     stopped_by = stop.signal_name or "a signal on another rank"
-                    announce_stop("rm", step, self.max_steps, stopped_by, path, cfg.output_dir)
+                    announce_stop(step, self.max_steps, stopped_by, path, resume_hint("rm", cfg.output_dir))
                     break
         bar.close()
         # (stopped early: no final model; the checkpoint continues the run)

@@ -35,7 +35,7 @@ from trustrl.config import ConfigError, PretrainConfig, SFTConfig
 from trustrl.data import DataError, encode_prompt, load_rows, source_files, source_name
 from trustrl.logging import format_postfix, progress
 from trustrl.loop.accumulate import BatchNormalizer, token_budget_micro_batches
-from trustrl.loop.stops import GracefulStop, announce_stop
+from trustrl.loop.stops import GracefulStop, announce_stop, resume_hint
 from trustrl.losses import token_nll_sum
 from trustrl.models import check_vocab, load_policy, load_tokenizer, save_final_model
 from trustrl.rollout import completion_logprobs_for_targets
@@ -252,7 +252,7 @@ class _LMTrainer:
                                     {}, tokenizer=self.tokenizer)
                 if stopping:
                     stopped_by = stop.signal_name or "a signal on another rank"
-                    announce_stop(self.stage, step, max_steps, stopped_by, path, cfg.output_dir)
+                    announce_stop(step, max_steps, stopped_by, path, resume_hint(self.stage, cfg.output_dir))
                     break
         bar.close()
         # (stopped early: no final model; the checkpoint continues the run)
